@@ -1,0 +1,267 @@
+"""Temporary cloud objects: disk snapshot -> image -> attachment to the proxy
+VM, and their removal, always journaled.
+
+Owns: the names of everything oneback creates in the cloud (`oneback-...`),
+the rule that an object is recorded in the catalog journal *before* the call
+that creates it, its removal on success and on failure, and the sweeps that
+remove what a crashed run left behind (`sweep`) or anything named
+`oneback-tmp-` that no live run owns (`cleanup`). Must not: read or write
+disk data, or decide which disks to back up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+from agent.cloud import Cloud
+from agent.errors import NotFound, OnebackError
+from agent.lease import is_alive
+from agent.model import OBJECT_PREFIX, DiskInfo, JournalEntry, JournalKind
+
+TEMP_PREFIX = OBJECT_PREFIX + "tmp-"
+SERIAL_MAX = 20  # virtio-blk truncates serials to 20 bytes
+
+
+class Journal(Protocol):
+    """The part of the catalog this module needs."""
+
+    def journal_record(self, kind: JournalKind, name: str, job: str,
+                       vm_id: int | None = None, disk_id: int | None = None) -> JournalEntry: ...
+    def journal_created(self, entry_id: int, one_id: int) -> None: ...
+    def journal_done(self, entry_id: int) -> None: ...
+    def journal_pending(self) -> list[JournalEntry]: ...
+
+
+@dataclass
+class Workspace:
+    """The temporary objects of one job (`owner` is its lease). Every
+    context manager below undoes what it created on the way out, success or
+    failure; an undo that fails is kept in the journal for the next sweep and
+    reported in `leftovers`."""
+
+    cloud: Cloud
+    journal: Journal
+    owner: str
+    proxy_vm_id: int
+    leftovers: list[str] = field(default_factory=list)
+    _serials: int = 0
+
+    def name(self, what: str) -> str:
+        return f"{TEMP_PREFIX}{self.owner}-{what}"
+
+    def _create(self, kind: JournalKind, name: str, create: Callable[[], int],
+                vm_id: int | None, disk_id: int | None) -> tuple[JournalEntry, int]:
+        """Journal, then create. If creating fails, the call may still have
+        been accepted: the object is looked for by name and removed."""
+        entry = self.journal.journal_record(kind, name, self.owner, vm_id=vm_id, disk_id=disk_id)
+        try:
+            one_id = create()
+        except BaseException:
+            self._undo(entry, lambda: remove_entry(self.cloud, entry, self.proxy_vm_id))
+            raise
+        self.journal.journal_created(entry.id, one_id)
+        return entry, one_id
+
+    @contextmanager
+    def _journaled(self, kind: JournalKind, name: str, create: Callable[[], int],
+                   remove: Callable[[int], None], vm_id: int | None = None,
+                   disk_id: int | None = None) -> Iterator[int]:
+        entry, one_id = self._create(kind, name, create, vm_id, disk_id)
+        try:
+            yield one_id
+        finally:
+            self._undo(entry, lambda: remove(one_id))
+
+    @contextmanager
+    def provisional(self, kind: JournalKind, name: str, create: Callable[[], int],
+                    remove: Callable[[int], None], vm_id: int | None = None) -> Iterator[int]:
+        """An object that is kept if the block exits normally (its journal
+        entry is closed) and removed if it exits with an error."""
+        entry, one_id = self._create(kind, name, create, vm_id, None)
+        try:
+            yield one_id
+        except BaseException:
+            self._undo(entry, lambda: remove(one_id))
+            raise
+        self.journal.journal_done(entry.id)
+
+    def temporary(self, kind: JournalKind, name: str, create: Callable[[], int],
+                  remove: Callable[[int], None],
+                  vm_id: int | None = None) -> AbstractContextManager[int]:
+        """An object removed when the block exits, however it exits."""
+        return self._journaled(kind, name, create, remove, vm_id=vm_id)
+
+    def _undo(self, entry: JournalEntry, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except (OnebackError, OSError) as e:
+            self.leftovers.append(f"{entry.kind.value} {entry.name} was not removed: {e}")
+        else:
+            self.journal.journal_done(entry.id)
+
+    def snapshot(self, vm_id: int, disk_id: int) -> AbstractContextManager[int]:
+        """A disk snapshot of `vm_id`'s disk, deleted on exit. Yields its id."""
+        name = self.name(f"d{disk_id}")
+        return self._journaled(
+            JournalKind.SNAPSHOT, name,
+            lambda: self.cloud.snapshot_create(vm_id, disk_id, name),
+            lambda snap_id: self.cloud.snapshot_delete(vm_id, disk_id, snap_id),
+            vm_id=vm_id, disk_id=disk_id)
+
+    def saved_image(self, vm_id: int, disk_id: int, snap_id: int) -> AbstractContextManager[int]:
+        """The snapshot saved as a new image, deleted on exit. Yields its id."""
+        name = self.name(f"vm{vm_id}-d{disk_id}")
+        return self._journaled(
+            JournalKind.IMAGE, name,
+            lambda: self.cloud.disk_saveas(vm_id, disk_id, name, snap_id),
+            self.cloud.image_delete, vm_id=vm_id, disk_id=disk_id)
+
+    @contextmanager
+    def attached(self, image_id: int) -> Iterator[DiskInfo]:
+        """The image attached to the proxy VM with a fresh SERIAL, detached on exit."""
+        self._serials += 1
+        serial = f"{OBJECT_PREFIX}{self.owner}-{self._serials}"[:SERIAL_MAX]
+        disks: dict[int, DiskInfo] = {}
+
+        def create() -> int:
+            disk = self.cloud.attach(self.proxy_vm_id, image_id, serial)
+            disks[disk.disk_id] = disk
+            return disk.disk_id
+
+        with self._journaled(JournalKind.ATTACHMENT, serial, create,
+                             lambda disk_id: self.cloud.detach(self.proxy_vm_id, disk_id),
+                             vm_id=self.proxy_vm_id) as disk_id:
+            yield disks[disk_id]
+
+
+def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> None:
+    """Remove the cloud object a journal entry stands for, found by id when
+    known, else by name. Idempotent: an object already gone is fine."""
+    kind = entry.kind
+    if kind is JournalKind.ATTACHMENT:
+        vm_id = entry.vm_id if entry.vm_id is not None else proxy_vm_id
+        try:
+            vm = cloud.vm(vm_id)
+        except NotFound:
+            return
+        for disk in vm.disks:
+            if disk.serial == entry.name or (
+                    entry.one_id is not None and disk.disk_id == entry.one_id
+                    and disk.serial.startswith(OBJECT_PREFIX)):
+                cloud.detach(vm_id, disk.disk_id)
+    elif kind is JournalKind.IMAGE:
+        if entry.one_id is not None:
+            cloud.image_delete(entry.one_id)
+        else:
+            image = cloud.find_image(entry.name)
+            if image is not None:
+                cloud.image_delete(image.id)
+    elif kind is JournalKind.SNAPSHOT:
+        if entry.vm_id is None:
+            return
+        try:
+            vm = cloud.vm(entry.vm_id)
+        except NotFound:
+            return
+        for snap in vm.snapshots:
+            if snap.name == entry.name and (entry.disk_id is None or snap.disk_id == entry.disk_id):
+                cloud.snapshot_delete(entry.vm_id, snap.disk_id, snap.snapshot_id)
+    elif kind is JournalKind.TEMPLATE:
+        if entry.one_id is not None:
+            cloud.template_delete(entry.one_id)
+        elif (template_id := cloud.find_template(entry.name)) is not None:
+            cloud.template_delete(template_id)
+    elif kind is JournalKind.VM:
+        if entry.one_id is not None:
+            cloud.terminate(entry.one_id)
+        else:
+            for vm in cloud.vms():
+                if vm.name == entry.name:
+                    cloud.terminate(vm.id)
+
+
+# Attachments go before images (an attached image cannot be deleted); VMs
+# before the images they use.
+_ORDER = {JournalKind.ATTACHMENT: 0, JournalKind.VM: 1, JournalKind.TEMPLATE: 2,
+          JournalKind.IMAGE: 3, JournalKind.SNAPSHOT: 4}
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    removed: tuple[str, ...]
+    failed: tuple[str, ...]
+    skipped_live: int
+
+
+def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) -> SweepReport:
+    """Remove every journaled object whose owner is no longer running.
+    Idempotent; what cannot be removed now stays journaled."""
+    removed: list[str] = []
+    failed: list[str] = []
+    live = 0
+    entries = sorted(journal.journal_pending(), key=lambda e: (_ORDER[e.kind], -e.id))
+    for entry in entries:
+        if is_alive(catalog_path, entry.job):
+            live += 1
+            continue
+        try:
+            remove_entry(cloud, entry, proxy_vm_id)
+        except (OnebackError, OSError) as e:
+            failed.append(f"{entry.kind.value} {entry.name}: {e}")
+            continue
+        journal.journal_done(entry.id)
+        removed.append(f"{entry.kind.value} {entry.name}")
+    return SweepReport(tuple(removed), tuple(failed), live)
+
+
+def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
+            proxy_vm_id: int) -> SweepReport:
+    """`sweep`, then remove anything in the cloud named `oneback-tmp-...`
+    (images, proxy attachments, disk snapshots on any VM) that no live run
+    owns — also what a lost catalog no longer knows about."""
+    first = sweep(cloud, journal, catalog_path, proxy_vm_id)
+    removed, failed = list(first.removed), list(first.failed)
+    live_names = {e.name for e in journal.journal_pending() if is_alive(catalog_path, e.job)}
+
+    def owned_by_live(name: str) -> bool:
+        if name in live_names:
+            return True
+        owner = name.removeprefix(TEMP_PREFIX).split("-", 1)[0]
+        return is_alive(catalog_path, owner)
+
+    def attempt(what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except (OnebackError, OSError) as e:
+            failed.append(f"{what}: {e}")
+        else:
+            removed.append(what)
+
+    try:
+        proxy = cloud.vm(proxy_vm_id)
+    except NotFound:
+        proxy = None
+    if proxy is not None:
+        for disk in proxy.disks:
+            image_name = disk.attributes.get("IMAGE", "")
+            if disk.serial.startswith(OBJECT_PREFIX) or image_name.startswith(TEMP_PREFIX):
+                serial_owner = disk.serial.removeprefix(OBJECT_PREFIX).split("-", 1)[0]
+                if disk.serial in live_names or is_alive(catalog_path, serial_owner):
+                    continue
+                attempt(f"attachment {disk.serial or image_name}",
+                        partial(cloud.detach, proxy_vm_id, disk.disk_id))
+    for image in cloud.images():
+        if image.name.startswith(TEMP_PREFIX) and not owned_by_live(image.name):
+            attempt(f"image {image.name}", partial(cloud.image_delete, image.id))
+    for vm in cloud.vms():
+        for snap in vm.snapshots:
+            if snap.name.startswith(TEMP_PREFIX) and not owned_by_live(snap.name):
+                attempt(f"snapshot {snap.name} of VM {vm.id}",
+                        partial(cloud.snapshot_delete, vm.id, snap.disk_id, snap.snapshot_id))
+    return SweepReport(tuple(removed), tuple(failed), first.skipped_live)
+

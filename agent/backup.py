@@ -1,0 +1,218 @@
+"""The backup use case: one VM, every chosen disk, into the repository.
+
+Owns: the order of a backup — read the VM, plan its disks, snapshot each,
+then per disk save the snapshot as an image, attach it to the proxy VM, scan
+the block device against the previous backup's checksums, detach, delete the
+image and the snapshot — and the rule that a backup becomes visible (one
+catalog transaction) only after all its chunks are durable. Must not: print,
+or talk to pyone, SQL or /dev directly (it uses cloud, catalog, devices).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from agent import devices, reader
+from agent.attach import Journal, Workspace
+from agent.cloud import Cloud
+from agent.errors import Interrupted, NotFound, StateError
+from agent.model import (
+    LCM_RUNNING,
+    VM_ACTIVE,
+    VM_POWEROFF,
+    VM_SUSPENDED,
+    BackupRecord,
+    BlockRecord,
+    DiskBackup,
+    DiskInfo,
+)
+from agent.policy import plan_disks
+from agent.store import ChunkStore
+
+
+class BackupCatalog(Journal, Protocol):
+    """The part of the catalog a backup needs."""
+
+    def previous_map(self, vm_id: int, disk_id: int) -> reader.PreviousMap | None: ...
+
+    def commit_backup(self, *, vm_id: int, vm_name: str, kind: str, started: float,
+                      finished: float, vm_document: str, image_documents: Mapping[int, str],
+                      disks: list[DiskBackup], blocks: Mapping[int, list[BlockRecord]],
+                      warnings: list[str], chunk_sizes: Mapping[bytes, int] | None = None,
+                      ) -> BackupRecord: ...
+
+
+class Progress(Protocol):
+    """What the engine reports while it works; the CLI renders it."""
+
+    def phase(self, disk_id: int, phase: str) -> None: ...
+    def disk_size(self, disk_id: int, size: int) -> None: ...
+    def advanced(self, nbytes: int) -> None: ...
+
+
+class _Quiet:
+    def phase(self, disk_id: int, phase: str) -> None:
+        pass
+
+    def disk_size(self, disk_id: int, size: int) -> None:
+        pass
+
+    def advanced(self, nbytes: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    full: bool = False
+    exclude: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where and how to read: from the configuration."""
+
+    proxy_vm_id: int
+    dev_root: Path
+    device_timeout: float
+    block_size: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    record: BackupRecord
+    cloud_seconds: float   # spent waiting for OpenNebula (snapshot, save-as, attach, ...)
+    scan_seconds: float    # spent reading, hashing and storing
+    leftovers: tuple[str, ...]
+
+
+BACKUP_STATES = "RUNNING, POWEROFF or SUSPENDED"
+
+
+def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: BackupCatalog,
+              store: ChunkStore, workspace: Workspace, settings: Settings,
+              progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> BackupResult:
+    """Back up VM `vm_id`. On success the backup is committed and every
+    temporary cloud object is gone; on failure nothing is committed and every
+    temporary object is removed (or left journaled for the next sweep)."""
+    progress = progress or _Quiet()
+    started = time.time()
+    cloud_seconds = 0.0
+    scan_seconds = 0.0
+    if vm_id == settings.proxy_vm_id:
+        raise StateError(f"VM {vm_id} is the proxy VM oneback runs in; it cannot back itself up")
+
+    t0 = time.monotonic()
+    vm = cloud.wait_settled(vm_id)
+    if not ((vm.state == VM_ACTIVE and vm.lcm_state == LCM_RUNNING)
+            or vm.state in (VM_POWEROFF, VM_SUSPENDED)):
+        raise StateError(
+            f"VM {vm_id} is {vm.state_name}; a backup needs it {BACKUP_STATES}")
+    plan = plan_disks(vm, options.exclude)
+    image_documents: dict[int, str] = {}
+    for disk in (*plan.read, *plan.excluded, *plan.skipped):
+        if disk.image_id is not None and disk.image_id not in image_documents:
+            try:
+                image_documents[disk.image_id] = cloud.image(disk.image_id).document
+            except NotFound:
+                pass
+    cloud_seconds += time.monotonic() - t0
+
+    disks: list[DiskBackup] = []
+    blocks: dict[int, list[BlockRecord]] = {}
+    chunk_sizes: dict[bytes, int] = {}
+    full = options.full
+    with ExitStack() as everything:
+        # Snapshot every disk first, one after another, so all disks are
+        # taken as close together in time as oned allows.
+        per_disk: dict[int, ExitStack] = {}
+        snaps: dict[int, int] = {}
+        for disk in plan.read:
+            _check_cancel(cancel)
+            progress.phase(disk.disk_id, "snapshot")
+            t0 = time.monotonic()
+            stack = everything.enter_context(ExitStack())
+            snaps[disk.disk_id] = stack.enter_context(workspace.snapshot(vm_id, disk.disk_id))
+            per_disk[disk.disk_id] = stack
+            cloud_seconds += time.monotonic() - t0
+
+        for disk in plan.read:
+            with per_disk[disk.disk_id]:
+                result, c_s, s_s = _read_disk(
+                    vm_id, disk, snaps[disk.disk_id], options, cloud=cloud, catalog=catalog,
+                    store=store, workspace=workspace, settings=settings, progress=progress,
+                    cancel=cancel)
+                cloud_seconds += c_s
+                scan_seconds += s_s
+                previous_missing, disk_backup, scan = result
+                full = full or previous_missing
+                disks.append(disk_backup)
+                blocks[disk.disk_id] = scan.blocks
+                chunk_sizes.update(scan.chunk_sizes)
+            progress.phase(disk.disk_id, "done")
+
+    for disk in (*plan.excluded, *plan.volatile, *plan.skipped):
+        disks.append(DiskBackup(
+            disk_id=disk.disk_id, size=disk.size_bytes, block_size=settings.block_size,
+            image_id=disk.image_id, volatile=disk.volatile,
+            excluded=disk in plan.excluded, attributes=dict(disk.attributes)))
+    disks.sort(key=lambda d: d.disk_id)
+    record = catalog.commit_backup(
+        vm_id=vm_id, vm_name=vm.name, kind="full" if full or not plan.read else "incremental",
+        started=started, finished=time.time(), vm_document=vm.document,
+        image_documents=image_documents, disks=disks, blocks=blocks,
+        warnings=[*plan.warnings, *workspace.leftovers], chunk_sizes=chunk_sizes)
+    return BackupResult(record, cloud_seconds, scan_seconds, tuple(workspace.leftovers))
+
+
+def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions, *,
+               cloud: Cloud, catalog: BackupCatalog, store: ChunkStore,
+               workspace: Workspace, settings: Settings, progress: Progress,
+               cancel: threading.Event | None,
+               ) -> tuple[tuple[bool, DiskBackup, reader.ScanResult], float, float]:
+    """Save, attach, scan, detach, delete one disk's snapshot image."""
+    cloud_seconds = 0.0
+    t0 = time.monotonic()
+    progress.phase(disk.disk_id, "save-as")
+    with workspace.saved_image(vm_id, disk.disk_id, snap_id) as image_id:
+        _check_cancel(cancel)
+        progress.phase(disk.disk_id, "attach")
+        with workspace.attached(image_id) as proxy_disk:
+            path = devices.wait_for_serial(settings.dev_root, proxy_disk.serial,
+                                           settings.device_timeout)
+            cloud_seconds += time.monotonic() - t0
+            t1 = time.monotonic()
+            size = devices.device_size(path)
+            progress.disk_size(disk.disk_id, size)
+            previous = None if options.full else catalog.previous_map(vm_id, disk.disk_id)
+            if previous is not None and previous.block_size != settings.block_size:
+                previous = None
+            progress.phase(disk.disk_id, "read")
+            scan = reader.scan(path, size, settings.block_size, previous, store,
+                               full=options.full or previous is None,
+                               workers=settings.workers, progress=progress.advanced,
+                               cancel=cancel)
+            _check_cancel(cancel)
+            scan_seconds = time.monotonic() - t1
+            t0 = time.monotonic()
+            progress.phase(disk.disk_id, "detach")
+    cloud_seconds += time.monotonic() - t0
+    backup = DiskBackup(
+        disk_id=disk.disk_id, size=size, block_size=settings.block_size,
+        image_id=disk.image_id, volatile=False, excluded=False,
+        bytes_read=scan.bytes_read, bytes_changed=scan.bytes_changed,
+        bytes_stored=scan.bytes_stored, attributes=dict(disk.attributes))
+    return (previous is None, backup, scan), cloud_seconds, scan_seconds
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Interrupted("backup interrupted; its temporary cloud objects were removed")
+

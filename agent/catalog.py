@@ -1,0 +1,610 @@
+"""The SQLite catalog: what was backed up, and what is out in the cloud.
+
+Owns: the schema and its migrations (sqlite-utils `Migrations`), VMs,
+backups, their disks and block maps, the chunk index, stored VM and image
+documents, and the journal of cloud objects. It is the only module that
+writes SQL; it hands out value types from `model.py`, never rows, and turns
+sqlite3 errors into RepositoryError at this boundary. Must not: touch the
+chunk store, the cloud or devices.
+
+Block maps are stored as a lineage per (VM, disk): a backup adds rows only for
+the blocks that changed since the previous backup of that disk (all of them
+when it is full, or when there is no usable previous one). The logical map of
+backup N is, for each index below its block count, the newest row at or before
+N. Every backup is logically full, and the catalog grows with changed blocks,
+not with disk size: a row is about 40 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+from sqlite_utils import Database, Migrations
+
+from agent.errors import IntegrityError, InternalError, NotFound, RepositoryError
+from agent.model import (
+    CHECKSUM_SIZE,
+    CHUNK_ID_SIZE,
+    BackupRecord,
+    BlockRecord,
+    DiskBackup,
+    JournalEntry,
+    JournalKind,
+    PreviousMap,
+    block_count,
+    block_length,
+)
+
+KINDS = ("full", "incremental")
+
+# ---------------------------------------------------------------------------
+# Schema. Append migrations; never edit one that has shipped.
+
+MIGRATIONS = Migrations("oneback")
+_KNOWN: list[str] = []
+
+
+def _migration(fn: Callable[[Database], None]) -> Callable[[Database], None]:
+    """Register a migration under its function name, and remember the name so
+    a catalog carrying names we do not know is recognised as newer."""
+    _KNOWN.append(fn.__name__)
+    MIGRATIONS(name=fn.__name__)(fn)
+    return fn
+
+
+@_migration
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE vms (
+            id INTEGER PRIMARY KEY,               -- OpenNebula VM id (never reused)
+            name TEXT NOT NULL,
+            gone INTEGER NOT NULL DEFAULT 0       -- 1 once the VM was deleted in the cloud
+        );
+        CREATE TABLE documents (                  -- VM and image XML, deduplicated
+            id INTEGER PRIMARY KEY,
+            sha256 BLOB NOT NULL UNIQUE,
+            body TEXT NOT NULL
+        );
+        CREATE TABLE backups (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: orders lineages
+            vm_id INTEGER NOT NULL REFERENCES vms(id),
+            vm_name TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('full', 'incremental')),
+            started REAL NOT NULL,
+            finished REAL NOT NULL,
+            vm_document INTEGER NOT NULL REFERENCES documents(id),
+            warnings TEXT NOT NULL DEFAULT '[]'   -- JSON list of strings
+        );
+        CREATE INDEX backups_vm ON backups (vm_id, id);
+        CREATE TABLE backup_images (
+            backup_id INTEGER NOT NULL REFERENCES backups(id),
+            image_id INTEGER NOT NULL,
+            document INTEGER NOT NULL REFERENCES documents(id),
+            PRIMARY KEY (backup_id, image_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE lineages (                   -- one per (VM, disk): keys block rows
+            id INTEGER PRIMARY KEY,
+            vm_id INTEGER NOT NULL REFERENCES vms(id),
+            disk_id INTEGER NOT NULL,
+            UNIQUE (vm_id, disk_id)
+        );
+        CREATE TABLE disks (
+            backup_id INTEGER NOT NULL REFERENCES backups(id),
+            disk_id INTEGER NOT NULL,
+            lineage INTEGER NOT NULL REFERENCES lineages(id),
+            size INTEGER NOT NULL,
+            block_size INTEGER NOT NULL,
+            image_id INTEGER,
+            volatile INTEGER NOT NULL,
+            excluded INTEGER NOT NULL,
+            bytes_read INTEGER NOT NULL,
+            bytes_changed INTEGER NOT NULL,
+            bytes_stored INTEGER NOT NULL,
+            attributes TEXT NOT NULL DEFAULT '{}', -- JSON object: the DISK vector
+            PRIMARY KEY (backup_id, disk_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX disks_lineage ON disks (lineage, backup_id);
+        CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY,
+            sha256 BLOB NOT NULL UNIQUE,
+            size INTEGER,                         -- stored (compressed) bytes; NULL if unknown
+            refs INTEGER NOT NULL DEFAULT 0       -- block rows referencing it
+        );
+        CREATE TABLE blocks (
+            lineage INTEGER NOT NULL REFERENCES lineages(id),
+            idx INTEGER NOT NULL,
+            backup INTEGER NOT NULL REFERENCES backups(id),
+            checksum BLOB NOT NULL,               -- xxh3-128
+            chunk INTEGER REFERENCES chunks(id),  -- NULL: an all-zero block (hole)
+            PRIMARY KEY (lineage, idx, backup)
+        ) WITHOUT ROWID;
+        CREATE TABLE journal (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            vm_id INTEGER,
+            disk_id INTEGER,
+            one_id INTEGER,
+            job TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        """
+    )
+
+
+# ---------------------------------------------------------------------------
+
+
+class Catalog:
+    """An open catalog. Thread-safe (calls are serialised). Every writing
+    call is one transaction, durable on return (WAL, synchronous=FULL)."""
+
+    def __init__(self, db: Database, path: Path) -> None:
+        self._db = db
+        self._conn: sqlite3.Connection = db.conn
+        self.path = path
+        self._lock = threading.RLock()
+
+    # -- opening ------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> Catalog:
+        """Open the catalog at `path`, creating it and applying pending
+        migrations. Raises RepositoryError if it is not a catalog, or was
+        written by a newer oneback."""
+        path = Path(path)
+        conn: sqlite3.Connection | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
+            db = Database(conn, execute_plugins=False)
+            db.execute("PRAGMA foreign_keys = ON")
+            db.enable_wal()
+            db.execute("PRAGMA synchronous = FULL")
+            newer = [m.name for m in MIGRATIONS.applied(db) if m.name not in _KNOWN]
+            if newer:
+                raise RepositoryError(
+                    f"catalog {path} was written by a newer oneback (schema "
+                    f"{', '.join(newer)}); upgrade oneback"
+                )
+            MIGRATIONS.apply(db)
+        except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
+            raise RepositoryError(
+                f"cannot open catalog {path}: {e}; check storage.catalog in the "
+                "configuration"
+            ) from e
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot open catalog {path}: {e.strerror or e}; check storage.catalog "
+                "in the configuration"
+            ) from e
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return cls(db, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _guard(self, what: str, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """Serialise, wrap writes in one transaction, translate sqlite3 errors."""
+        with self._lock:
+            try:
+                if write:
+                    with self._db.atomic():
+                        yield self._conn
+                else:
+                    yield self._conn
+            except sqlite3.IntegrityError as e:
+                raise InternalError(f"catalog constraint failed while {what}: {e}") from e
+            except sqlite3.Error as e:
+                raise RepositoryError(
+                    f"catalog {self.path} failed while {what}: {e}"
+                ) from e
+
+    # -- journal of cloud objects ----------------------------------------------
+
+    def journal_record(
+        self,
+        kind: JournalKind,
+        name: str,
+        job: str,
+        vm_id: int | None = None,
+        disk_id: int | None = None,
+    ) -> JournalEntry:
+        """Record a cloud object about to be created. Durable on return."""
+        created = time.time()
+        with self._guard("recording a journal entry", write=True) as conn:
+            cur = conn.execute(
+                "INSERT INTO journal (kind, name, vm_id, disk_id, one_id, job, created) "
+                "VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                (JournalKind(kind).value, name, vm_id, disk_id, job, created),
+            )
+            entry_id = cur.lastrowid
+        assert entry_id is not None
+        return JournalEntry(entry_id, JournalKind(kind), name, vm_id, disk_id, None, job, created)
+
+    def journal_created(self, entry_id: int, one_id: int) -> None:
+        """Record the cloud id the creating call returned. Durable on return."""
+        with self._guard("updating a journal entry", write=True) as conn:
+            cur = conn.execute("UPDATE journal SET one_id = ? WHERE id = ?", (one_id, entry_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"journal entry {entry_id} does not exist")
+
+    def journal_done(self, entry_id: int) -> None:
+        """Forget an object that was removed (or never created). Idempotent."""
+        with self._guard("removing a journal entry", write=True) as conn:
+            conn.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+
+    def journal_pending(self) -> list[JournalEntry]:
+        """Every recorded object not yet done, oldest first."""
+        with self._guard("reading the journal") as conn:
+            rows = conn.execute(
+                "SELECT id, kind, name, vm_id, disk_id, one_id, job, created "
+                "FROM journal ORDER BY id"
+            ).fetchall()
+        return [
+            JournalEntry(r[0], JournalKind(r[1]), r[2], r[3], r[4], r[5], r[6], r[7])
+            for r in rows
+        ]
+
+    # -- backups --------------------------------------------------------------
+
+    def commit_backup(
+        self,
+        *,
+        vm_id: int,
+        vm_name: str,
+        kind: str,
+        started: float,
+        finished: float,
+        vm_document: str,
+        image_documents: Mapping[int, str],
+        disks: Sequence[DiskBackup],
+        blocks: Mapping[int, Sequence[BlockRecord]],
+        warnings: Sequence[str] = (),
+        chunk_sizes: Mapping[bytes, int] | None = None,
+    ) -> BackupRecord:
+        """Commit a backup in one transaction; call only when every chunk its
+        blocks reference is durable in the store. `blocks[disk_id]` holds the
+        blocks that changed since the disk's previous backup (`previous_map`):
+        every block when there is none or its block size differs, and always
+        the blocks past its end. More is fine (a --full scan gives all).
+        Excluded and volatile disks have no blocks. `chunk_sizes` gives the
+        stored size of chunks new to the store (`ScanResult.chunk_sizes`).
+        Raises InternalError if the blocks break that contract; nothing is
+        written then. The VM must not be backed up concurrently (its previous
+        map must still be the latest when this commits)."""
+        if kind not in KINDS:
+            raise InternalError(f"backup kind must be one of {KINDS}, not {kind!r}")
+        disk_ids = [d.disk_id for d in disks]
+        if len(set(disk_ids)) != len(disk_ids):
+            raise InternalError(f"backup of VM {vm_id} lists a disk twice: {disk_ids}")
+        unknown = set(blocks) - {d.disk_id for d in disks if _reads(d)}
+        if unknown:
+            raise InternalError(
+                f"backup of VM {vm_id} has blocks for disks it did not read: {sorted(unknown)}"
+            )
+        sizes = chunk_sizes or {}
+        with self._guard(f"committing a backup of VM {vm_id}", write=True) as conn:
+            conn.execute(
+                "INSERT INTO vms (id, name, gone) VALUES (?, ?, 0) "
+                "ON CONFLICT (id) DO UPDATE SET name = excluded.name, gone = 0",
+                (vm_id, vm_name),
+            )
+            cur = conn.execute(
+                "INSERT INTO backups (vm_id, vm_name, kind, started, finished, vm_document, "
+                "warnings) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (vm_id, vm_name, kind, started, finished, _document(conn, vm_document),
+                 json.dumps(list(warnings))),
+            )
+            backup_id = cur.lastrowid
+            assert backup_id is not None
+            conn.executemany(
+                "INSERT INTO backup_images (backup_id, image_id, document) VALUES (?, ?, ?)",
+                [(backup_id, image_id, _document(conn, xml))
+                 for image_id, xml in sorted(image_documents.items())],
+            )
+            for disk in disks:
+                lineage = _lineage(conn, vm_id, disk.disk_id)
+                records = blocks.get(disk.disk_id, ())
+                if _reads(disk):
+                    base = _base(conn, lineage, backup_id)
+                    _check_blocks(vm_id, disk, records, base)
+                conn.execute(
+                    "INSERT INTO disks (backup_id, disk_id, lineage, size, block_size, image_id, "
+                    "volatile, excluded, bytes_read, bytes_changed, bytes_stored, attributes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (backup_id, disk.disk_id, lineage, disk.size, disk.block_size,
+                     disk.image_id, int(disk.volatile), int(disk.excluded), disk.bytes_read,
+                     disk.bytes_changed, disk.bytes_stored,
+                     json.dumps(dict(disk.attributes), sort_keys=True)),
+                )
+                refs = _chunk_refs(conn, records, sizes)
+                conn.executemany(
+                    "INSERT INTO blocks (lineage, idx, backup, checksum, chunk) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    ((lineage, r.index, backup_id, r.checksum,
+                      None if r.chunk is None else refs[r.chunk]) for r in records),
+                )
+        return BackupRecord(
+            id=backup_id, vm_id=vm_id, vm_name=vm_name, kind=kind, started=started,
+            finished=finished, disks=tuple(disks), warnings=tuple(warnings), vm_gone=False,
+        )
+
+    def get_backup(self, backup_id: int) -> BackupRecord:
+        """The backup, or NotFound."""
+        found = self._backups("b.id = ?", (backup_id,))
+        if not found:
+            raise NotFound(f"backup {backup_id} does not exist; `oneback list` shows backups")
+        return found[0]
+
+    def list_backups(self, vm_id: int | None = None) -> list[BackupRecord]:
+        """Every backup (of one VM), oldest first."""
+        if vm_id is None:
+            return self._backups("1", ())
+        return self._backups("b.vm_id = ?", (vm_id,))
+
+    def _backups(self, where: str, params: tuple[object, ...]) -> list[BackupRecord]:
+        with self._guard("listing backups") as conn:
+            rows = conn.execute(
+                "SELECT b.id, b.vm_id, b.vm_name, b.kind, b.started, b.finished, b.warnings, "
+                f"v.gone FROM backups b JOIN vms v ON v.id = b.vm_id WHERE {where} "
+                "ORDER BY b.id",
+                params,
+            ).fetchall()
+            disks: dict[int, list[DiskBackup]] = {r[0]: [] for r in rows}
+            for d in conn.execute(
+                "SELECT d.backup_id, d.disk_id, d.size, d.block_size, d.image_id, d.volatile, "
+                "d.excluded, d.bytes_read, d.bytes_changed, d.bytes_stored, d.attributes "
+                f"FROM disks d JOIN backups b ON b.id = d.backup_id WHERE {where} "
+                "ORDER BY d.backup_id, d.disk_id",
+                params,
+            ):
+                disks[d[0]].append(DiskBackup(
+                    disk_id=d[1], size=d[2], block_size=d[3], image_id=d[4],
+                    volatile=bool(d[5]), excluded=bool(d[6]), bytes_read=d[7],
+                    bytes_changed=d[8], bytes_stored=d[9], attributes=json.loads(d[10]),
+                ))
+        return [
+            BackupRecord(
+                id=r[0], vm_id=r[1], vm_name=r[2], kind=r[3], started=r[4], finished=r[5],
+                disks=tuple(disks[r[0]]), warnings=tuple(json.loads(r[6])),
+                vm_gone=bool(r[7]),
+            )
+            for r in rows
+        ]
+
+    def vm_document(self, backup_id: int) -> str:
+        """The VM's XML document as saved with the backup."""
+        with self._guard("reading a VM document") as conn:
+            row = conn.execute(
+                "SELECT d.body FROM backups b JOIN documents d ON d.id = b.vm_document "
+                "WHERE b.id = ?",
+                (backup_id,),
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"backup {backup_id} does not exist; `oneback list` shows backups")
+        return str(row[0])
+
+    def image_documents(self, backup_id: int) -> dict[int, str]:
+        """{image id: XML document} of the images the VM used at the backup."""
+        self.get_backup(backup_id)
+        with self._guard("reading image documents") as conn:
+            rows = conn.execute(
+                "SELECT i.image_id, d.body FROM backup_images i "
+                "JOIN documents d ON d.id = i.document WHERE i.backup_id = ? "
+                "ORDER BY i.image_id",
+                (backup_id,),
+            ).fetchall()
+        return {int(r[0]): str(r[1]) for r in rows}
+
+    def mark_vm_gone(self, vm_id: int) -> None:
+        """Record that the VM no longer exists in the cloud (its backups stay).
+        A later backup of the same id clears the mark. Idempotent."""
+        with self._guard(f"marking VM {vm_id} gone", write=True) as conn:
+            conn.execute("UPDATE vms SET gone = 1 WHERE id = ?", (vm_id,))
+
+    # -- block maps -----------------------------------------------------------
+
+    def previous_map(self, vm_id: int, disk_id: int) -> PreviousMap | None:
+        """The block map of the latest committed backup that read this disk,
+        or None if none did."""
+        with self._guard("reading the previous block map") as conn:
+            row = conn.execute(
+                "SELECT d.backup_id, d.lineage, d.size, d.block_size FROM disks d "
+                "JOIN lineages l ON l.id = d.lineage "
+                "WHERE l.vm_id = ? AND l.disk_id = ? AND d.volatile = 0 AND d.excluded = 0 "
+                "ORDER BY d.backup_id DESC LIMIT 1",
+                (vm_id, disk_id),
+            ).fetchone()
+            if row is None:
+                return None
+            backup_id, lineage, size, bsize = row
+            n = block_count(size, bsize)
+            checksums = bytearray(CHECKSUM_SIZE * n)
+            chunks = bytearray(CHUNK_ID_SIZE * n)
+            found = 0
+            for idx, checksum, chunk in conn.execute(_MAP_QUERY, (lineage, backup_id, n)):
+                checksums[idx * CHECKSUM_SIZE:(idx + 1) * CHECKSUM_SIZE] = checksum
+                if chunk is not None:
+                    chunks[idx * CHUNK_ID_SIZE:(idx + 1) * CHUNK_ID_SIZE] = chunk
+                found += 1
+        if found != n:
+            raise IntegrityError(
+                f"catalog {self.path}: block map of backup {backup_id} disk {disk_id} has "
+                f"{found} of {n} blocks; run a full backup of VM {vm_id}"
+            )
+        return PreviousMap(backup_id, disk_id, size, bsize, bytes(checksums), bytes(chunks))
+
+    def blocks(self, backup_id: int, disk_id: int) -> Iterator[BlockRecord]:
+        """The whole logical block map of a disk at a backup, in index order
+        (empty for an excluded or volatile disk). NotFound if there is no
+        such backup or disk."""
+        with self._guard("reading a block map") as conn:
+            row = conn.execute(
+                "SELECT lineage, size, block_size, volatile, excluded FROM disks "
+                "WHERE backup_id = ? AND disk_id = ?",
+                (backup_id, disk_id),
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"backup {backup_id} has no disk {disk_id}")
+        lineage, size, bsize, volatile, excluded = row
+        if volatile or excluded:
+            return iter(())
+        return self._iter_blocks(lineage, backup_id, block_count(size, bsize), disk_id)
+
+    def _iter_blocks(self, lineage: int, backup_id: int, n: int,
+                     disk_id: int) -> Iterator[BlockRecord]:
+        def incomplete(index: int) -> IntegrityError:
+            return IntegrityError(
+                f"catalog {self.path}: block map of backup {backup_id} disk {disk_id} "
+                f"lacks block {index}; back the VM up again with --full"
+            )
+
+        expected = 0
+        with self._guard("reading a block map") as conn:
+            rows = conn.execute(_MAP_QUERY + " ORDER BY g.idx", (lineage, backup_id, n))
+        while True:
+            with self._guard("reading a block map"):
+                batch = rows.fetchmany(4096)
+            if not batch:
+                break
+            for idx, checksum, chunk in batch:
+                if idx != expected:
+                    raise incomplete(expected)
+                expected += 1
+                yield BlockRecord(idx, checksum, chunk)
+        if expected != n:
+            raise incomplete(expected)
+
+    def chunks(self) -> Iterator[bytes]:
+        """Every chunk id the catalog references (to find orphans in a store)."""
+        with self._guard("listing chunks") as conn:
+            ids = [bytes(r[0]) for r in conn.execute("SELECT sha256 FROM chunks WHERE refs > 0")]
+        return iter(ids)
+
+
+# Newest row at or before a backup for each index of a lineage. SQLite takes
+# the bare columns of a max() aggregate from the row holding the maximum.
+_MAP_QUERY = (
+    "SELECT g.idx, g.checksum, c.sha256 FROM ("
+    " SELECT idx, max(backup) AS backup, checksum, chunk FROM blocks"
+    " WHERE lineage = ? AND backup <= ? AND idx < ? GROUP BY idx"
+    ") AS g LEFT JOIN chunks c ON c.id = g.chunk"
+)
+
+
+def _reads(disk: DiskBackup) -> bool:
+    return not (disk.volatile or disk.excluded)
+
+
+def _document(conn: sqlite3.Connection, body: str) -> int:
+    digest = hashlib.sha256(body.encode()).digest()
+    row = conn.execute("SELECT id FROM documents WHERE sha256 = ?", (digest,)).fetchone()
+    if row is None:
+        row = conn.execute(
+            "INSERT INTO documents (sha256, body) VALUES (?, ?) RETURNING id", (digest, body)
+        ).fetchone()
+    return int(row[0])
+
+
+def _lineage(conn: sqlite3.Connection, vm_id: int, disk_id: int) -> int:
+    row = conn.execute(
+        "SELECT id FROM lineages WHERE vm_id = ? AND disk_id = ?", (vm_id, disk_id)
+    ).fetchone()
+    if row is None:
+        row = conn.execute(
+            "INSERT INTO lineages (vm_id, disk_id) VALUES (?, ?) RETURNING id", (vm_id, disk_id)
+        ).fetchone()
+    return int(row[0])
+
+
+def _base(conn: sqlite3.Connection, lineage: int, backup_id: int) -> tuple[int, int] | None:
+    """(size, block_size) of the latest earlier backup that read this lineage."""
+    row = conn.execute(
+        "SELECT size, block_size FROM disks WHERE lineage = ? AND backup_id < ? "
+        "AND volatile = 0 AND excluded = 0 ORDER BY backup_id DESC LIMIT 1",
+        (lineage, backup_id),
+    ).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def _check_blocks(vm_id: int, disk: DiskBackup, records: Sequence[BlockRecord],
+                  base: tuple[int, int] | None) -> None:
+    """Hold the lineage invariant: after this backup, every index below its
+    block count resolves to a row describing this backup's content."""
+    where = f"backup of VM {vm_id} disk {disk.disk_id}"
+    if disk.block_size <= 0 or disk.size < 0:
+        raise InternalError(f"{where}: size {disk.size}, block size {disk.block_size}")
+    n = block_count(disk.size, disk.block_size)
+    seen: set[int] = set()
+    for r in records:
+        if not 0 <= r.index < n or r.index in seen:
+            raise InternalError(f"{where}: block {r.index} out of range or repeated")
+        if len(r.checksum) != CHECKSUM_SIZE or (r.chunk is not None
+                                                and len(r.chunk) != CHUNK_ID_SIZE):
+            raise InternalError(f"{where}: block {r.index} has a malformed checksum or chunk")
+        seen.add(r.index)
+    if base is None or base[1] != disk.block_size:
+        required: Iterator[int] = iter(range(n))
+    else:
+        old_size, bsize = base
+        old_n = block_count(old_size, bsize)
+        edges = [
+            i for i in {old_n - 1, n - 1}
+            if 0 <= i < min(old_n, n)
+            and block_length(old_size, bsize, i) != block_length(disk.size, bsize, i)
+        ]
+        required = iter([*edges, *range(min(old_n, n), n)])
+    missing = next((i for i in required if i not in seen), None)
+    if missing is not None:
+        raise InternalError(
+            f"{where}: block {missing} is missing; a full backup, or blocks past "
+            "the previous backup's end, must all be given"
+        )
+
+
+def _chunk_refs(conn: sqlite3.Connection, records: Sequence[BlockRecord],
+                sizes: Mapping[bytes, int]) -> dict[bytes, int]:
+    """Upsert the chunks the records reference, adding to their refcounts;
+    returns sha256 -> chunks.id."""
+    counts: dict[bytes, int] = {}
+    for r in records:
+        if r.chunk is not None:
+            counts[r.chunk] = counts.get(r.chunk, 0) + 1
+    ids: dict[bytes, int] = {}
+    for sha, n in counts.items():
+        row = conn.execute(
+            "INSERT INTO chunks (sha256, size, refs) VALUES (?, ?, ?) "
+            "ON CONFLICT (sha256) DO UPDATE SET refs = refs + excluded.refs, "
+            "size = coalesce(size, excluded.size) RETURNING id",
+            (sha, sizes.get(sha), n),
+        ).fetchone()
+        ids[sha] = int(row[0])
+    return ids

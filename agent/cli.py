@@ -1,0 +1,527 @@
+"""The `oneback` command line: validate flags, call one engine function, render.
+
+Owns: argument parsing, wiring concrete objects (config -> cloud, catalog,
+store, lease), rendering for people or as one JSON document (`--json`), the
+progress bar, signal handling (SIGTERM/SIGINT become `Interrupted` so the
+engine's cleanup runs), and the single mapping of errors to exit codes.
+Must not: contain engine logic.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from agent import config as config_mod
+from agent.attach import Workspace, cleanup, sweep
+from agent.backup import BackupOptions, BackupResult, Settings, backup_vm
+from agent.catalog import Catalog
+from agent.cloud import Cloud
+from agent.errors import EXIT_CODES, Interrupted, OnebackError, UsageError
+from agent.lease import Lease
+from agent.model import BackupRecord
+from agent.policy import parse_duration
+from agent.restore import Settings as RestoreSettings
+from agent.restore import export_disk, restore_disk, restore_vm
+from agent.snapshots import (
+    SnapshotSet,
+    create_set,
+    delete_set,
+    expire_sets,
+    list_sets,
+    revert_set,
+)
+from agent.store.local import LocalStore
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Runtime:
+    cfg: config_mod.Config
+    cloud: Cloud
+    catalog: Catalog
+    store: LocalStore
+    lease: Lease
+
+    def settings(self) -> Settings:
+        return Settings(proxy_vm_id=self.cfg.proxy.vm_id, dev_root=self.cfg.proxy.dev_root,
+                        device_timeout=self.cfg.proxy.device_timeout,
+                        block_size=self.cfg.storage.block_size,
+                        workers=self.cfg.storage.workers)
+
+    def workspace(self) -> Workspace:
+        return Workspace(self.cloud, self.catalog, self.lease.owner, self.cfg.proxy.vm_id)
+
+
+@contextmanager
+def runtime(config_file: str | None, *, cloud: bool = True) -> Iterator[Runtime]:
+    cfg = config_mod.load(config_file)
+    session = cfg.opennebula.read_credentials() if cloud else ""
+    one = Cloud(cfg.opennebula.endpoint, session, timeout=cfg.opennebula.timeout,
+                operation_timeout=cfg.opennebula.operation_timeout,
+                poll_interval=cfg.opennebula.poll_interval)
+    catalog = Catalog.open(cfg.storage.catalog)
+    try:
+        store = LocalStore.open(cfg.storage.repository, create=True)
+        lease = Lease.acquire(cfg.storage.catalog)
+        try:
+            yield Runtime(cfg, one, catalog, store, lease)
+        finally:
+            lease.release()
+    finally:
+        catalog.close()
+
+
+# -- rendering -----------------------------------------------------------------
+
+
+def emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=False))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def backup_json(record: BackupRecord) -> dict[str, Any]:
+    return {
+        "backup_id": record.id,
+        "vm_id": record.vm_id,
+        "vm_name": record.vm_name,
+        "kind": record.kind,
+        "started": record.started,
+        "finished": record.finished,
+        "vm_gone": record.vm_gone,
+        "disks": [
+            {"disk_id": d.disk_id, "size": d.size, "bytes_read": d.bytes_read,
+             "bytes_changed": d.bytes_changed, "bytes_stored": d.bytes_stored,
+             "excluded": d.excluded, "volatile": d.volatile, "image_id": d.image_id}
+            for d in record.disks
+        ],
+        "warnings": list(record.warnings),
+    }
+
+
+class ProgressBar:
+    """A one-line progress display on stderr (only on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = 0
+        self.done = 0
+        self.label = ""
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def phase(self, disk_id: int, phase: str) -> None:
+        self.label = f"disk {disk_id}: {phase}"
+        self._draw(force=True)
+
+    def disk_size(self, disk_id: int, size: int) -> None:
+        self.total, self.done = size, 0
+
+    def advanced(self, nbytes: int) -> None:
+        with self._lock:
+            self.done += nbytes
+        self._draw()
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        frac = self.done / self.total if self.total else 0.0
+        bar = "#" * int(frac * 30)
+        click.echo(f"\r{self.label:<24} [{bar:<30}] {frac * 100:5.1f}%"
+                   f" {human_bytes(self.done)}", nl=False, err=True)
+
+    def finish(self) -> None:
+        if self.enabled:
+            click.echo("\r" + " " * 80 + "\r", nl=False, err=True)
+
+
+# -- signals -----------------------------------------------------------------
+
+
+@contextmanager
+def interruptible(cancel: threading.Event) -> Iterator[None]:
+    """First SIGTERM/SIGINT: stop cleanly (the engine undoes its work).
+    Second: exit at once."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if cancel.is_set():
+            raise SystemExit(130)
+        cancel.set()
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; cleaning up")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# -- commands --------------------------------------------------------------------
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print exactly one JSON document on stdout.")
+config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                             default=None, help="Configuration file (else $ONEBACK_CONFIG,"
+                             " else /etc/oneback/oneback.toml).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="oneback")
+def cli() -> None:
+    """oneback: backup and recovery for OpenNebula KVM clouds."""
+
+
+@cli.command()
+@click.argument("vm_id", type=click.IntRange(min=0))
+@click.option("--full", is_flag=True, help="Ignore earlier checksums and read every block.")
+@click.option("--exclude-disk", "exclude", type=click.IntRange(min=0), multiple=True,
+              help="Disk id to leave out (repeatable); adds to ONEBACK_EXCLUDE_DISKS.")
+@config_option
+@json_option
+def backup(vm_id: int, full: bool, exclude: tuple[int, ...], config_file: str | None,
+           as_json: bool) -> None:
+    """Back up VM_ID: snapshot, save, attach, read changed blocks, clean up."""
+    cancel = threading.Event()
+    bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
+    with runtime(config_file) as rt, interruptible(cancel):
+        sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
+        try:
+            result: BackupResult = backup_vm(
+                vm_id, BackupOptions(full=full, exclude=frozenset(exclude)), cloud=rt.cloud,
+                catalog=rt.catalog, store=rt.store, workspace=rt.workspace(),
+                settings=rt.settings(), progress=bar, cancel=cancel)
+        finally:
+            bar.finish()
+    rec = result.record
+    if as_json:
+        doc = backup_json(rec)
+        doc["cloud_seconds"] = round(result.cloud_seconds, 3)
+        doc["scan_seconds"] = round(result.scan_seconds, 3)
+        emit_json(doc)
+        return
+    click.echo(f"backup {rec.id} of VM {rec.vm_id} ({rec.vm_name}): {rec.kind}")
+    for d in rec.disks:
+        if d.excluded or d.volatile or not d.bytes_read:
+            why = "excluded" if d.excluded else "volatile" if d.volatile else "not read"
+            click.echo(f"  disk {d.disk_id}: {human_bytes(d.size)}, {why}")
+        else:
+            click.echo(f"  disk {d.disk_id}: {human_bytes(d.size)}, read"
+                       f" {human_bytes(d.bytes_read)}, changed {human_bytes(d.bytes_changed)},"
+                       f" stored {human_bytes(d.bytes_stored)}")
+    for w in rec.warnings:
+        click.echo(f"  warning: {w}")
+
+
+@cli.command("list")
+@click.argument("vm_id", type=click.IntRange(min=0), required=False)
+@config_option
+@json_option
+def list_(vm_id: int | None, config_file: str | None, as_json: bool) -> None:
+    """List backups, newest last (all VMs, or VM_ID's)."""
+    with runtime(config_file, cloud=False) as rt:
+        records = rt.catalog.list_backups(vm_id)
+    if as_json:
+        emit_json([backup_json(r) for r in records])
+        return
+    if not records:
+        click.echo("no backups")
+        return
+    click.echo(f"{'ID':>5}  {'VM':>5}  {'NAME':<20} {'KIND':<12} {'WHEN':<20} {'STORED':>10}")
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.finished))
+        stored = sum(d.bytes_stored for d in r.disks)
+        gone = " (VM gone)" if r.vm_gone else ""
+        click.echo(f"{r.id:>5}  {r.vm_id:>5}  {r.vm_name[:20]:<20} {r.kind:<12} {when:<20}"
+                   f" {human_bytes(stored):>10}{gone}")
+
+
+@cli.command()
+@click.argument("backup_id", type=click.IntRange(min=1))
+@config_option
+@json_option
+def show(backup_id: int, config_file: str | None, as_json: bool) -> None:
+    """Show one backup: its disks and warnings."""
+    with runtime(config_file, cloud=False) as rt:
+        rec = rt.catalog.get_backup(backup_id)
+    if as_json:
+        emit_json(backup_json(rec))
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.finished))
+    click.echo(f"backup {rec.id}: VM {rec.vm_id} ({rec.vm_name}), {rec.kind}, {when}")
+    for d in rec.disks:
+        flags = ", excluded" if d.excluded else ", volatile" if d.volatile else ""
+        click.echo(f"  disk {d.disk_id}: {human_bytes(d.size)}{flags}, stored"
+                   f" {human_bytes(d.bytes_stored)}")
+    for w in rec.warnings:
+        click.echo(f"  warning: {w}")
+
+
+@cli.command("cleanup")
+@config_option
+@json_option
+def cleanup_(config_file: str | None, as_json: bool) -> None:
+    """Remove every leftover oneback- temporary object from the cloud."""
+    with runtime(config_file) as rt:
+        report = cleanup(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
+    if as_json:
+        emit_json(asdict(report))
+    else:
+        for r in report.removed:
+            click.echo(f"removed {r}")
+        for f in report.failed:
+            click.echo(f"not removed: {f}", err=True)
+        if not report.removed and not report.failed:
+            click.echo("nothing to clean up")
+    if report.failed:
+        raise SystemExit(4)
+
+
+def restore_settings(rt: Runtime) -> RestoreSettings:
+    return RestoreSettings(proxy_vm_id=rt.cfg.proxy.vm_id, dev_root=rt.cfg.proxy.dev_root,
+                           device_timeout=rt.cfg.proxy.device_timeout,
+                           workers=rt.cfg.storage.workers)
+
+
+@cli.command()
+@click.argument("backup_id", type=click.IntRange(min=1))
+@click.option("--image-ds", type=click.IntRange(min=0), default=None,
+              help="IMAGE datastore for the restored disks (default: each image's own).")
+@click.option("--system-ds", type=click.IntRange(min=0), default=None,
+              help="SYSTEM datastore to deploy the VM into (default: the scheduler's choice).")
+@click.option("--name", default=None, help="Name of the new VM (default: NAME-restored-ID).")
+@config_option
+@json_option
+def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: str | None,
+            config_file: str | None, as_json: bool) -> None:
+    """Restore BACKUP_ID as a new VM: disks first, then the VM, left RUNNING."""
+    cancel = threading.Event()
+    bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
+    with runtime(config_file) as rt, interruptible(cancel):
+        sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
+        try:
+            result = restore_vm(backup_id, cloud=rt.cloud, catalog=rt.catalog, store=rt.store,
+                                workspace=rt.workspace(), settings=restore_settings(rt),
+                                image_ds=image_ds, system_ds=system_ds, name=name,
+                                progress=bar, cancel=cancel)
+        finally:
+            bar.finish()
+    if as_json:
+        emit_json({"vm_id": result.vm_id, "name": result.name,
+                   "template_deleted": result.template_deleted,
+                   "images": [asdict(i) for i in result.images]})
+        return
+    click.echo(f"restored backup {backup_id} as VM {result.vm_id} ({result.name}), RUNNING")
+    for i in result.images:
+        click.echo(f"  disk {i.disk_id}: image {i.image_id}, wrote {human_bytes(i.bytes_written)}")
+
+
+@cli.command("restore-disk")
+@click.argument("backup_id", type=click.IntRange(min=1))
+@click.argument("disk_id", type=click.IntRange(min=0))
+@click.option("--image-ds", type=click.IntRange(min=0), default=None,
+              help="IMAGE datastore for the new image (default: the original image's).")
+@click.option("--name", default=None, help="Name of the new image.")
+@config_option
+@json_option
+def restore_disk_(backup_id: int, disk_id: int, image_ds: int | None, name: str | None,
+                  config_file: str | None, as_json: bool) -> None:
+    """Restore one disk of BACKUP_ID as a new image."""
+    cancel = threading.Event()
+    bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
+    with runtime(config_file) as rt, interruptible(cancel):
+        sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
+        try:
+            image = restore_disk(backup_id, disk_id, cloud=rt.cloud, catalog=rt.catalog,
+                                 store=rt.store, workspace=rt.workspace(),
+                                 settings=restore_settings(rt), image_ds=image_ds, name=name,
+                                 progress=bar, cancel=cancel)
+        finally:
+            bar.finish()
+    if as_json:
+        emit_json(asdict(image))
+    else:
+        click.echo(f"restored disk {disk_id} of backup {backup_id} as image {image.image_id}")
+
+
+@cli.command("export")
+@click.argument("backup_id", type=click.IntRange(min=1))
+@click.argument("disk_id", type=click.IntRange(min=0))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="The raw file to write (sparse).")
+@config_option
+@json_option
+def export_(backup_id: int, disk_id: int, output: str, config_file: str | None,
+            as_json: bool) -> None:
+    """Write one disk of BACKUP_ID to a sparse raw file (no cloud needed)."""
+    cancel = threading.Event()
+    with runtime(config_file, cloud=False) as rt, interruptible(cancel):
+        written = export_disk(backup_id, disk_id, Path(output), catalog=rt.catalog,
+                              store=rt.store, workers=rt.cfg.storage.workers, cancel=cancel)
+    if as_json:
+        emit_json({"backup_id": backup_id, "disk_id": disk_id, "output": output,
+                   "bytes_written": written})
+    else:
+        click.echo(f"wrote disk {disk_id} of backup {backup_id} to {output}"
+                   f" ({human_bytes(written)} of data)")
+
+
+@cli.group()
+def snapshot() -> None:
+    """Snapshot sets: one disk snapshot per disk of a VM, under one name."""
+
+
+def set_json(s: SnapshotSet) -> dict[str, Any]:
+    return {"vm_id": s.vm_id, "name": s.name, "created": s.created, "expires": s.expires,
+            "size_mb": s.size_mb,
+            "disks": [{"disk_id": d.disk_id, "snapshot_id": d.snapshot_id,
+                       "size_mb": d.size_mb} for d in s.disks]}
+
+
+@snapshot.command("create")
+@click.argument("vm_id", type=click.IntRange(min=0))
+@click.option("--name", default=None, help="Name of the set (default: snap-DATE-TIME).")
+@click.option("--ttl", default=None, help="Expire the set after this long (30m, 48h, 7d).")
+@config_option
+@json_option
+def snapshot_create(vm_id: int, name: str | None, ttl: str | None, config_file: str | None,
+                    as_json: bool) -> None:
+    """Snapshot every disk of VM_ID, one after another."""
+    seconds = parse_duration(ttl, "--ttl") if ttl else None
+    cancel = threading.Event()
+    with runtime(config_file) as rt, interruptible(cancel):
+        sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
+        result = create_set(rt.cloud, rt.catalog, rt.lease.owner, vm_id, name, seconds)
+    if as_json:
+        doc = set_json(result.set)
+        doc["skipped"] = list(result.skipped)
+        emit_json(doc)
+        return
+    click.echo(f"snapshot set {result.set.name!r} of VM {vm_id}:"
+               f" disks {', '.join(str(d.disk_id) for d in result.set.disks)}")
+    for s in result.skipped:
+        click.echo(f"  skipped: {s}")
+
+
+@snapshot.command("list")
+@click.argument("vm_id", type=click.IntRange(min=0))
+@config_option
+@json_option
+def snapshot_list(vm_id: int, config_file: str | None, as_json: bool) -> None:
+    """List the snapshot sets of VM_ID."""
+    with runtime(config_file) as rt:
+        sets = list_sets(rt.cloud, vm_id)
+    if as_json:
+        emit_json([set_json(s) for s in sets])
+        return
+    if not sets:
+        click.echo(f"VM {vm_id} has no snapshot sets")
+        return
+    click.echo(f"{'NAME':<24} {'CREATED':<20} {'EXPIRES':<20} {'DISKS':<10} {'SIZE':>8}")
+    for s in sets:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created))
+        expires = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.expires))
+                   if s.expires else "never")
+        disks = ",".join(str(d.disk_id) for d in s.disks)
+        click.echo(f"{s.name:<24} {created:<20} {expires:<20} {disks:<10} {s.size_mb:>5} MB")
+
+
+@snapshot.command("revert")
+@click.argument("vm_id", type=click.IntRange(min=0))
+@click.argument("name")
+@config_option
+@json_option
+def snapshot_revert(vm_id: int, name: str, config_file: str | None, as_json: bool) -> None:
+    """Revert every disk of VM_ID to the set NAME (the VM is stopped meanwhile)."""
+    with runtime(config_file) as rt:
+        result = revert_set(rt.cloud, vm_id, name)
+    if as_json:
+        emit_json({"vm_id": vm_id, "name": name, "stopped_as": result.stopped_as,
+                   "state": result.final_state,
+                   "disks": [d.disk_id for d in result.set.disks]})
+    else:
+        click.echo(f"VM {vm_id} reverted to snapshot set {name!r}; it is {result.final_state}")
+
+
+@snapshot.command("delete")
+@click.argument("vm_id", type=click.IntRange(min=0))
+@click.argument("name")
+@config_option
+@json_option
+def snapshot_delete(vm_id: int, name: str, config_file: str | None, as_json: bool) -> None:
+    """Delete the snapshot set NAME of VM_ID."""
+    with runtime(config_file) as rt:
+        deleted = delete_set(rt.cloud, vm_id, name)
+    if as_json:
+        emit_json(set_json(deleted))
+    else:
+        click.echo(f"deleted snapshot set {name!r} of VM {vm_id}")
+
+
+@snapshot.command("expire")
+@config_option
+@json_option
+def snapshot_expire(config_file: str | None, as_json: bool) -> None:
+    """Delete every snapshot set whose TTL has passed, on every VM."""
+    with runtime(config_file) as rt:
+        expired = expire_sets(rt.cloud)
+    if as_json:
+        emit_json([set_json(s) for s in expired])
+    else:
+        for s in expired:
+            click.echo(f"expired snapshot set {s.name!r} of VM {s.vm_id}")
+        if not expired:
+            click.echo("no snapshot set has expired")
+
+
+@cli.command("exit-codes")
+def exit_codes() -> None:
+    """Print the table of exit codes."""
+    click.echo(" 0  success")
+    for code, name, doc in sorted(set(EXIT_CODES)):
+        click.echo(f"{code:>3}  {name}: {doc}")
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: run the CLI; map OnebackError to its exit code and a one-line message."""
+    try:
+        cli.main(args=argv, prog_name="oneback", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("oneback: aborted", err=True)
+        raise SystemExit(130) from None
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(UsageError.exit_code) from None
+    except OnebackError as e:
+        prefix = "oneback: internal error (please report): " if e.is_bug else "oneback: "
+        click.echo(f"{prefix}{e.message}", err=True)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:
+        click.echo("oneback: interrupted", err=True)
+        raise SystemExit(130) from None
+    except Exception as e:  # a bug: one line, never a traceback
+        click.echo(f"oneback: internal error (please report): {type(e).__name__}: {e}", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(0)

@@ -1,0 +1,503 @@
+"""The OpenNebula boundary: the only module that imports pyone.
+
+Owns: every XML-RPC call oneback makes, with a real per-call timeout; the
+translation of oned's documents into `model` value types and of oned's error
+arrays into `errors`; and the waits that turn oned's "accepted" into "done":
+an operation is complete when the object leaves its transient state, and is
+then *checked* (a failed attach silently drops the disk, a failed snapshot
+disappears, a failed save-as leaves the image in ERROR). State numbers are
+read as numbers (pyone's enums lack LCM 69-71).
+
+Must not: decide policy (which disks, when), touch the catalog or devices, or
+log the session string.
+
+pyone is used for the transport, the session and parameter casting; results
+are taken as oned's raw `[ok, value, code, ...]` arrays, because pyone's
+generated bindings drop the verbatim documents a backup must store and its
+exceptions drop oned's error code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import xmlrpc.client
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import pyone
+import requests
+from lxml import etree
+from pyone.server_xrpc import RequestsTransport
+
+from agent.errors import CloudError, CloudTimeout, NotFound, StateError
+from agent.model import (
+    IMAGE_ERROR,
+    IMAGE_LOCKED,
+    LCM_RUNNING,
+    VM_ACTIVE,
+    VM_DONE,
+    VM_POWEROFF,
+    DatastoreInfo,
+    DiskInfo,
+    ImageInfo,
+    SnapshotInfo,
+    VmInfo,
+)
+
+AUTHENTICATION, AUTHORIZATION, NO_EXISTS, ACTION, RPC_API, INTERNAL = (
+    0x100, 0x200, 0x400, 0x800, 0x1000, 0x2000,
+)
+
+IMAGE_TYPES = {0: "OS", 1: "CDROM", 2: "DATABLOCK", 3: "KERNEL", 4: "RAMDISK",
+               5: "CONTEXT", 6: "BACKUP", 7: "FILESYSTEM"}
+
+# LCM states of a VM in which one of the operations we drive is still running.
+SNAPSHOT_BUSY = {51, 52, 53, 54, 55, 56, 57, 58, 59}
+SAVEAS_BUSY = {26, 27, 28, 67, 68}
+HOTPLUG_BUSY = {17, 33, 34}
+# LCM states that end by themselves (a driver or the scheduler is working).
+TRANSIENT_LCM = (
+    SNAPSHOT_BUSY | SAVEAS_BUSY | HOTPLUG_BUSY
+    | {0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18, 19, 20, 21, 22, 23, 24, 25, 29, 30, 31,
+       32, 35, 43, 45, 60, 62, 63, 64, 65, 66, 69, 70, 71}
+)
+
+
+class _TimeoutTransport(RequestsTransport):  # type: ignore[misc]
+    """pyone's requests transport with a timeout that takes effect (pyone's
+    own `timeout=` only sets the socket default, which requests ignores)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, host: str, handler: str, request_body: bytes,
+                verbose: bool = False) -> Any:
+        url = self._build_url(host, handler)
+        resp = requests.post(url, data=request_body, headers=self.headers,
+                             verify=self.https_verify, timeout=self.timeout)
+        if resp.status_code != 200:
+            raise xmlrpc.client.ProtocolError(url, resp.status_code, resp.reason, {})
+        return self.parse_response(resp)
+
+
+def _text(el: etree._Element | None, path: str, default: str = "") -> str:
+    if el is None:
+        return default
+    found = el.find(path)
+    if found is None or found.text is None:
+        return default
+    return str(found.text)
+
+
+def _int(el: etree._Element | None, path: str, default: int = 0) -> int:
+    value = _text(el, path)
+    try:
+        return int(value)
+    except ValueError:
+        return default
+
+
+def _attributes(el: etree._Element) -> dict[str, str]:
+    """A template vector (DISK, CONTEXT ...) as a flat dict of its single values."""
+    return {str(c.tag): (c.text or "") for c in el if isinstance(c.tag, str) and len(c) == 0}
+
+
+def parse_vm(xml: str) -> VmInfo:
+    """A `<VM>` document (vm.info, vmpool.infoextended, hook message) -> VmInfo."""
+    root = etree.fromstring(xml.encode()) if isinstance(xml, str) else xml
+    template = root.find("TEMPLATE")
+    disks = []
+    for d in template.findall("DISK") if template is not None else []:
+        attrs = _attributes(d)
+        image_id = attrs.get("IMAGE_ID")
+        disks.append(DiskInfo(
+            disk_id=int(attrs.get("DISK_ID", "-1")),
+            image_id=int(image_id) if image_id not in (None, "") else None,
+            size_mb=int(attrs.get("SIZE", "0") or 0),
+            target=attrs.get("TARGET", ""),
+            serial=attrs.get("SERIAL", ""),
+            type=attrs.get("TYPE", ""),
+            datastore_id=int(attrs["DATASTORE_ID"]) if attrs.get("DATASTORE_ID") else None,
+            persistent=attrs.get("PERSISTENT", "").upper() == "YES",
+            attach_pending=attrs.get("ATTACH", "").upper() == "YES",
+            attributes=attrs,
+        ))
+    snapshots = []
+    for s in root.findall("SNAPSHOTS"):
+        disk_id = _int(s, "DISK_ID", -1)
+        for snap in s.findall("SNAPSHOT"):
+            snapshots.append(SnapshotInfo(
+                disk_id=disk_id,
+                snapshot_id=_int(snap, "ID", -1),
+                name=_text(snap, "NAME"),
+                date=_int(snap, "DATE"),
+                active=_text(snap, "ACTIVE").upper() == "YES",
+                size_mb=_int(snap, "SIZE"),
+                parent=_int(snap, "PARENT", -1),
+            ))
+    user = root.find("USER_TEMPLATE")
+    user_template = _attributes(user) if user is not None else {}
+    return VmInfo(
+        id=_int(root, "ID", -1),
+        name=_text(root, "NAME"),
+        uid=_int(root, "UID", -1),
+        gid=_int(root, "GID", -1),
+        state=_int(root, "STATE", -1),
+        lcm_state=_int(root, "LCM_STATE", -1),
+        disks=tuple(sorted(disks, key=lambda d: d.disk_id)),
+        snapshots=tuple(snapshots),
+        user_template=user_template,
+        error=user_template.get("ERROR", ""),
+        document=xml if isinstance(xml, str) else etree.tostring(root, encoding="unicode"),
+    )
+
+
+def parse_image(xml: str) -> ImageInfo:
+    root = etree.fromstring(xml.encode())
+    return ImageInfo(
+        id=_int(root, "ID", -1),
+        name=_text(root, "NAME"),
+        state=_int(root, "STATE", -1),
+        type=IMAGE_TYPES.get(_int(root, "TYPE", -1), _text(root, "TYPE")),
+        size_mb=_int(root, "SIZE"),
+        datastore_id=_int(root, "DATASTORE_ID", -1),
+        persistent=_int(root, "PERSISTENT") == 1,
+        running_vms=_int(root, "RUNNING_VMS"),
+        document=xml,
+    )
+
+
+def quote(value: str) -> str:
+    """A value for an OpenNebula template `KEY="value"`: escapes what the
+    template parser treats specially so names from the cloud stay inert."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Cloud:
+    """One authenticated connection to oned. Thread-safe; operations on the
+    same VM are serialised (oned refuses concurrent ones with "wrong state")."""
+
+    def __init__(self, endpoint: str, session: str, *, timeout: float = 30.0,
+                 operation_timeout: float = 900.0, poll_interval: float = 0.5) -> None:
+        self.endpoint = endpoint
+        self.operation_timeout = operation_timeout
+        self.poll_interval = poll_interval
+        self._server = pyone.OneServer(endpoint, session=session)
+        transport = _TimeoutTransport(timeout)
+        transport.set_https(endpoint.startswith("https"))
+        transport.set_https_verify(True)
+        self._server._ServerProxy__transport = transport
+        self._locks: dict[int, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+
+    # -- the call ---------------------------------------------------------
+
+    def call(self, method: str, *params: Any) -> Any:
+        """Call `one.<method>` and return oned's value, or raise our error."""
+        full = "one." + method
+        try:
+            ret = self._server._do_request(full, self._server._cast_parms(params))
+        except requests.Timeout:
+            raise CloudTimeout(
+                f"OpenNebula at {self.endpoint} did not answer {full} in time"
+            ) from None
+        except (requests.ConnectionError, xmlrpc.client.ProtocolError, OSError) as e:
+            raise CloudError(
+                f"cannot reach OpenNebula at {self.endpoint} ({type(e).__name__});"
+                f" check opennebula.endpoint and that oned is running",
+                transient=True,
+            ) from e
+        except pyone.OneException as e:  # an XML-RPC fault: wrong parameter types
+            raise CloudError(f"{full} was rejected by OpenNebula: {e}") from e
+        if ret[0]:
+            return ret[1]
+        message, code = str(ret[1]), int(ret[2])
+        if code == NO_EXISTS:
+            raise NotFound(message)
+        if code == AUTHENTICATION:
+            raise CloudError(
+                f"{message} Check the user:password in the credentials file.", code=code
+            )
+        transient = code == ACTION and "wrong state" in message
+        raise CloudError(message, code=code, transient=transient)
+
+    @contextmanager
+    def _vm_lock(self, vm_id: int) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(vm_id, threading.RLock())
+        with lock:
+            yield
+
+    # -- reads ------------------------------------------------------------
+
+    def version(self) -> tuple[int, int, int]:
+        text = str(self.call("system.version"))
+        parts = [int(p) if p.isdigit() else 0 for p in text.split(".")[:3]]
+        while len(parts) < 3:
+            parts.append(0)
+        return parts[0], parts[1], parts[2]
+
+    def vm(self, vm_id: int) -> VmInfo:
+        return parse_vm(str(self.call("vm.info", vm_id)))
+
+    def vms(self) -> list[VmInfo]:
+        """Every VM this user can see that is not DONE, with full documents."""
+        root = etree.fromstring(str(self.call("vmpool.infoextended", -2, -1, -1, -1)).encode())
+        return [parse_vm(etree.tostring(v, encoding="unicode")) for v in root.findall("VM")]
+
+    def image(self, image_id: int) -> ImageInfo:
+        return parse_image(str(self.call("image.info", image_id)))
+
+    def images(self) -> list[ImageInfo]:
+        root = etree.fromstring(str(self.call("imagepool.info", -2, -1, -1)).encode())
+        return [parse_image(etree.tostring(i, encoding="unicode")) for i in root.findall("IMAGE")]
+
+    def find_image(self, name: str) -> ImageInfo | None:
+        return next((i for i in self.images() if i.name == name), None)
+
+    def hosts(self) -> list[tuple[int, str, int]]:
+        """(id, name, state) of every host; state 2 is MONITORED."""
+        root = etree.fromstring(str(self.call("hostpool.info")).encode())
+        return [(_int(h, "ID", -1), _text(h, "NAME"), _int(h, "STATE", -1))
+                for h in root.findall("HOST")]
+
+    def datastore(self, ds_id: int) -> DatastoreInfo:
+        root = etree.fromstring(str(self.call("datastore.info", ds_id)).encode())
+        return DatastoreInfo(id=_int(root, "ID", -1), name=_text(root, "NAME"),
+                             type=_int(root, "TYPE", -1), free_mb=_int(root, "FREE_MB"))
+
+    # -- waiting ------------------------------------------------------------
+
+    def _wait(self, what: str, probe: Callable[[], Any | None],
+              timeout: float | None = None) -> Any:
+        """Poll `probe` until it returns something other than None."""
+        deadline = time.monotonic() + (timeout or self.operation_timeout)
+        while True:
+            result = probe()
+            if result is not None:
+                return result
+            if time.monotonic() > deadline:
+                raise CloudTimeout(f"{what} did not finish within "
+                                   f"{timeout or self.operation_timeout:g} s")
+            time.sleep(self.poll_interval)
+
+    def wait_vm(self, vm_id: int, until: Callable[[VmInfo], bool], what: str,
+                timeout: float | None = None) -> VmInfo:
+        def probe() -> VmInfo | None:
+            vm = self.vm(vm_id)
+            return vm if until(vm) else None
+        result: VmInfo = self._wait(what, probe, timeout)
+        return result
+
+    def wait_settled(self, vm_id: int, timeout: float | None = None) -> VmInfo:
+        """The VM once no operation is running on it (RUNNING, POWEROFF, ...)."""
+        return self.wait_vm(
+            vm_id,
+            lambda v: not (v.state == VM_ACTIVE and v.lcm_state in TRANSIENT_LCM),
+            f"VM {vm_id}'s current operation", timeout,
+        )
+
+    def _new_error(self, before: VmInfo, after: VmInfo) -> str:
+        if after.error and after.error != before.error:
+            return f": {after.error}"
+        return ""
+
+    # -- disk snapshots --------------------------------------------------------
+
+    def snapshot_create(self, vm_id: int, disk_id: int, name: str) -> int:
+        """Take a disk snapshot and wait until it exists. Returns its id."""
+        with self._vm_lock(vm_id):
+            before = self.wait_settled(vm_id)
+            snap_id = int(self.call("vm.disksnapshotcreate", vm_id, disk_id, name))
+            after = self.wait_vm(
+                vm_id, lambda v: v.lcm_state not in SNAPSHOT_BUSY or v.state != VM_ACTIVE,
+                f"disk snapshot {name!r} of VM {vm_id} disk {disk_id}")
+            if not any(s.disk_id == disk_id and s.snapshot_id == snap_id
+                       for s in after.snapshots):
+                raise CloudError(
+                    f"OpenNebula failed to snapshot VM {vm_id} disk {disk_id}"
+                    f"{self._new_error(before, after)}", transient=True)
+            return snap_id
+
+    def snapshot_delete(self, vm_id: int, disk_id: int, snap_id: int) -> None:
+        """Delete a disk snapshot and wait until it is gone. Idempotent."""
+        with self._vm_lock(vm_id):
+            before = self.wait_settled(vm_id)
+            if not any(s.disk_id == disk_id and s.snapshot_id == snap_id
+                       for s in before.snapshots):
+                return
+            self.call("vm.disksnapshotdelete", vm_id, disk_id, snap_id)
+            after = self.wait_vm(
+                vm_id, lambda v: v.lcm_state not in SNAPSHOT_BUSY or v.state != VM_ACTIVE,
+                f"deleting snapshot {snap_id} of VM {vm_id} disk {disk_id}")
+            if any(s.disk_id == disk_id and s.snapshot_id == snap_id for s in after.snapshots):
+                raise CloudError(
+                    f"OpenNebula failed to delete snapshot {snap_id} of VM {vm_id} disk"
+                    f" {disk_id}{self._new_error(before, after)}", transient=True)
+
+    def snapshot_revert(self, vm_id: int, disk_id: int, snap_id: int) -> None:
+        """Revert one disk to a snapshot (the VM must be stopped) and wait."""
+        with self._vm_lock(vm_id):
+            before = self.wait_settled(vm_id)
+            self.call("vm.disksnapshotrevert", vm_id, disk_id, snap_id)
+            after = self.wait_vm(
+                vm_id, lambda v: v.lcm_state not in SNAPSHOT_BUSY or v.state != VM_ACTIVE,
+                f"reverting VM {vm_id} disk {disk_id} to snapshot {snap_id}")
+            err = self._new_error(before, after)
+            if err:
+                raise CloudError(
+                    f"OpenNebula failed to revert VM {vm_id} disk {disk_id} to snapshot"
+                    f" {snap_id}{err}")
+
+    # -- images ------------------------------------------------------------
+
+    def _wait_image_ready(self, image_id: int, what: str) -> ImageInfo:
+        def probe() -> ImageInfo | None:
+            img = self.image(image_id)
+            return None if img.state in (0, IMAGE_LOCKED) else img
+        img: ImageInfo = self._wait(what, probe)
+        if img.state == IMAGE_ERROR:
+            err = ""
+            root = etree.fromstring(img.document.encode())
+            if (msg := _text(root, "TEMPLATE/ERROR")):
+                err = f": {msg}"
+            raise CloudError(f"OpenNebula failed to create image {image_id} ({what}){err}")
+        return img
+
+    def disk_saveas(self, vm_id: int, disk_id: int, name: str, snap_id: int = -1,
+                    image_type: str = "") -> int:
+        """Save a disk (or one of its snapshots) as a new image, READY on return.
+        `image_type` "" keeps the source image's type."""
+        with self._vm_lock(vm_id):
+            self.wait_settled(vm_id)
+            image_id = int(self.call("vm.disksaveas", vm_id, disk_id, name, image_type,
+                                     snap_id))
+            self._wait_image_ready(image_id, f"saving VM {vm_id} disk {disk_id} as {name!r}")
+            self.wait_vm(vm_id, lambda v: v.lcm_state not in SAVEAS_BUSY or v.state != VM_ACTIVE,
+                         f"VM {vm_id} leaving save-as")
+            return image_id
+
+    def image_allocate(self, template: Mapping[str, str], datastore_id: int) -> int:
+        """Create an image and wait until it is READY."""
+        text = "\n".join(f"{k}={quote(v)}" for k, v in template.items())
+        image_id = int(self.call("image.allocate", text, datastore_id, False))
+        self._wait_image_ready(image_id, f"image {template.get('NAME', '')!r}")
+        return image_id
+
+    def image_persistent(self, image_id: int, persistent: bool) -> None:
+        self.call("image.persistent", image_id, persistent)
+
+    def image_delete(self, image_id: int) -> None:
+        """Delete an image and wait until it is gone. Idempotent."""
+        try:
+            img = self.image(image_id)
+        except NotFound:
+            return
+        if img.state in (0, IMAGE_LOCKED):
+            img = self._wait_image_ready(image_id, f"image {image_id} to unlock")
+        try:
+            self.call("image.delete", image_id, False)
+        except NotFound:
+            return
+
+        def gone() -> bool | None:
+            try:
+                self.image(image_id)
+            except NotFound:
+                return True
+            return None
+        self._wait(f"deleting image {image_id}", gone)
+
+    # -- attach / detach ---------------------------------------------------------
+
+    def attach(self, vm_id: int, image_id: int, serial: str) -> DiskInfo:
+        """Attach an image to a VM with a SERIAL; returns the new disk once present."""
+        with self._vm_lock(vm_id):
+            before = self.wait_settled(vm_id)
+            if before.state not in (VM_ACTIVE, VM_POWEROFF) or (
+                    before.state == VM_ACTIVE and before.lcm_state != LCM_RUNNING):
+                raise StateError(
+                    f"VM {vm_id} is {before.state_name}; disks can only be attached to a"
+                    f" RUNNING or POWEROFF VM")
+            self.call("vm.attach", vm_id,
+                      f"DISK=[IMAGE_ID={quote(str(image_id))},SERIAL={quote(serial)}]")
+            after = self.wait_vm(
+                vm_id, lambda v: v.lcm_state not in HOTPLUG_BUSY or v.state != VM_ACTIVE,
+                f"attaching image {image_id} to VM {vm_id}")
+            disk = next((d for d in after.disks if d.image_id == image_id
+                         and d.serial == serial and not d.attach_pending), None)
+            if disk is None:
+                raise CloudError(
+                    f"OpenNebula failed to attach image {image_id} to VM {vm_id}"
+                    f"{self._new_error(before, after)}", transient=True)
+            return disk
+
+    def detach(self, vm_id: int, disk_id: int) -> None:
+        """Detach a disk and wait until it is gone. Idempotent."""
+        with self._vm_lock(vm_id):
+            before = self.wait_settled(vm_id)
+            if before.disk(disk_id) is None:
+                return
+            self.call("vm.detach", vm_id, disk_id)
+            after = self.wait_vm(
+                vm_id, lambda v: v.lcm_state not in HOTPLUG_BUSY or v.state != VM_ACTIVE,
+                f"detaching disk {disk_id} from VM {vm_id}")
+            if after.disk(disk_id) is not None:
+                raise CloudError(
+                    f"OpenNebula failed to detach disk {disk_id} from VM {vm_id}"
+                    f"{self._new_error(before, after)}", transient=True)
+
+    # -- VM actions -----------------------------------------------------------
+
+    def action(self, action: str, vm_id: int) -> VmInfo:
+        """Run a VM action (`poweroff-hard`, `suspend`, `resume` ...) and wait
+        until the VM settles; returns the VM as it then is."""
+        with self._vm_lock(vm_id):
+            self.wait_settled(vm_id)
+            self.call("vm.action", action, vm_id)
+            return self.wait_settled(vm_id)
+
+    def update_user_template(self, vm_id: int, attributes: Mapping[str, str],
+                             merge: bool = True) -> None:
+        text = "\n".join(f"{k}={quote(v)}" for k, v in attributes.items())
+        self.call("vm.update", vm_id, text, 1 if merge else 0)
+
+    # -- templates / VMs -------------------------------------------------------
+
+    def template_allocate(self, text: str) -> int:
+        return int(self.call("template.allocate", text))
+
+    def template_instantiate(self, template_id: int, name: str, hold: bool = False) -> int:
+        return int(self.call("template.instantiate", template_id, name, hold, "", False))
+
+    def find_template(self, name: str) -> int | None:
+        root = etree.fromstring(str(self.call("templatepool.info", -2, -1, -1)).encode())
+        for t in root.findall("VMTEMPLATE"):
+            if _text(t, "NAME") == name:
+                return _int(t, "ID", -1)
+        return None
+
+    def template_delete(self, template_id: int) -> None:
+        try:
+            self.call("template.delete", template_id, False)
+        except NotFound:
+            return
+
+    def deploy(self, vm_id: int, host_id: int, datastore_id: int) -> None:
+        self.call("vm.deploy", vm_id, host_id, False, datastore_id, "")
+
+    def terminate(self, vm_id: int) -> None:
+        """Terminate a VM (hard) and wait until it is DONE. Idempotent."""
+        try:
+            vm = self.vm(vm_id)
+        except NotFound:
+            return
+        if vm.state == VM_DONE:
+            return
+        with self._vm_lock(vm_id):
+            self.call("vm.action", "terminate-hard", vm_id)
+            self.wait_vm(vm_id, lambda v: v.state == VM_DONE, f"terminating VM {vm_id}")
+

@@ -1,0 +1,254 @@
+"""Configuration: one TOML file (+ the environment) into frozen dataclasses.
+
+Owns: finding the file (`--config`, else `$ONEBACK_CONFIG`, else
+/etc/oneback/oneback.toml), validating every key with a one-line error that
+names the key and the file, reading the credentials file (which must be mode
+0600) and resolving `proxy.vm_id = "auto"` from the proxy VM's OpenNebula
+contextualization. Must not: be read anywhere else — no other module reads
+`os.environ` or configuration files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/oneback/oneback.toml")
+DEFAULT_CONTEXT_FILE = Path("/run/one-context/one_env")
+ENV_VAR = "ONEBACK_CONFIG"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class OpenNebulaConfig:
+    endpoint: str
+    credentials_file: Path
+    events: str
+    timeout: float            # seconds for one XML-RPC call
+    operation_timeout: float  # seconds for an asynchronous operation to settle
+    poll_interval: float      # seconds between two looks at an object that is settling
+
+    def read_credentials(self) -> str:
+        """The `user:password` session string. Refuses a file that others can read."""
+        path = self.credentials_file
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"credentials file {path} does not exist: create it with one line"
+                f" 'user:password' and mode 0600"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"credentials file {path}: {e.strerror}") from None
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(
+                f"credentials file {path} has mode {stat.S_IMODE(st.st_mode):04o}:"
+                f" run 'chmod 600 {path}'"
+            )
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"credentials file {path}: {e.strerror}") from None
+        if ":" not in text or text.startswith(":") or "\n" in text:
+            raise ConfigError(
+                f"credentials file {path} must hold exactly one line 'user:password'"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    vm_id: int
+    dev_root: Path
+    device_timeout: float  # seconds to wait for an attached disk to appear
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    repository: Path
+    catalog: Path
+    block_size: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    opennebula: OpenNebulaConfig
+    proxy: ProxyConfig
+    storage: StorageConfig
+
+
+def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
+    """Which file to read: the flag, then $ONEBACK_CONFIG, then the default."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if env.get(ENV_VAR):
+        return Path(env[ENV_VAR])
+    return DEFAULT_PATH
+
+
+def load(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration. Raises ConfigError naming key and file."""
+    path = config_path(explicit, environ)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"configuration file {path} does not exist: pass --config FILE or set {ENV_VAR}"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"configuration file {path}: {e.strerror}") from None
+    return parse(data, path)
+
+
+class _Section:
+    """Typed access to one table of the file, with errors that name the key."""
+
+    def __init__(self, data: Mapping[str, Any], name: str, path: Path) -> None:
+        self.name, self.path = name, path
+        raw = data.get(name)
+        if raw is None:
+            raise ConfigError(f"{path}: missing section [{name}]")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        self.data: dict[str, Any] = raw
+
+    def _bad(self, key: str, want: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.name}.{key} must be {want}")
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if default is _REQUIRED:
+            raise ConfigError(f"{self.path}: missing key {self.name}.{key}")
+        return default
+
+    def text(self, key: str, default: Any = None) -> str:
+        v = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(v, str) or not v:
+            raise self._bad(key, "a non-empty string")
+        return v
+
+    def path_(self, key: str, default: str | None = None) -> Path:
+        return Path(self.text(key, default))
+
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= minimum:
+            raise self._bad(key, f"a number greater than {minimum:g}")
+        return float(v)
+
+    def integer(self, key: str, default: int | None, minimum: int = 1) -> int:
+        v = self._get(key, _REQUIRED if default is None else default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self._bad(key, f"an integer of at least {minimum}")
+        return v
+
+    def raw(self, key: str) -> Any:
+        return self._get(key, _REQUIRED)
+
+    def check_known(self, known: set[str]) -> None:
+        unknown = sorted(set(self.data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{self.path}: unknown key {self.name}.{unknown[0]}"
+                f" (known: {', '.join(sorted(known))})"
+            )
+
+
+_REQUIRED = object()
+
+
+def parse(data: Mapping[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document (see `load`)."""
+    unknown = sorted(set(data) - {"opennebula", "proxy", "storage"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
+
+    one = _Section(data, "opennebula", path)
+    one.check_known(
+        {"endpoint", "credentials_file", "events", "timeout", "operation_timeout",
+         "poll_interval"}
+    )
+    endpoint = one.text("endpoint")
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", endpoint):
+        raise ConfigError(
+            f"{path}: opennebula.endpoint must be an http(s) URL such as"
+            f" http://127.0.0.1:2633/RPC2 (pyone would otherwise pick gRPC)"
+        )
+    events = one.text("events", "tcp://127.0.0.1:2101")
+    if not re.match(r"^tcp://[^\s]+:\d+$", events):
+        raise ConfigError(f"{path}: opennebula.events must look like tcp://HOST:PORT")
+    opennebula = OpenNebulaConfig(
+        endpoint=endpoint,
+        credentials_file=one.path_("credentials_file", "/etc/oneback/one_auth"),
+        events=events,
+        timeout=one.number("timeout", 30.0),
+        operation_timeout=one.number("operation_timeout", 900.0),
+        poll_interval=one.number("poll_interval", 0.5),
+    )
+
+    px = _Section(data, "proxy", path)
+    px.check_known({"vm_id", "dev_root", "context_file", "device_timeout"})
+    raw_id = px.raw("vm_id")
+    context_file = px.path_("context_file", str(DEFAULT_CONTEXT_FILE))
+    if raw_id == "auto":
+        vm_id = _vmid_from_context(context_file, path)
+    elif isinstance(raw_id, int) and not isinstance(raw_id, bool) and raw_id >= 0:
+        vm_id = raw_id
+    else:
+        raise ConfigError(
+            f"{path}: proxy.vm_id must be the proxy VM's id (an integer) or \"auto\""
+        )
+    proxy = ProxyConfig(
+        vm_id=vm_id,
+        dev_root=px.path_("dev_root", "/dev"),
+        device_timeout=px.number("device_timeout", 30.0),
+    )
+
+    st = _Section(data, "storage", path)
+    st.check_known({"repository", "catalog", "block_size", "workers"})
+    block_size = st.integer("block_size", 4 * MiB, minimum=4096)
+    if block_size % 4096:
+        raise ConfigError(f"{path}: storage.block_size must be a multiple of 4096")
+    storage = StorageConfig(
+        repository=st.path_("repository", "/var/lib/oneback/repo"),
+        catalog=st.path_("catalog", "/var/lib/oneback/catalog.sqlite"),
+        block_size=block_size,
+        workers=st.integer("workers", os.cpu_count() or 2),
+    )
+    return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage)
+
+
+_VMID = re.compile(r"""^\s*(?:export\s+)?VMID\s*=\s*["']?(\d+)["']?\s*$""", re.M)
+
+
+def _vmid_from_context(context_file: Path, path: Path) -> int:
+    """The VMID context variable that one-context writes into the proxy VM."""
+    try:
+        text = context_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        raise ConfigError(
+            f"{path}: proxy.vm_id is \"auto\" but {context_file} cannot be read; set"
+            f" proxy.context_file, or proxy.vm_id to the proxy VM's id"
+        ) from None
+    m = _VMID.search(text)
+    if not m:
+        raise ConfigError(
+            f"{path}: proxy.vm_id is \"auto\" but {context_file} has no VMID;"
+            f" set proxy.vm_id to the proxy VM's id"
+        )
+    return int(m.group(1))

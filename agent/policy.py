@@ -1,0 +1,87 @@
+"""Pure decisions: which disks of a VM a backup reads, skips or excludes.
+
+Owns: the interpretation of exclusion flags and of the VM's
+`ONEBACK_EXCLUDE_DISKS` attribute, and the rules for disks that cannot be
+saved as images. Must not: do I/O. Everything here is a function of the VM
+document and the request, so it can be re-decided from a fresh `one.vm.info`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from agent.errors import UsageError
+from agent.model import DiskInfo, VmInfo
+
+EXCLUDE_ATTRIBUTE = "ONEBACK_EXCLUDE_DISKS"
+
+
+def parse_disk_ids(text: str, where: str) -> frozenset[int]:
+    """`"1,3"` -> {1, 3}. Empty means none. Raises UsageError naming `where`."""
+    text = text.strip()
+    if not text:
+        return frozenset()
+    if not re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
+        raise UsageError(
+            f"{where} is {text!r}: it must be a comma-separated list of disk ids, e.g. \"1,3\""
+        )
+    return frozenset(int(p) for p in text.split(","))
+
+
+def is_readonly(attributes: Mapping[str, str]) -> bool:
+    """Read-only and CD-ROM disks: nothing to back up, the image itself is reused."""
+    return (attributes.get("READONLY", "").upper() == "YES"
+            or attributes.get("TYPE", "").upper() in ("CDROM", "RBD_CDROM", "FILESYSTEM"))
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    read: tuple[DiskInfo, ...]       # saved and read through the proxy VM
+    excluded: tuple[DiskInfo, ...]   # by flag or attribute: restored as empty disks
+    volatile: tuple[DiskInfo, ...]   # no image: definition kept, data not saved
+    skipped: tuple[DiskInfo, ...]    # read-only/CD-ROM disks: the image itself is kept
+    warnings: tuple[str, ...]
+
+
+def plan_disks(vm: VmInfo, exclude: Iterable[int] = ()) -> DiskPlan:
+    """Split `vm`'s disks by what a backup does with each."""
+    excluded_ids = set(exclude) | set(
+        parse_disk_ids(vm.user_template.get(EXCLUDE_ATTRIBUTE, ""),
+                       f"VM {vm.id}'s {EXCLUDE_ATTRIBUTE}"))
+    warnings: list[str] = []
+    known = {d.disk_id for d in vm.disks}
+    for missing in sorted(excluded_ids - known):
+        warnings.append(f"disk {missing} was excluded but VM {vm.id} has no such disk")
+    read, excluded, volatile, skipped = [], [], [], []
+    for disk in vm.disks:
+        if disk.disk_id in excluded_ids:
+            excluded.append(disk)
+        elif disk.volatile:
+            volatile.append(disk)
+            warnings.append(
+                f"disk {disk.disk_id} is volatile ({disk.type or 'no image'}): its data cannot"
+                f" be saved as an image and is not backed up; a restore recreates it empty")
+        elif is_readonly(disk.attributes):
+            skipped.append(disk)
+            warnings.append(
+                f"disk {disk.disk_id} is read-only ({disk.type}): not backed up; a restore"
+                f" uses image {disk.image_id} as it is")
+        else:
+            read.append(disk)
+    return DiskPlan(tuple(read), tuple(excluded), tuple(volatile), tuple(skipped),
+                    tuple(warnings))
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, where: str) -> int:
+    """`"48h"` -> 172800 seconds. Units s, m, h, d, w. Raises UsageError naming `where`."""
+    m = _DURATION.match(text)
+    if not m or int(m.group(1)) <= 0:
+        raise UsageError(
+            f"{where} is {text!r}: it must be a positive duration such as 30m, 48h, 7d or 2w")
+    return int(m.group(1)) * _UNITS[m.group(2)]

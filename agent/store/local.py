@@ -1,0 +1,273 @@
+"""A chunk store in a local directory (or a mounted filesystem).
+
+Owns: the on-disk layout of a repository and crash-safe writes into it::
+
+    REPO/config          JSON: {"format": 1, "id": "<hex>", "compression": "zstd"}
+    REPO/chunks/ab/abcd...   one zstd-compressed chunk per file, named by its SHA-256
+    REPO/tmp/            chunks being written; leftovers of a crash are ignored
+
+A chunk is written like restic's `local.Save`: to a temp file, fsync, link
+into place (the name appears only complete), fsync the directory; files are
+read-only. Must not: know about backups or the catalog.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent.errors import NotFound, RepositoryError
+from agent.store import DEFAULT_LEVEL, Codec, Data, check_chunk_id
+
+FORMAT = 1
+CONFIG = "config"
+TEMP_GRACE = 3600.0
+"""Temp files older than this (seconds) are crash leftovers and removed on open;
+younger ones may belong to another process still writing."""
+
+_LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new or removed name) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o444) -> None:
+    """Temp file in `tmp_dir` (same filesystem), fsync, rename over `path`,
+    fsync `path`'s directory. Readers see the old file or the new one."""
+    tmp = tmp_dir / f"{path.name}-{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class LocalStore:
+    """A repository directory. Thread-safe; several processes may share it
+    (names appear atomically, temp files are unique)."""
+
+    def __init__(self, path: Path, repo_id: str, level: int) -> None:
+        self.path = path
+        self.id = repo_id
+        self._chunks = path / "chunks"
+        self._tmp = path / "tmp"
+        self._codec = Codec(level)
+        # Per-id serialisation inside this process: a put that races another
+        # put (or a has) of the same id waits until that one is durable.
+        self._locks = [threading.Lock() for _ in range(256)]
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], create: bool = True,
+             level: int = DEFAULT_LEVEL) -> LocalStore:
+        """Open the repository at `path`, creating it when `create` and it does
+        not exist (or is an empty directory). Removes temp files left by a
+        crash more than TEMP_GRACE seconds ago. Raises RepositoryError when
+        the path is not a repository, or one of a newer format."""
+        root = Path(path)
+        try:
+            if not (root / CONFIG).exists():
+                if not create:
+                    raise RepositoryError(
+                        f"no oneback repository at {root}; check storage.repository "
+                        "in the configuration"
+                    )
+                repo_id = cls._create(root)
+            else:
+                repo_id = cls._read_config(root)
+            store = cls(root, repo_id, level)
+            store._prepare()
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot use repository {root}: {e.strerror or e}; check that the "
+                "path exists and is writable by oneback"
+            ) from e
+        return store
+
+    @staticmethod
+    def _create(root: Path) -> str:
+        if root.exists() and any(root.iterdir()):
+            raise RepositoryError(
+                f"{root} is not empty and not a oneback repository; choose another "
+                "storage.repository or empty that directory"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(exist_ok=True)
+        chunks = root / "chunks"
+        chunks.mkdir(exist_ok=True)
+        for i in range(256):
+            (chunks / f"{i:02x}").mkdir(exist_ok=True)
+        fsync_dir(chunks)
+        repo_id = uuid.uuid4().hex
+        config = {"format": FORMAT, "id": repo_id, "compression": "zstd", "hash": "sha256"}
+        write_file_durably(
+            root / CONFIG, json.dumps(config, indent=2).encode() + b"\n", root / "tmp"
+        )
+        fsync_dir(root)
+        if root.parent != root:
+            fsync_dir(root.parent)
+        return repo_id
+
+    @staticmethod
+    def _read_config(root: Path) -> str:
+        raw = (root / CONFIG).read_bytes()
+        try:
+            config = json.loads(raw)
+            fmt, repo_id = config["format"], config["id"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RepositoryError(
+                f"repository config {root / CONFIG} is unreadable ({e}); restore it "
+                "from a copy, or point storage.repository elsewhere"
+            ) from e
+        if not isinstance(fmt, int) or fmt > FORMAT:
+            raise RepositoryError(
+                f"repository {root} has format {fmt}, newer than this oneback "
+                f"understands ({FORMAT}); upgrade oneback"
+            )
+        return str(repo_id)
+
+    def _prepare(self) -> None:
+        self._tmp.mkdir(exist_ok=True)
+        self._chunks.mkdir(exist_ok=True)
+        self.clean_temp(TEMP_GRACE)
+
+    def clean_temp(self, older_than: float = 0.0) -> int:
+        """Remove temp files (unfinished writes) older than `older_than`
+        seconds; returns how many. Only call with 0 when no other process
+        writes to this repository."""
+        removed = 0
+        limit = time.time() - older_than
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime <= limit:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    # -- the ChunkStore Protocol ----------------------------------------------
+
+    def _path(self, chunk_id: bytes) -> Path:
+        check_chunk_id(chunk_id)
+        name = chunk_id.hex()
+        return self._chunks / name[:2] / name
+
+    def _lock(self, chunk_id: bytes) -> threading.Lock:
+        return self._locks[chunk_id[0]]
+
+    def has(self, chunk_id: bytes) -> bool:
+        path = self._path(chunk_id)
+        with self._lock(chunk_id):
+            return path.exists()
+
+    def put(self, chunk_id: bytes, data: Data) -> int:
+        path = self._path(chunk_id)
+        with self._lock(chunk_id):
+            if path.exists():
+                return 0
+            encoded = self._codec.encode(data)
+            try:
+                return self._save(path, encoded)
+            except OSError as e:
+                raise RepositoryError(
+                    f"cannot write chunk {chunk_id.hex()} to {self.path}: "
+                    f"{e.strerror or e}; check free space and permissions"
+                ) from e
+
+    def _save(self, path: Path, encoded: bytes) -> int:
+        tmp = self._tmp / f"{path.name}-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        try:
+            try:
+                _write_all(fd, encoded)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not path.parent.is_dir():
+                path.parent.mkdir(exist_ok=True)
+                fsync_dir(path.parent.parent)
+            written = len(encoded)
+            try:
+                # link, not rename: if another process won the race, its
+                # complete file stays and we report that nothing was written.
+                os.link(tmp, path)
+            except FileExistsError:
+                written = 0
+            except OSError as e:
+                if e.errno not in _LINK_UNSUPPORTED:
+                    raise
+                os.replace(tmp, path)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        fsync_dir(path.parent)  # also when another process won: durable on return
+        return written
+
+    def get(self, chunk_id: bytes) -> bytes:
+        path = self._path(chunk_id)
+        try:
+            stored = path.read_bytes()
+        except FileNotFoundError as e:
+            raise NotFound(f"chunk {chunk_id.hex()} is not in repository {self.path}") from e
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot read chunk {chunk_id.hex()} from {self.path}: {e.strerror or e}"
+            ) from e
+        return self._codec.decode(chunk_id, stored, str(path))
+
+    def delete(self, chunk_id: bytes) -> None:
+        path = self._path(chunk_id)
+        with self._lock(chunk_id):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise RepositoryError(
+                    f"cannot delete chunk {chunk_id.hex()} from {self.path}: "
+                    f"{e.strerror or e}"
+                ) from e
+            fsync_dir(path.parent)
+
+    def ids(self) -> Iterator[bytes]:
+        with os.scandir(self._chunks) as fans:
+            dirs = sorted(e.name for e in fans if len(e.name) == 2 and e.is_dir())
+        for fan in dirs:
+            with os.scandir(self._chunks / fan) as entries:
+                names = [e.name for e in entries]
+            for name in names:
+                if len(name) == 64 and name.startswith(fan):
+                    try:
+                        yield bytes.fromhex(name)
+                    except ValueError:
+                        continue
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.path)!r})"

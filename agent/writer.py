@@ -1,0 +1,195 @@
+"""Writing a backed-up disk back out: the restore side of the block pipeline.
+
+Owns: turning one disk's logical block map (from the catalog) into bytes on a
+file or block device: chunks fetched, decompressed and verified in parallel
+(SHA-256 by the store, then the recorded xxh3-128 and length here), written
+at their offsets, holes skipped where the target already reads as zeros. Any
+mismatch is an IntegrityError naming the backup, disk and block. Must not:
+touch the catalog or the cloud, or print (it reports through `progress`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import xxhash
+
+from agent import devices
+from agent.errors import DeviceError, IntegrityError, Interrupted, NotFound
+from agent.model import BlockRecord, block_count, block_length
+from agent.store import ChunkStore
+
+IN_FLIGHT_PER_WORKER = 2
+
+
+def write_disk(
+    target: int | str | Path,
+    blocks: Iterable[BlockRecord],
+    store: ChunkStore,
+    *,
+    size: int,
+    block_size: int,
+    where: str,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+    zero_holes: bool | None = None,
+) -> int:
+    """Write the disk whose full block map is `blocks` (index order, every
+    index below the block count) to `target`: an open fd (left open) or a
+    path, where a regular file is created or emptied and a block device must
+    be large enough. Holes are written as zeros only when `zero_holes`, which
+    by default is true unless the target is a file this call emptied. The
+    data is fsynced before returning; returns the bytes written (holes are
+    punched where the target supports it, not written). `where`
+    ("backup 5 disk 0") prefixes every error. Raises IntegrityError naming
+    the block on a missing or damaged chunk, DeviceError on a write error,
+    Interrupted when `cancel` is set."""
+    if isinstance(target, int):
+        fd, fresh, owned = target, False, False
+    else:
+        fd, fresh = devices.open_for_write(target, size)
+        owned = True
+    label = f"fd {target}" if isinstance(target, int) else str(target)
+    try:
+        job = _Restore(store, fd, label, size, block_size, where,
+                       zero_holes if zero_holes is not None else not fresh)
+        written = job.run(blocks, workers or os.cpu_count() or 1, progress, cancel)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise DeviceError(f"cannot flush {label}: {e.strerror or e}") from e
+        return written
+    finally:
+        if owned:
+            os.close(fd)
+
+
+def export_file(
+    path: str | Path,
+    blocks: Iterable[BlockRecord],
+    store: ChunkStore,
+    *,
+    size: int,
+    block_size: int,
+    where: str,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> int:
+    """Write the disk to a sparse raw file at `path` (created or replaced;
+    holes stay unallocated). Returns the bytes written. Errors as write_disk."""
+    if Path(path).is_block_device():
+        raise DeviceError(f"{path} is a block device, not a file to export to")
+    return write_disk(path, blocks, store, size=size, block_size=block_size, where=where,
+                      workers=workers, progress=progress, cancel=cancel, zero_holes=False)
+
+
+class _Restore:
+    def __init__(self, store: ChunkStore, fd: int, label: str, size: int, block_size: int,
+                 where: str, zero_holes: bool) -> None:
+        self.store, self.fd, self.label = store, fd, label
+        self.size, self.block_size = size, block_size
+        self.where = where
+        self.zero_holes = zero_holes
+        self.can_punch = True
+        self.zeros = bytes(block_size) if zero_holes else b""
+
+    def run(self, blocks: Iterable[BlockRecord], workers: int,
+            progress: Callable[[int], None] | None,
+            cancel: threading.Event | None) -> int:
+        n = block_count(self.size, self.block_size)
+        pending: list[Future[int]] = []
+        written = 0
+        expected = 0
+        holes_from: int | None = None  # first index of the current run of holes
+
+        def flush_holes(end: int) -> None:
+            nonlocal holes_from, written
+            if holes_from is not None and self.zero_holes:
+                written += self._zero(holes_from * self.block_size,
+                                      min(end * self.block_size, self.size))
+            holes_from = None
+
+        def reap(limit: int) -> None:
+            nonlocal written
+            while len(pending) > limit:
+                length = pending.pop(0).result()  # raises the worker's error
+                written += length
+                if progress is not None:
+                    progress(length)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="oneback-restore") as pool:
+            try:
+                for record in blocks:
+                    if cancel is not None and cancel.is_set():
+                        raise Interrupted(f"the restore of {self.where} was stopped")
+                    if record.index != expected or record.index >= n:
+                        raise IntegrityError(
+                            f"{self.where}: the block map lacks block {expected} or has a "
+                            f"stray block {record.index}; the catalog is damaged"
+                        )
+                    expected += 1
+                    length = block_length(self.size, self.block_size, record.index)
+                    if record.chunk is None:
+                        if holes_from is None:
+                            holes_from = record.index
+                        if progress is not None:
+                            progress(length)
+                        continue
+                    flush_holes(record.index)
+                    pending.append(pool.submit(self._restore_block, record, length))
+                    reap(workers * IN_FLIGHT_PER_WORKER)
+                if expected != n:
+                    raise IntegrityError(
+                        f"{self.where}: the block map ends at block {expected} of {n}; "
+                        "the catalog is damaged"
+                    )
+                flush_holes(n)
+                reap(0)
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+        return written
+
+    def _restore_block(self, record: BlockRecord, length: int) -> int:
+        assert record.chunk is not None
+        name = f"{self.where} block {record.index} (chunk {record.chunk.hex()})"
+        try:
+            data = self.store.get(record.chunk)
+        except NotFound as e:
+            raise IntegrityError(f"{name} is missing from the repository") from e
+        except IntegrityError as e:
+            raise IntegrityError(f"{name}: {e}") from e
+        if len(data) != length or xxhash.xxh3_128_digest(data) != record.checksum:
+            raise IntegrityError(
+                f"{name} does not match the checksum recorded at backup time"
+            )
+        self._pwrite(memoryview(data), record.index * self.block_size)
+        return length
+
+    def _zero(self, start: int, end: int) -> int:
+        """Make bytes [start, end) read as zeros: a punched hole where the
+        target supports it, else written zeros. Returns the bytes written."""
+        if self.can_punch:
+            if devices.zero_range(self.fd, start, end - start):
+                return 0
+            self.can_punch = False
+        for offset in range(start, end, self.block_size):
+            self._pwrite(memoryview(self.zeros)[:min(self.block_size, end - offset)], offset)
+        return end - start
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], offset + done)
+        except OSError as e:
+            raise DeviceError(
+                f"cannot write {self.label} at byte {offset + done}: {e.strerror or e}"
+            ) from e

@@ -1,0 +1,1 @@
+"""oneback test suite."""

@@ -1,0 +1,185 @@
+"""Test kit for the agent's own tests: a simulated cloud with a proxy VM, a
+configuration file pointing at it, and a way to run `oneback` commands.
+
+Owns: the `cloud` fixture (onesim + proxy VM + config + credentials), running
+the CLI in-process (`Cloud.run`) or as a real process (`Cloud.spawn`), and
+`leftovers()`, the check that nothing `oneback-` is left in the cloud.
+Must not: reach into oneback's modules except through the CLI and the public
+API functions tests are about.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.onesim.simulator import Simulator
+from tests.onesim.testing import (
+    FAST,
+    client,
+    create_image,
+    create_proxy_vm,
+    create_vm,
+    guest_dev_dir,
+    guest_disk_path,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = 64 * 1024   # small blocks keep test disks small
+MiB = 1024 * 1024
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class Cloud:
+    sim: Simulator
+    one: Any
+    proxy_id: int
+    config: Path
+    tmp: Path
+
+    # -- running oneback -------------------------------------------------------
+
+    def run(self, *args: str, capsys: pytest.CaptureFixture[str] | None = None) -> Result:
+        """Run `oneback ARGS --config CONFIG` in this process."""
+        from agent.cli import main
+
+        argv = [*args, "--config", str(self.config)]
+        if capsys is not None:
+            capsys.readouterr()
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = int(e.code or 0)
+        else:  # pragma: no cover - main always exits
+            code = 0
+        out, err = capsys.readouterr() if capsys is not None else ("", "")
+        return Result(code, out, err)
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "agent", *args, "--config", str(self.config)]
+
+    def spawn(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
+        """Start `oneback ARGS` as a real process."""
+        return subprocess.Popen(self.command(*args), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, **kw)
+
+    def call(self, *args: str, timeout: float = 120) -> Result:
+        """Run `oneback ARGS` as a real process and wait for it."""
+        p = subprocess.run(self.command(*args), capture_output=True, text=True, cwd=REPO,
+                           timeout=timeout)
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    # -- building the world ---------------------------------------------------
+
+    def image(self, name: str, data: bytes, **kw: Any) -> int:
+        return create_image(self.one, self.sim, name, data, **kw)
+
+    def vm(self, name: str, disks: list[int | dict[str, Any]], **kw: Any) -> int:
+        return create_vm(self.one, self.sim, name, disks, **kw)
+
+    def disk_path(self, vm_id: int, disk_id: int) -> Path:
+        return guest_disk_path(self.sim, vm_id, disk_id)
+
+    # -- checks ------------------------------------------------------------
+
+    def leftovers(self) -> list[str]:
+        """Everything named oneback-tmp in the cloud, and any disk attached to
+        the proxy VM besides its own."""
+        found = []
+        pool = self.one.imagepool.info(-2, -1, -1)
+        for img in pool.IMAGE:
+            if img.NAME.startswith("oneback-"):
+                found.append(f"image {img.ID} {img.NAME}")
+        for listed in self.one.vmpool.info(-2, -1, -1, -1).VM:
+            vm = self.one.vm.info(listed.ID)
+            for snaps in vm.SNAPSHOTS or []:
+                for s in snaps.SNAPSHOT:
+                    if (s.NAME or "").startswith("oneback-tmp"):
+                        found.append(f"snapshot {s.NAME} of VM {vm.ID}")
+        proxy = self.one.vm.info(self.proxy_id)
+        disks = proxy.TEMPLATE.get("DISK", [])
+        disks = disks if isinstance(disks, list) else [disks]
+        for d in disks:
+            if d.get("DISK_ID") != "0":
+                found.append(f"proxy disk {d.get('DISK_ID')} ({d.get('IMAGE')})")
+        devdir = guest_dev_dir(self.sim, self.proxy_id) / "disk" / "by-id"
+        if devdir.exists():
+            for link in devdir.iterdir():
+                if link.name.startswith("virtio-oneback"):
+                    found.append(f"proxy device {link.name}")
+        return found
+
+
+def write_config(tmp: Path, sim: Simulator, proxy_id: int, *, block_size: int = BLOCK,
+                 extra: str = "") -> Path:
+    auth = tmp / "one_auth"
+    auth.write_text(sim.credentials + "\n")
+    auth.chmod(0o600)
+    cfg = tmp / "oneback.toml"
+    cfg.write_text(f"""
+[opennebula]
+endpoint = "{sim.endpoint}"
+credentials_file = "{auth}"
+events = "{sim.events}"
+timeout = 10
+operation_timeout = 30
+poll_interval = 0.01
+[proxy]
+vm_id = {proxy_id}
+dev_root = "{guest_dev_dir(sim, proxy_id)}"
+device_timeout = 5
+[storage]
+repository = "{tmp / 'repo'}"
+catalog = "{tmp / 'catalog.sqlite'}"
+block_size = {block_size}
+workers = 2
+{extra}""")
+    return cfg
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[Cloud]:
+    """A simulated cloud with a RUNNING proxy VM, and a oneback config for it."""
+    sim = Simulator.start(tmp_path / "onesim", delay=FAST)
+    try:
+        one = client(sim)
+        proxy = create_proxy_vm(one, sim)
+        work = tmp_path / "oneback"
+        work.mkdir()
+        yield Cloud(sim, one, proxy, write_config(work, sim, proxy), work)
+    finally:
+        sim.stop()
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Deterministic, incompressible-ish bytes (different per seed)."""
+    import hashlib
+
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64
+        counter += 1
+    return bytes(out[:size])
+
+
+def env_without_oneback() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("ONEBACK")}

@@ -1,0 +1,333 @@
+"""`make bench`: oneback against restic, borg and the disk itself, on one image, in one run.
+
+Builds a deterministic disk image with realistic content, then measures the
+plain sequential read and write of the disk (`dd bs=4M`, the physical limits),
+a full backup, an incremental after 1% of the 4 MiB blocks changed, and a
+restore of the latest backup, for restic (`backup --stdin`), borg (fixed 4 MiB
+chunker, zstd) and oneback (through its real path: onesim, snapshot, saveas,
+attach to the proxy VM, read the device). Each tool runs as a child process
+with a cold page cache; its wall time, peak RSS and repository size (allocated
+bytes) are recorded. Prints a table of results and of the issue's targets,
+PASS or FAIL, and writes the same as Markdown to `--output`.
+
+Run: `make bench`, or `.venv/bin/python -m tests.bench --size 256M` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.bench_support.image import BLOCK, change_blocks, changed_blocks, make_image
+from tests.bench_support.oneback import Oneback, OnebackUnavailable
+from tests.bench_support.tools import (
+    Borg,
+    Measured,
+    Restic,
+    drop_caches,
+    du,
+    ensure_tools,
+    run,
+    sha256,
+)
+
+MiB = 1024 * 1024
+OPS_NOTE = "snapshot, saveas, attach, detach, delete"
+
+
+@dataclass
+class Row:
+    tool: str
+    phase: str
+    wall: float | None = None
+    nbytes: int = 0           # bytes the step handled, for MiB/s
+    repo: int | None = None   # repository size after the step
+    added: int | None = None  # what the step added to it
+    rss_kib: int | None = None
+    note: str = ""
+    key: str = ""             # what targets() looks rows up by
+
+
+@dataclass
+class Bench:
+    work: Path
+    image: Path
+    size: int
+    rows: list[Row] = field(default_factory=list)
+    tools: list[Restic | Borg] = field(default_factory=list)
+    ob: Oneback | None = None
+
+    def run_all(self) -> None:
+        """Every measurement, in order: reads, fulls, the guest's change, incrementals,
+        writes, restores of the latest backup."""
+        self.plain_reads()
+        for phase in ("full", "incremental"):
+            if phase == "incremental":
+                self.change()
+            for tool in self.tools:
+                self.backup(tool, phase)
+            if self.ob:
+                self.oneback_backup(self.ob, phase)
+        self.plain_write()
+        for tool in self.tools:
+            self.restore(tool)
+        if self.ob:
+            self.oneback_restore(self.ob)
+            self.oneback_export(self.ob)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        took = f"{row.wall:.2f} s" if row.wall is not None else ""
+        print(f"bench: {row.tool} {row.phase}: {took} {row.note}".rstrip(), flush=True)
+
+    def measured(self, tool: str, phase: str, m: Measured, key: str, *, note: str = "",
+                 repo: Path | None = None, before: int = 0) -> None:
+        if m.rc != 0:
+            self.add(Row(tool, phase, note=m.last_error(), key=key))
+            return
+        after = du(repo) if repo else None
+        self.add(Row(tool, phase, m.wall, self.size, after,
+                     after - before if after is not None else None, m.rss_kib, note, key))
+
+    def change(self) -> None:
+        blocks = changed_blocks(self.size)
+        for path in [self.image, *([self.ob.guest_disk] if self.ob else [])]:
+            change_blocks(str(path), blocks)
+        print(f"bench: the guest changed {len(blocks)} of {self.size // BLOCK} blocks")
+
+    def plain_reads(self) -> None:
+        def dd(path: Path, cold: bool = True) -> Measured:
+            return run(["dd", f"if={path}", "of=/dev/null", "bs=4M", "status=none"], cold=cold)
+
+        self.measured("dd", "read image", dd(self.image), "dd.read",
+                      note="what restic and borg read")
+        if self.ob:
+            disk = self.ob.guest_disk
+            self.measured("dd", "read VM disk", dd(disk), "dd.read.vm",
+                          note="the VM's disk in onesim (zero blocks are holes there)")
+            self.measured("dd", "read VM disk, warm", dd(disk, cold=False), "dd.read.warm",
+                          note="the same from the page cache, where onesim's copy leaves it")
+
+    def plain_write(self) -> None:
+        target = self.work / "write-test"
+        m = run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={self.size // BLOCK}",
+                 "conv=fsync", "status=none"])
+        target.unlink()
+        self.measured("dd", "write (fsync)", m, "dd.write", note="the restore target's limit")
+
+    def backup(self, tool: Restic | Borg, phase: str) -> None:
+        before = du(tool.repo)
+        m = tool.backup(self.image, phase)
+        self.measured(tool.name, f"backup {phase}", m, f"{tool.name}.{phase}", repo=tool.repo,
+                      before=before)
+
+    def restore(self, tool: Restic | Borg) -> None:
+        target = self.work / f"{tool.name}-restore"
+        m, path = tool.restore(target)
+        same = m.rc == 0 and path.exists() and sha256(path) == sha256(self.image)
+        self.measured(tool.name, "restore", m, f"{tool.name}.restore",
+                      note="" if same else "restored data DIFFERS from the image")
+        shutil.rmtree(target, ignore_errors=True)
+
+    def oneback_backup(self, ob: Oneback, phase: str) -> None:
+        before = ob.stored()
+        m = run(ob.backup_cmd())
+        doc = ob.parse(m)
+        if doc is None:
+            self.add(Row("oneback", f"backup {phase}", note=m.last_error()))
+            return
+        after = ob.stored()
+        changed = sum(int(d.get("bytes_changed", 0)) for d in doc.get("disks", []))
+        self.add(Row("oneback", f"backup {phase}", m.wall, self.size, after, after - before,
+                     m.rss_kib, f"{doc.get('kind')}, changed {changed / MiB:.0f} MiB",
+                     f"oneback.{phase}"))
+        self.add(Row("oneback", "(read+scan)", float(doc.get("scan_seconds", 0.0)), self.size,
+                     note="reading, hashing, storing", key=f"oneback.scan.{phase}"))
+        self.add(Row("oneback", "(OpenNebula ops)", float(doc.get("cloud_seconds", 0.0)),
+                     note=OPS_NOTE, key=f"oneback.ops.{phase}"))
+
+    def oneback_restore(self, ob: Oneback) -> None:
+        cmd = ob.restore_cmd()
+        if cmd is None:
+            self.add(Row("oneback", "restore VM", note="skipped: no `oneback restore` yet"))
+            return
+        m = run(cmd, sync_after=True)
+        doc = ob.parse(m)
+        disk = ob.restored_disk(doc) if doc else None
+        same = disk is not None and sha256(disk) == sha256(self.image)
+        note = "new RUNNING VM, through OpenNebula" + ("" if same else "; NOT verified equal")
+        self.measured("oneback", "restore VM", m, "oneback.restore", note=note)
+
+    def oneback_export(self, ob: Oneback) -> None:
+        target = self.work / "oneback-export.img"
+        cmd = ob.export_cmd(target)
+        if cmd is None:
+            self.add(Row("oneback", "export", note="skipped: no `oneback export` yet"))
+            return
+        m = run(cmd, sync_after=True)
+        same = m.rc == 0 and target.exists() and sha256(target) == sha256(self.image)
+        self.measured("oneback", "export", m, "oneback.export",
+                      note="the restore's data path alone, to a sparse file"
+                      + ("" if same else "; DIFFERS from the image"))
+        target.unlink(missing_ok=True)
+
+
+# -- the tables ------------------------------------------------------------------------
+
+
+def fmt(v: float | None, spec: str = ".1f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def results_table(rows: list[Row]) -> list[str]:
+    out = ["| tool | step | wall s | MiB/s | repo MiB | +MiB | peak RSS MiB | note |",
+           "|---|---|--:|--:|--:|--:|--:|---|"]
+    for r in rows:
+        rate = r.nbytes / MiB / r.wall if r.wall and r.nbytes else None
+        repo = r.repo / MiB if r.repo is not None else None
+        added = r.added / MiB if r.added is not None else None
+        rss = r.rss_kib / 1024 if r.rss_kib is not None else None
+        out.append(f"| {r.tool} | {r.phase} | {fmt(r.wall, '.2f')} | {fmt(rate, '.0f')}"
+                   f" | {fmt(repo)} | {fmt(added)} | {fmt(rss, '.0f')} | {r.note} |")
+    return out
+
+
+Target = tuple[str, float | None, str, Callable[[float], bool] | None]
+
+
+def targets(rows: list[Row]) -> list[Target]:
+    """(what, value, goal, test) for the issue's targets and the informative ratios;
+    value None when not measured, test None when only informative."""
+    by_key = {r.key: r for r in rows if r.key}
+
+    def wall(key: str) -> float | None:
+        r = by_key.get(key)
+        return r.wall if r and r.wall else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    def at_least(goal: float) -> Callable[[float], bool]:
+        return lambda v: v >= goal
+
+    scan, ob_incr = wall("oneback.scan.incremental"), wall("oneback.incremental")
+    ob_work = ob_incr - (wall("oneback.ops.incremental") or 0.0) if ob_incr else None
+    repo = {k: by_key[k].repo for k in ("oneback.incremental", "restic.incremental")
+            if k in by_key}
+    restore = wall("oneback.export")
+    return [
+        ("oneback incremental read+scan rate / plain read rate of the VM disk",
+         ratio(wall("dd.read.vm") or wall("dd.read"), scan), ">= 0.90", at_least(0.90)),
+        ("restic incremental / oneback incremental without OpenNebula ops",
+         ratio(wall("restic.incremental"), ob_work), ">= 5x", at_least(5.0)),
+        ("borg incremental / oneback incremental without OpenNebula ops",
+         ratio(wall("borg.incremental"), ob_work), ">= 5x", at_least(5.0)),
+        ("oneback repository / restic repository, after the incremental",
+         ratio(repo.get("oneback.incremental"), repo.get("restic.incremental")), "<= 1.0",
+         lambda v: v <= 1.0),
+        ("oneback read+scan rate / read rate from the page cache (strict)",
+         ratio(wall("dd.read.warm"), scan), "info", None),
+        ("restic incremental / whole oneback incremental command",
+         ratio(wall("restic.incremental"), ob_incr), "info", None),
+        ("oneback export rate / plain write rate", ratio(wall("dd.write"), restore), "info", None),
+        ("restic restore / oneback export", ratio(wall("restic.restore"), restore), "info", None),
+        ("borg restore / oneback export", ratio(wall("borg.restore"), restore), "info", None),
+        ("restic restore / oneback restore VM (with OpenNebula ops)",
+         ratio(wall("restic.restore"), wall("oneback.restore")), "info", None),
+    ]
+
+
+def targets_table(rows: list[Row]) -> list[str]:
+    out = ["| ratio | value | goal | result |", "|---|--:|---|---|"]
+    for what, value, goal, test in targets(rows):
+        if value is None:
+            out.append(f"| {what} |  | {goal} | not measured |")
+        else:
+            result = "" if test is None else "PASS" if test(value) else "FAIL"
+            out.append(f"| {what} | {value:.2f} | {goal} | {result} |")
+    return out
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    n = int(float(t[:-1]) * units[t[-1]]) if t[-1:] in units else int(t)
+    if n < BLOCK:
+        raise argparse.ArgumentTypeError("size must be at least 4M")
+    return n - n % BLOCK
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench",
+                                 description="Benchmark oneback against restic, borg and dd.")
+    ap.add_argument("--size", type=parse_size, default=2 << 30,
+                    help="image size, e.g. 256M or 2G (default 2G)")
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                    help="where the temporary directory goes (default /var/tmp)")
+    ap.add_argument("--output", type=Path, default=Path("bench-results.md"),
+                    help="the Markdown report (default bench-results.md)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return ap.parse_args(argv)
+
+
+def prepare(bench: Bench, skipped: dict[str, str]) -> None:
+    t = time.perf_counter()
+    stats = make_image(str(bench.image), bench.size)
+    print(f"bench: image of {bench.size / MiB:.0f} MiB in {bench.work}: {stats.describe()};"
+          f" made in {time.perf_counter() - t:.1f}s")
+    try:
+        bench.ob = Oneback.start(bench.work, bench.image)
+    except OnebackUnavailable as e:
+        bench.add(Row("oneback", "all", note=f"skipped: {e}"))
+    for cls in (Restic, Borg):
+        if cls.name in skipped:
+            bench.add(Row(cls.name, "all", note=f"skipped: {skipped[cls.name]}"))
+        else:
+            bench.tools.append(cls(bench.work))
+
+
+def report(rows: list[Row], args: argparse.Namespace, cold: bool) -> None:
+    cache = "cold page cache" if cold else "WARM page cache (could not drop it: not root?)"
+    head = [f"## oneback bench: {args.size / MiB:.0f} MiB image, {os.cpu_count()} cores,"
+            f" {cache}", ""]
+    text = "\n".join([*head, *results_table(rows), "", *targets_table(rows), ""])
+    print("\n" + text)
+    args.output.write_text(text)
+    print(f"bench: written to {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    skipped = ensure_tools()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="oneback-bench-", dir=args.workdir))
+    bench = Bench(work, work / "disk.img", args.size)
+    cold = drop_caches()
+    if not cold:
+        print("bench: cannot drop the page cache (not root?): every read is WARM")
+    try:
+        prepare(bench, skipped)
+        bench.run_all()
+    finally:
+        if bench.ob:
+            bench.ob.stop()
+        if args.keep:
+            print(f"bench: kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report(bench.rows, args, cold)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Drive oneback through its real path for the bench: onesim, a VM, a proxy VM, the CLI.
+
+Starts `python -m tests.onesim serve` as a child process, creates (through the
+simulator's testing helpers) an image from the bench image, a VM using it and
+a proxy VM, writes a oneback configuration, and builds the command lines the
+bench measures. Raises OnebackUnavailable with a reason when any of that is
+not possible yet, so the bench can skip oneback's rows and still run.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from tests.bench_support.tools import du
+
+STARTUP_TIMEOUT = 60.0
+IMAGE_READY, VM_ACTIVE, LCM_RUNNING = 1, 3, 3
+
+
+class OnebackUnavailable(Exception):
+    """oneback or onesim cannot run here; the message says why."""
+
+
+def _running(vm: Any) -> bool:
+    return int(vm.STATE) == VM_ACTIVE and int(vm.LCM_STATE) == LCM_RUNNING
+
+
+def _wait(ready: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise OnebackUnavailable(f"onesim: {what} not reached in {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+class MeasuredLike(Protocol):
+    rc: int
+    out: str
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        lines.put(proc.stdout.readline())
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return ""
+
+
+class Oneback:
+    def __init__(self, work: Path, sim: subprocess.Popen[str], info: dict[str, Any]) -> None:
+        self.work, self.sim, self.info = work, sim, info
+        self.root = Path(info["root"])
+        self.exe = str(Path(sys.executable).parent / "oneback")
+        self.config = work / "oneback.toml"
+        self.repository = work / "oneback-repo"
+        self.catalog = work / "oneback-catalog.sqlite"
+        self.vm_id = -1
+        self.proxy_id = -1
+        self.guest_disk = Path()
+        self.last_backup: int | None = None
+
+    @classmethod
+    def start(cls, work: Path, image: Path) -> Oneback:
+        """Start onesim on WORK/sim, create the VMs from `image`, write the config."""
+        if not Path(__file__).resolve().parents[1].joinpath("onesim", "__main__.py").exists():
+            raise OnebackUnavailable("tests/onesim does not exist yet")
+        root = work / "sim"
+        root.mkdir()
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "tests.onesim", "serve", "--root", str(root),
+             "--delay", "0.01"], stdout=subprocess.PIPE, stderr=open(work / "onesim.log", "w"),
+            text=True, cwd=Path(__file__).resolve().parents[2])
+        line = _first_line(sim, STARTUP_TIMEOUT)
+        try:
+            info = json.loads(line)
+        except json.JSONDecodeError:
+            sim.terminate()
+            sim.wait()
+            raise OnebackUnavailable(
+                f"onesim did not start (see {work / 'onesim.log'} with --keep)") from None
+        ob = cls(work, sim, info)
+        try:
+            ob._setup(image)
+        except OnebackUnavailable:
+            ob.stop()
+            raise
+        except Exception as e:
+            ob.stop()
+            raise OnebackUnavailable(f"setting up VMs in onesim failed: {e!r}") from e
+        return ob
+
+    def _setup(self, image: Path) -> None:
+        """As an operator would, through pyone: register the image from its path, create
+        a VM using it and a proxy VM without disks, wait until all are ready."""
+        import pyone  # the test extras install it; imported here so the bench runs without
+
+        one = pyone.OneServer(self.info["endpoint"], session=self.info["credentials"])
+        image_id = one.image.allocate(f'NAME="bench-disk"\nTYPE="OS"\nPATH="{image}"\n', 1)
+        _wait(lambda: int(one.image.info(image_id).STATE) == IMAGE_READY,
+              f"image {image_id} READY")
+        self.vm_id = one.vm.allocate(
+            f'NAME="bench-vm"\nCPU="1"\nMEMORY="512"\nDISK=[IMAGE_ID="{image_id}"]\n', False)
+        self.proxy_id = one.vm.allocate('NAME="bench-proxy"\nCPU="1"\nMEMORY="512"\n', False)
+        _wait(lambda: all(_running(one.vm.info(v)) for v in (self.vm_id, self.proxy_id)),
+              f"VMs {self.vm_id} and {self.proxy_id} RUNNING")
+        self.guest_disk = self.disk_file(self.vm_id)
+        self.write_config()
+
+    def disk_file(self, vm_id: int, disk_id: int = 0) -> Path:
+        """The guest's view of its disk: the VM's disk file in its SYSTEM datastore."""
+        found = sorted(self.root.glob(f"datastores/*/{vm_id}/disk.{disk_id}"))
+        if not found:
+            raise OnebackUnavailable(f"no disk file for VM {vm_id} under {self.root}")
+        return found[0]
+
+    def write_config(self) -> None:
+        cred = self.work / "one_auth"
+        cred.write_text(self.info["credentials"] + "\n")
+        cred.chmod(0o600)
+        self.config.write_text(
+            "[opennebula]\n"
+            f'endpoint = "{self.info["endpoint"]}"\n'
+            f'credentials_file = "{cred}"\n'
+            f'events = "{self.info["events"]}"\n'
+            "[proxy]\n"
+            f"vm_id = {self.proxy_id}\n"
+            f'dev_root = "{self.root / "vms" / str(self.proxy_id) / "dev"}"\n'
+            "[storage]\n"
+            f'repository = "{self.repository}"\n'
+            f'catalog = "{self.catalog}"\n'
+            f"block_size = {4 * 1024 * 1024}\n")
+
+    def backup_cmd(self) -> list[str]:
+        return [self.exe, "backup", str(self.vm_id), "--json", "--config", str(self.config)]
+
+    def _has(self, command: str) -> bool:
+        probe = subprocess.run([self.exe, command, "--help"], capture_output=True)
+        return probe.returncode == 0 and self.last_backup is not None
+
+    def restore_cmd(self) -> list[str] | None:
+        """`oneback restore` of the latest backup, or None without that command."""
+        if not self._has("restore"):
+            return None
+        return [self.exe, "restore", str(self.last_backup), "--json", "--config",
+                str(self.config)]
+
+    def export_cmd(self, target: Path) -> list[str] | None:
+        """`oneback export` of the latest backup's disk 0, or None without that command."""
+        if not self._has("export"):
+            return None
+        return [self.exe, "export", str(self.last_backup), "0", "-o", str(target), "--json",
+                "--config", str(self.config)]
+
+    def parse(self, m: MeasuredLike) -> dict[str, Any] | None:
+        """The command's JSON document, or None when it failed."""
+        if m.rc != 0:
+            return None
+        try:
+            doc: dict[str, Any] = json.loads(m.out)
+        except json.JSONDecodeError:
+            return None
+        if "backup_id" in doc:
+            self.last_backup = int(doc["backup_id"])
+        return doc
+
+    def restored_disk(self, doc: dict[str, Any]) -> Path | None:
+        """The restored VM's first disk, to compare with the image."""
+        try:
+            return self.disk_file(int(doc["vm_id"]))
+        except (KeyError, ValueError, OnebackUnavailable):
+            return None
+
+    def stored(self) -> int:
+        """Allocated bytes of the repository and the catalog (with its -wal and -shm)."""
+        return du(self.repository, *self.catalog.parent.glob(self.catalog.name + "*"))
+
+    def stop(self) -> None:
+        if self.sim.poll() is None:
+            self.sim.terminate()
+            try:
+                self.sim.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.sim.kill()
+                self.sim.wait()

@@ -1,0 +1,298 @@
+"""one.image.*, one.imagepool.info and one.datastore*: storage objects.
+
+Owns: the XML-RPC face of ImageAPI / ImageAllocateAPI (template checks,
+size from PATH or SIZE, capacity, name uniqueness per owner, the datastore
+type rules of ImagePool::allocate, Image::insert's template cleaning,
+delete refusals) and of DatastoreAPI.
+Must not: copy files (imaging) or touch VMs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tests.onesim import auth
+from tests.onesim.auth import CREATE, MANAGE, USE, Check, authorize, of
+from tests.onesim.constants import DatastoreType, ErrorCode, ImageState, ImageType
+from tests.onesim.dispatch import Ctx, method
+from tests.onesim.documents import datastore_xml, image_xml, pool_xml
+from tests.onesim.model import Datastore, Image, now
+from tests.onesim.oned import Oned, OneError
+from tests.onesim.templates import Template, TemplateError, parse_str_or_xml
+
+MIB = 1024 * 1024
+
+
+def check_image_name(core: Oned, name: str, uid: int) -> None:
+    """PoolObjectSQL::name_is_valid + ImagePool's per-owner uniqueness."""
+    if not name:
+        raise OneError(ErrorCode.ALLOCATE, "Invalid NAME, it cannot be empty", obj="IMAGE")
+    for bad in ("&", "|", ":", "\\", '"', "'", "#", ";", "<", ">"):
+        if bad in name:
+            raise OneError(ErrorCode.ALLOCATE, f"Invalid NAME, char '{bad}' is not allowed",
+                           obj="IMAGE")
+    for img in core.store.images.values():
+        if img.name == name and img.uid == uid:
+            raise OneError(ErrorCode.ALLOCATE, f"NAME is already taken by IMAGE {img.id}.",
+                           obj="IMAGE")
+
+
+def _parse(text: str, code: int = ErrorCode.INTERNAL) -> Template:
+    try:
+        return parse_str_or_xml(text)
+    except TemplateError as exc:
+        raise OneError(code, str(exc)) from exc
+
+
+def _yes(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("YES", "TRUE", "1")
+
+
+@method("one.image.allocate", "sib", 2, obj="IMAGE")
+def image_allocate(core: Oned, ctx: Ctx, text: str, ds_id: int, skip_check: bool = False) -> int:
+    tmpl = _parse(text)
+    ds = core.store.datastores.get(ds_id)
+    if ds is None:
+        raise OneError(ErrorCode.NO_EXISTS, "", ds_id, "DATASTORE")
+    if ds.type in (DatastoreType.SYSTEM_DS, DatastoreType.BACKUP_DS):
+        raise OneError(ErrorCode.ALLOCATE,
+                       "New images can only be allocated in a files or image datastore.")
+    kind = (tmpl.get("TYPE") or "OS").strip().upper()
+    path = tmpl.get("PATH") or ""
+    source = tmpl.get("SOURCE") or ""
+    size_mb = _stat(kind, tmpl, path, source)
+    if skip_check and not ctx.caller.is_admin:
+        skip_check = False
+    if not skip_check and size_mb > core.ds_free_mb(ds):
+        raise OneError(ErrorCode.ACTION, "Not enough space in datastore")
+    authorize(ctx.caller, Check(CREATE, "IMAGE"), of(ds, "DATASTORE", USE))
+    persistent = _yes(tmpl.get("PERSISTENT"))
+    name = tmpl.get("NAME") or ""
+    if kind not in ImageType.__members__:
+        raise OneError(ErrorCode.ALLOCATE, f"Unknown image type: {kind}")
+    itype = ImageType[kind]
+    if itype in (ImageType.OS, ImageType.DATABLOCK, ImageType.CDROM, ImageType.FILESYSTEM) \
+            and ds.type != DatastoreType.IMAGE_DS:
+        raise OneError(ErrorCode.ALLOCATE, "Only IMAGES of type KERNEL, RAMDISK and CONTEXT can"
+                                           " be registered in a FILE_DS datastore")
+    if itype in (ImageType.KERNEL, ImageType.RAMDISK, ImageType.CONTEXT) \
+            and ds.type != DatastoreType.FILE_DS:
+        raise OneError(ErrorCode.ALLOCATE, "IMAGES of type KERNEL, RAMDISK and CONTEXT cannot be"
+                                           " registered in an IMAGE_DS datastore")
+    check_image_name(core, name, ctx.caller.uid)
+    if path and source:
+        raise OneError(ErrorCode.ALLOCATE, "PATH and SOURCE cannot be both set.")
+    fmt = ""
+    if source:
+        fmt = (tmpl.get("FORMAT") or "").lower()
+        if not fmt:
+            raise OneError(ErrorCode.ALLOCATE, "SOURCE needs FORMAT to be set.")
+    elif not path and itype in (ImageType.DATABLOCK, ImageType.OS):
+        fmt = (tmpl.get("FORMAT") or "raw").lower()
+    c = ctx.caller
+    img = Image(core.store.next_id("images"), c.uid, c.gid, c.uname, c.gname, name, itype,
+                ds.id, ds.name, perms=core.new_perms(c), disk_type=ds.disk_type,
+                persistent=int(persistent), regtime=now(), modtime=now(), path=path,
+                format=fmt, size=size_mb, state=ImageState.LOCKED, prev_state=ImageState.INIT)
+    for attr in ("NAME", "TYPE", "PERSISTENT", "SIZE", "FS", "DRIVER", "PATH", "SOURCE",
+                 "FORMAT", "TM_MAD"):
+        tmpl.erase(attr)
+    if itype in (ImageType.OS, ImageType.DATABLOCK) and not tmpl.get("DEV_PREFIX"):
+        tmpl.add("DEV_PREFIX", "sd")
+    elif itype not in (ImageType.OS, ImageType.DATABLOCK):
+        tmpl.erase("DEV_PREFIX")
+    img.template = tmpl
+    core.store.images[img.id] = img
+    ds.images.append(img.id)
+    ctx.extra_xml = image_xml(img)
+    if source:
+        img.source = source
+        img.state = ImageState.READY
+    else:
+        ctx.sim.imaging.register(img, path)
+    return img.id
+
+
+def _stat(kind: str, tmpl: Template, path: str, source: str) -> int:
+    """ImageManager::stat_image and the fs driver's size in MB (rounded up)."""
+    def fail(reason: str) -> OneError:
+        return OneError(ErrorCode.INTERNAL, f"Cannot parse image SIZE: {reason}")
+
+    if kind == "FILESYSTEM" and not path:
+        raise fail("Missing PATH attribute.")
+    if source or (not path and kind in ("OS", "DATABLOCK")):
+        try:
+            return int(tmpl.get("SIZE") or "")
+        except ValueError:
+            raise fail("Wrong number or missing SIZE attribute.") from None
+    if not path:
+        raise fail(f"Either PATH or SOURCE are required for {kind}")
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        size = 0
+    if size == 0:
+        raise fail("Runtime error during size estimation")
+    return math.ceil(size / MIB)
+
+
+@method("one.image.info", "ib", 1, obj="IMAGE", info=True)
+def image_info(core: Oned, ctx: Ctx, iid: int, decrypt: bool = False) -> str:
+    img = core.image(iid)
+    authorize(ctx.caller, of(img, "IMAGE", USE))
+    return image_xml(img)
+
+
+@method("one.imagepool.info", "iii", obj="IMAGE", info=True)
+def imagepool_info(core: Oned, ctx: Ctx, flag: int, start: int, end: int) -> str:
+    if flag < -4:
+        raise OneError(ErrorCode.RPC_API, "Incorrect filter_flag")
+    imgs = auth.pool_filter(ctx.caller, list(core.store.images.values()), "IMAGE", flag)
+    return pool_xml("IMAGE_POOL", [image_xml(i) for i in auth.id_range(imgs, start, end)])
+
+
+@method("one.image.delete", "ib", 1, obj="IMAGE")
+def image_delete(core: Oned, ctx: Ctx, iid: int, force: bool = False) -> int:
+    img = core.image(iid)
+    ctx.extra_xml = image_xml(img)
+    authorize(ctx.caller, of(img, "IMAGE", MANAGE))
+    st = ImageState(img.state)
+    reason = None
+    if st == ImageState.READY and img.running_vms and img.type != ImageType.BACKUP:
+        reason = f"There are {img.running_vms} VMs using it."
+    elif st == ImageState.CLONE:
+        reason = f"There are {img.cloning_ops} active clone operations."
+    elif st in (ImageState.USED, ImageState.USED_PERS, ImageState.LOCKED_USED,
+                ImageState.LOCKED_USED_PERS):
+        reason = f"There are {img.running_vms} VMs using it."
+    if reason:
+        raise OneError(ErrorCode.ACTION, f"Cannot delete image. {reason}")
+    if not img.source:
+        ctx.sim.imaging.drop(img)
+    else:
+        ctx.sim.imaging.delete(img)
+    return iid
+
+
+@method("one.image.persistent", "ib", obj="IMAGE")
+def image_persistent(core: Oned, ctx: Ctx, iid: int, persistent: bool) -> int:
+    img = core.image(iid)
+    authorize(ctx.caller, of(img, "IMAGE", MANAGE))
+    if bool(img.persistent) == persistent:
+        return iid
+    if img.type in (ImageType.KERNEL, ImageType.RAMDISK, ImageType.CONTEXT):
+        raise OneError(ErrorCode.ACTION, "KERNEL, RAMDISK and CONTEXT must be non-persistent")
+    if img.state in (ImageState.USED, ImageState.USED_PERS, ImageState.LOCKED_USED,
+                     ImageState.LOCKED_USED_PERS, ImageState.CLONE):
+        what = "persistent" if persistent else "non-persistent"
+        raise OneError(ErrorCode.INTERNAL, f"Could not make image {what}: Image cannot be in "
+                                           f"state {ImageState(img.state).name}.")
+    img.persistent = int(persistent)
+    core.update_image(img)
+    return iid
+
+
+@method("one.image.update", "isi", 2, obj="IMAGE")
+def image_update(core: Oned, ctx: Ctx, iid: int, text: str, mode: int = 0) -> int:
+    img = core.image(iid)
+    authorize(ctx.caller, of(img, "IMAGE", MANAGE))
+    if mode not in (0, 1):
+        raise OneError(ErrorCode.RPC_API, "Wrong update type")
+    new = _parse(text)
+    if mode == 1:
+        img.template.merge(new)
+    else:
+        img.template = new
+    core.update_image(img)
+    return iid
+
+
+@method("one.image.chmod", "iiiiiiiiii", obj="IMAGE")
+def image_chmod(core: Oned, ctx: Ctx, iid: int, *bits: int) -> int:
+    img = core.image(iid)
+    authorize(ctx.caller, of(img, "IMAGE", MANAGE))
+    img.perms.bits = [o if n == -1 else n for o, n in zip(img.perms.bits, bits, strict=True)]
+    core.update_image(img)
+    return iid
+
+
+# ---------------------------------------------------------------------------
+# Datastores
+# ---------------------------------------------------------------------------
+
+_TM_DEFAULTS = {
+    # TM_MAD_CONF of the default oned.conf: LN_TARGET, CLONE_TARGET, ALLOW_ORPHANS, SHARED
+    "local": ("SYSTEM", "SYSTEM", "FORMAT", "NO"),
+    "ssh": ("SYSTEM", "SYSTEM", "YES", "NO"),
+    "shared": ("NONE", "SYSTEM", "FORMAT", "YES"),
+    "qcow2": ("NONE", "SYSTEM", "FORMAT", "YES"),
+    "dummy": ("NONE", "SYSTEM", "NO", "YES"),
+}
+
+
+@method("one.datastore.allocate", "si", 1, obj="DATASTORE")
+def datastore_allocate(core: Oned, ctx: Ctx, text: str, cluster_id: int = -1) -> int:
+    tmpl = _parse(text)
+    authorize(ctx.caller, Check(CREATE, "DATASTORE"))
+    name = tmpl.get("NAME") or ""
+    kind = (tmpl.get("TYPE") or "IMAGE_DS").upper()
+    if kind not in DatastoreType.__members__:
+        raise OneError(ErrorCode.ALLOCATE, f"Invalid DATASTORE TYPE: {kind}.")
+    ds_mad = tmpl.get("DS_MAD") or ("-" if kind == "SYSTEM_DS" else "")
+    tm_mad = tmpl.get("TM_MAD") or ""
+    if not name:
+        raise OneError(ErrorCode.ALLOCATE, "Invalid NAME, it cannot be empty")
+    if any(d.name == name for d in core.store.datastores.values()):
+        other = next(d.id for d in core.store.datastores.values() if d.name == name)
+        raise OneError(ErrorCode.ALLOCATE, f"NAME is already taken by DATASTORE {other}.")
+    if not ds_mad:
+        raise OneError(ErrorCode.ALLOCATE, "No DS_MAD in template.")
+    if not tm_mad:
+        raise OneError(ErrorCode.ALLOCATE, "No TM_MAD in template.")
+    did = core.store.next_id("datastores")
+    base = core.ds_path(did)
+    base.mkdir(parents=True, exist_ok=True)
+    ds = Datastore(did, name, DatastoreType[kind], ds_mad, tm_mad, str(base),
+                   total_mb=core.config.datastore_mb)
+    ln, clone, orphans, shared = _TM_DEFAULTS.get(tm_mad, ("SYSTEM", "SYSTEM", "NO", "NO"))
+    tmpl.erase("NAME")
+    defaults = {"ALLOW_ORPHANS": orphans, "DISK_TYPE": "FILE", "PERSISTENT_SNAPSHOTS": "YES",
+                "RESTRICTED_DIRS": "/", "SAFE_DIRS": f"/var/tmp /tmp {core.root}",
+                "TM_MAD": tm_mad, "TYPE": kind}
+    if kind != "SYSTEM_DS":
+        defaults.update(CLONE_TARGET=clone, LN_TARGET=ln, DS_MAD=ds_mad)
+    else:
+        defaults.update(SHARED=shared, DS_MIGRATE="YES", DS_LIVE_MIGRATE="YES",
+                        DS_MIGRATE_SNAP="YES")
+    for key, value in defaults.items():
+        if not tmpl.has(key):
+            tmpl.add(key, value)
+    ds.template = tmpl
+    core.store.datastores[did] = ds
+    ctx.extra_xml = datastore_xml(ds, 0)
+    return did
+
+
+@method("one.datastore.info", "ib", 1, obj="DATASTORE", info=True)
+def datastore_info(core: Oned, ctx: Ctx, ds_id: int, decrypt: bool = False) -> str:
+    ds = core.datastore(ds_id)
+    authorize(ctx.caller, of(ds, "DATASTORE", USE))
+    return datastore_xml(ds, core.ds_used_mb(ds))
+
+
+@method("one.datastorepool.info", "", obj="DATASTORE", info=True)
+def datastorepool_info(core: Oned, ctx: Ctx, *_ignored: int) -> str:
+    dss = auth.pool_filter(ctx.caller, list(core.store.datastores.values()), "DATASTORE", -2)
+    return pool_xml("DATASTORE_POOL", [datastore_xml(d, core.ds_used_mb(d))
+                                       for d in auth.id_range(dss, -1, -1)])
+
+
+@method("one.datastore.enable", "ib", obj="DATASTORE")
+def datastore_enable(core: Oned, ctx: Ctx, ds_id: int, enable: bool) -> int:
+    ds = core.datastore(ds_id)
+    authorize(ctx.caller, of(ds, "DATASTORE", MANAGE))
+    if ds.type != DatastoreType.SYSTEM_DS:
+        raise OneError(ErrorCode.INTERNAL, "Only SYSTEM_DS can be disabled or enabled")
+    ds.state = 0 if enable else 1
+    return ds_id

@@ -1,0 +1,50 @@
+"""The boundaries of STYLE.md, held by parsing the package's imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+AGENT = Path(__file__).resolve().parents[1] / "agent"
+
+# external system -> the only module allowed to import it
+BOUNDARIES = {
+    "pyone": {"cloud.py"},
+    "zmq": {"subscriber.py"},
+    "sqlite3": {"catalog.py"},
+    "sqlite_utils": {"catalog.py"},
+}
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_each_external_system_has_one_boundary_module() -> None:
+    for path in AGENT.rglob("*.py"):
+        found = imports(path)
+        for lib, allowed in BOUNDARIES.items():
+            if lib in found:
+                assert path.name in allowed, f"{path.relative_to(AGENT)} imports {lib}"
+
+
+def test_model_and_errors_import_nothing_from_the_package() -> None:
+    for name in ("model.py", "errors.py"):
+        assert "agent" not in imports(AGENT / name), name
+
+
+def test_engine_never_prints() -> None:
+    for path in AGENT.rglob("*.py"):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id != "print", f"{path.name} prints"

@@ -1,0 +1,335 @@
+"""One contract suite over every chunk store, then what only a directory can show."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from agent.errors import IntegrityError, NotFound, RepositoryError
+from agent.store import ChunkStore, chunk_id_of
+from agent.store.local import TEMP_GRACE, LocalStore
+from agent.store.memory import MemoryStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chunk_file(store: LocalStore, chunk_id: bytes) -> Path:
+    name = chunk_id.hex()
+    return store.path / "chunks" / name[:2] / name
+
+
+def damage_local(store: ChunkStore, chunk_id: bytes, how: str) -> None:
+    assert isinstance(store, LocalStore)
+    path = chunk_file(store, chunk_id)
+    os.chmod(path, 0o644)
+    _write_damaged(path.read_bytes(), how, path.write_bytes)
+
+
+def damage_memory(store: ChunkStore, chunk_id: bytes, how: str) -> None:
+    assert isinstance(store, MemoryStore)
+    _write_damaged(store.blobs[chunk_id], how, lambda b: store.blobs.__setitem__(chunk_id, b))
+
+
+def _write_damaged(stored: bytes, how: str, write: Callable[[bytes], object]) -> None:
+    if how == "flip":
+        middle = len(stored) // 2
+        write(stored[:middle] + bytes([stored[middle] ^ 0xFF]) + stored[middle + 1:])
+    elif how == "truncate":
+        write(stored[: len(stored) // 2])
+    else:  # a well-formed frame holding other data
+        write(zstandard.ZstdCompressor().compress(b"not the chunk you are looking for"))
+
+
+@pytest.fixture(params=["local", "memory"])
+def backend(request: pytest.FixtureRequest,
+            tmp_path: Path) -> Iterator[tuple[ChunkStore, Callable[..., None]]]:
+    if request.param == "local":
+        yield LocalStore.open(tmp_path / "repo"), damage_local
+    else:
+        yield MemoryStore(), damage_memory
+
+
+@pytest.fixture
+def store(backend: tuple[ChunkStore, Callable[..., None]]) -> ChunkStore:
+    return backend[0]
+
+
+def block(seed: int, size: int = 64 * 1024) -> bytes:
+    """Deterministic, half-compressible data."""
+    head = hashlib.sha256(seed.to_bytes(8, "big")).digest() * (size // 64)
+    return head + bytes(size - len(head))
+
+
+# -- the contract ---------------------------------------------------------------
+
+
+def test_is_a_chunk_store(store: ChunkStore) -> None:
+    assert isinstance(store, ChunkStore)
+
+
+def test_put_then_get_returns_the_bytes(store: ChunkStore) -> None:
+    data = block(1)
+    cid = chunk_id_of(data)
+    assert not store.has(cid)
+    written = store.put(cid, data)
+    assert 0 < written < len(data)  # compressed
+    assert store.has(cid)
+    assert store.get(cid) == data
+
+
+def test_put_is_idempotent_and_reports_nothing_written(store: ChunkStore) -> None:
+    data = block(2)
+    cid = chunk_id_of(data)
+    assert store.put(cid, data) > 0
+    assert store.put(cid, data) == 0
+    assert list(store.ids()) == [cid]
+
+
+def test_put_accepts_views_of_a_larger_buffer(store: ChunkStore) -> None:
+    buf = bytearray(block(3) + block(4))
+    view = memoryview(buf)[: 64 * 1024]
+    cid = chunk_id_of(view)
+    store.put(cid, view)
+    buf[:] = bytes(len(buf))  # the store must not keep a reference
+    assert store.get(cid) == block(3)
+
+
+def test_empty_and_incompressible_chunks_round_trip(store: ChunkStore) -> None:
+    for data in (b"", os.urandom(100_000)):
+        cid = chunk_id_of(data)
+        store.put(cid, data)
+        assert store.get(cid) == data
+
+
+def test_ids_lists_every_chunk(store: ChunkStore) -> None:
+    ids = set()
+    for i in range(20):
+        data = block(100 + i, 4096)
+        ids.add(chunk_id_of(data))
+        store.put(chunk_id_of(data), data)
+    assert set(store.ids()) == ids
+
+
+def test_delete_removes_and_is_idempotent(store: ChunkStore) -> None:
+    data = block(5)
+    cid = chunk_id_of(data)
+    store.put(cid, data)
+    store.delete(cid)
+    store.delete(cid)
+    assert not store.has(cid)
+    assert list(store.ids()) == []
+    with pytest.raises(NotFound):
+        store.get(cid)
+
+
+def test_get_of_an_absent_chunk_is_not_found(store: ChunkStore) -> None:
+    with pytest.raises(NotFound, match=chunk_id_of(b"x").hex()):
+        store.get(chunk_id_of(b"x"))
+
+
+def test_ids_must_be_sha256_sized(store: ChunkStore) -> None:
+    with pytest.raises(TypeError):
+        store.put(b"short", b"data")
+    with pytest.raises(TypeError):
+        store.has(chunk_id_of(b"x").hex().encode())
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "other-data"])
+def test_get_raises_integrity_error_on_damaged_chunk(
+    backend: tuple[ChunkStore, Callable[..., None]], how: str
+) -> None:
+    store, damage = backend
+    data = block(6)
+    cid = chunk_id_of(data)
+    store.put(cid, data)
+    damage(store, cid, how)
+    with pytest.raises(IntegrityError, match=cid.hex()):
+        store.get(cid)
+
+
+def test_concurrent_puts_of_one_id_write_it_once(store: ChunkStore) -> None:
+    data = block(7, 1024 * 1024)
+    cid = chunk_id_of(data)
+    start = threading.Barrier(8)
+    results: list[int] = []
+
+    def put() -> None:
+        start.wait()
+        results.append(store.put(cid, data))
+
+    threads = [threading.Thread(target=put) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results)[:-1] == [0] * 7 and results.count(0) == 7
+    assert store.get(cid) == data
+    assert list(store.ids()) == [cid]
+
+
+def test_concurrent_puts_of_many_ids(store: ChunkStore) -> None:
+    datas = [block(1000 + i, 16 * 1024) for i in range(64)]
+
+    def put_all(offset: int) -> None:
+        for i in range(64):
+            d = datas[(i + offset) % 64]
+            store.put(chunk_id_of(d), d)
+
+    threads = [threading.Thread(target=put_all, args=(k * 8,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(store.ids()) == {chunk_id_of(d) for d in datas}
+    assert all(store.get(chunk_id_of(d)) == d for d in datas)
+
+
+# -- the local directory -----------------------------------------------------------
+
+
+def test_local_layout_config_and_read_only_files(tmp_path: Path) -> None:
+    store = LocalStore.open(tmp_path / "repo")
+    data = block(8)
+    cid = chunk_id_of(data)
+    store.put(cid, data)
+    path = chunk_file(store, cid)
+    assert path.parent.name == cid.hex()[:2]
+    assert path.stat().st_mode & 0o777 == 0o444
+    config = json.loads((tmp_path / "repo" / "config").read_text())
+    assert config["format"] == 1 and config["id"] == store.id
+    assert zstandard.ZstdDecompressor().decompress(path.read_bytes()) == data
+
+
+def test_local_reopen_keeps_id_and_chunks(tmp_path: Path) -> None:
+    first = LocalStore.open(tmp_path / "repo")
+    data = block(9)
+    first.put(chunk_id_of(data), data)
+    again = LocalStore.open(tmp_path / "repo", create=False)
+    assert again.id == first.id
+    assert again.get(chunk_id_of(data)) == data
+
+
+def test_local_two_instances_racing_like_two_processes(tmp_path: Path) -> None:
+    a = LocalStore.open(tmp_path / "repo")
+    b = LocalStore.open(tmp_path / "repo")
+    data = block(10, 1024 * 1024)
+    cid = chunk_id_of(data)
+    start = threading.Barrier(2)
+    results: list[int] = []
+
+    def put(store: LocalStore) -> None:
+        start.wait()
+        results.append(store.put(cid, data))
+
+    threads = [threading.Thread(target=put, args=(s,)) for s in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(0) == 3
+    assert b.get(cid) == data
+    assert os.listdir(tmp_path / "repo" / "tmp") == []
+
+
+def test_local_missing_repository_without_create(tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError, match="no oneback repository"):
+        LocalStore.open(tmp_path / "nowhere", create=False)
+
+
+def test_local_refuses_a_directory_that_is_not_a_repository(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "precious.txt").write_text("keep me")
+    with pytest.raises(RepositoryError, match="not empty"):
+        LocalStore.open(tmp_path / "repo")
+    assert (tmp_path / "repo" / "precious.txt").read_text() == "keep me"
+
+
+def test_local_refuses_a_newer_format_and_a_broken_config(tmp_path: Path) -> None:
+    LocalStore.open(tmp_path / "repo")
+    config = tmp_path / "repo" / "config"
+    os.chmod(config, 0o644)
+    config.write_text(json.dumps({"format": 99, "id": "x"}))
+    with pytest.raises(RepositoryError, match="upgrade oneback"):
+        LocalStore.open(tmp_path / "repo")
+    config.write_text("{not json")
+    with pytest.raises(RepositoryError, match="unreadable"):
+        LocalStore.open(tmp_path / "repo")
+
+
+def test_local_unwritable_location(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RepositoryError, match="cannot use repository"):
+        LocalStore.open(tmp_path / "file" / "repo")
+
+
+def test_local_leftover_temp_files_are_ignored_then_cleaned(tmp_path: Path) -> None:
+    store = LocalStore.open(tmp_path / "repo")
+    data = block(11)
+    cid = chunk_id_of(data)
+    tmp = tmp_path / "repo" / "tmp"
+    old = tmp / f"{cid.hex()}-crashed"
+    old.write_bytes(b"partial")
+    long_ago = time.time() - TEMP_GRACE - 60
+    os.utime(old, (long_ago, long_ago))
+    young = tmp / f"{cid.hex()}-still-writing"
+    young.write_bytes(b"partial")
+    assert not store.has(cid) and list(store.ids()) == []
+
+    LocalStore.open(tmp_path / "repo")
+    assert not old.exists()
+    assert young.exists()  # may belong to another process still writing
+    assert store.clean_temp(0) == 1
+    assert os.listdir(tmp) == []
+
+
+def test_local_stray_files_in_chunk_dirs_are_not_chunks(tmp_path: Path) -> None:
+    store = LocalStore.open(tmp_path / "repo")
+    (tmp_path / "repo" / "chunks" / "ab" / "README").write_text("hi")
+    (tmp_path / "repo" / "chunks" / "ab" / ("zz" * 32)).write_text("hi")
+    assert list(store.ids()) == []
+
+
+CRASHER = """
+import hashlib, os, sys
+sys.path.insert(0, sys.argv[2])
+from agent.store.local import LocalStore
+store = LocalStore.open(sys.argv[1])
+i = 0
+while True:
+    data = hashlib.sha256(str(i).encode()).digest() * 16384 + os.urandom(512 * 1024)
+    store.put(hashlib.sha256(data).digest(), data)
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_local_killed_writer_leaves_no_partial_chunk(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    LocalStore.open(repo)
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(repo), str(ROOT)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for _ in range(5):  # it is writing steadily now
+        assert proc.stdout.readline()
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    store = LocalStore.open(repo)
+    ids = list(store.ids())
+    assert len(ids) >= 5
+    for cid in ids:  # every visible chunk is whole and verifies
+        assert hashlib.sha256(store.get(cid)).digest() == cid
+    store.clean_temp(0)
+    assert os.listdir(repo / "tmp") == []
