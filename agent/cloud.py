@@ -45,6 +45,7 @@ from agent.model import (
     SnapshotInfo,
     VmInfo,
 )
+from agent.vmtemplate import quote
 
 AUTHENTICATION, AUTHORIZATION, NO_EXISTS, ACTION, RPC_API, INTERNAL = (
     0x100, 0x200, 0x400, 0x800, 0x1000, 0x2000,
@@ -170,10 +171,9 @@ def parse_image(xml: str) -> ImageInfo:
     )
 
 
-def quote(value: str) -> str:
-    """A value for an OpenNebula template `KEY="value"`: escapes what the
-    template parser treats specially so names from the cloud stay inert."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _image_error(img: ImageInfo) -> str:
+    msg = _text(etree.fromstring(img.document.encode()), "TEMPLATE/ERROR")
+    return f": {msg}" if msg else ""
 
 
 class Cloud:
@@ -360,11 +360,8 @@ class Cloud:
             return None if img.state in (0, IMAGE_LOCKED) else img
         img: ImageInfo = self._wait(what, probe)
         if img.state == IMAGE_ERROR:
-            err = ""
-            root = etree.fromstring(img.document.encode())
-            if (msg := _text(root, "TEMPLATE/ERROR")):
-                err = f": {msg}"
-            raise CloudError(f"OpenNebula failed to create image {image_id} ({what}){err}")
+            raise CloudError(f"OpenNebula failed to create image {image_id} ({what})"
+                             f"{_image_error(img)}")
         return img
 
     def disk_saveas(self, vm_id: int, disk_id: int, name: str, snap_id: int = -1,
@@ -391,25 +388,33 @@ class Cloud:
         self.call("image.persistent", image_id, persistent)
 
     def image_delete(self, image_id: int) -> None:
-        """Delete an image and wait until it is gone. Idempotent."""
+        """Delete an image and wait until it is gone. Idempotent. A LOCKED
+        image (a copy still running) is waited for first; a failed removal
+        (oned sets the image to ERROR) is raised with oned's message."""
         try:
             img = self.image(image_id)
         except NotFound:
             return
         if img.state in (0, IMAGE_LOCKED):
-            img = self._wait_image_ready(image_id, f"image {image_id} to unlock")
+            try:
+                self._wait_image_ready(image_id, f"image {image_id} to unlock")
+            except CloudError:
+                pass  # an image in ERROR can still be deleted
         try:
             self.call("image.delete", image_id, False)
         except NotFound:
             return
 
-        def gone() -> bool | None:
+        def gone() -> ImageInfo | bool | None:
             try:
-                self.image(image_id)
+                img = self.image(image_id)
             except NotFound:
                 return True
-            return None
-        self._wait(f"deleting image {image_id}", gone)
+            return img if img.state == IMAGE_ERROR else None
+        result = self._wait(f"deleting image {image_id}", gone)
+        if isinstance(result, ImageInfo):
+            raise CloudError(f"OpenNebula failed to delete image {image_id}"
+                             f"{_image_error(result)}", transient=True)
 
     # -- attach / detach ---------------------------------------------------------
 

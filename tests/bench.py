@@ -119,7 +119,7 @@ class Bench:
         target = self.work / "write-test"
         m = run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={self.size // BLOCK}",
                  "conv=fsync", "status=none"])
-        target.unlink()
+        target.unlink(missing_ok=True)
         self.measured("dd", "write (fsync)", m, "dd.write", note="the restore target's limit")
 
     def backup(self, tool: Restic | Borg, phase: str) -> None:
@@ -148,10 +148,13 @@ class Bench:
         self.add(Row("oneback", f"backup {phase}", m.wall, self.size, after, after - before,
                      m.rss_kib, f"{doc.get('kind')}, changed {changed / MiB:.0f} MiB",
                      f"oneback.{phase}"))
-        self.add(Row("oneback", "(read+scan)", float(doc.get("scan_seconds", 0.0)), self.size,
+        scan, ops = float(doc.get("scan_seconds", 0.0)), float(doc.get("cloud_seconds", 0.0))
+        self.add(Row("oneback", "(read+scan)", scan, self.size,
                      note="reading, hashing, storing", key=f"oneback.scan.{phase}"))
-        self.add(Row("oneback", "(OpenNebula ops)", float(doc.get("cloud_seconds", 0.0)),
-                     note=OPS_NOTE, key=f"oneback.ops.{phase}"))
+        self.add(Row("oneback", "(OpenNebula ops)", ops, note=OPS_NOTE,
+                     key=f"oneback.ops.{phase}"))
+        self.add(Row("oneback", "(the rest)", max(m.wall - scan - ops, 0.0),
+                     note="start-up, sweep, catalog, commit"))
 
     def oneback_restore(self, ob: Oneback) -> None:
         cmd = ob.restore_cmd()

@@ -1,10 +1,11 @@
 """Drive oneback through its real path for the bench: onesim, a VM, a proxy VM, the CLI.
 
-Starts `python -m tests.onesim serve` as a child process, creates (through the
-simulator's testing helpers) an image from the bench image, a VM using it and
-a proxy VM, writes a oneback configuration, and builds the command lines the
-bench measures. Raises OnebackUnavailable with a reason when any of that is
-not possible yet, so the bench can skip oneback's rows and still run.
+Starts `python -m tests.onesim serve` as a child process (its disk copies are
+then not counted in the bench's own process), creates with onesim's testing
+helpers an image from the bench image, a VM using it and a proxy VM, writes a
+oneback configuration, and builds the command lines the bench measures.
+Raises OnebackUnavailable with a reason when any of that is not possible, so
+the bench can skip oneback's rows and still run.
 """
 
 from __future__ import annotations
@@ -14,31 +15,18 @@ import queue
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from tests.bench_support.tools import du
 
 STARTUP_TIMEOUT = 60.0
-IMAGE_READY, VM_ACTIVE, LCM_RUNNING = 1, 3, 3
+SETUP_TIMEOUT = 600.0
 
 
 class OnebackUnavailable(Exception):
     """oneback or onesim cannot run here; the message says why."""
-
-
-def _running(vm: Any) -> bool:
-    return int(vm.STATE) == VM_ACTIVE and int(vm.LCM_STATE) == LCM_RUNNING
-
-
-def _wait(ready: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise OnebackUnavailable(f"onesim: {what} not reached in {timeout:.0f}s")
-        time.sleep(0.05)
 
 
 class MeasuredLike(Protocol):
@@ -80,10 +68,11 @@ class Oneback:
             raise OnebackUnavailable("tests/onesim does not exist yet")
         root = work / "sim"
         root.mkdir()
-        sim = subprocess.Popen(
-            [sys.executable, "-m", "tests.onesim", "serve", "--root", str(root),
-             "--delay", "0.01"], stdout=subprocess.PIPE, stderr=open(work / "onesim.log", "w"),
-            text=True, cwd=Path(__file__).resolve().parents[2])
+        with open(work / "onesim.log", "w") as log:
+            sim = subprocess.Popen(
+                [sys.executable, "-m", "tests.onesim", "serve", "--root", str(root),
+                 "--delay", "0.01"], stdout=subprocess.PIPE, stderr=log, text=True,
+                cwd=Path(__file__).resolve().parents[2])
         line = _first_line(sim, STARTUP_TIMEOUT)
         try:
             info = json.loads(line)
@@ -104,19 +93,21 @@ class Oneback:
         return ob
 
     def _setup(self, image: Path) -> None:
-        """As an operator would, through pyone: register the image from its path, create
-        a VM using it and a proxy VM without disks, wait until all are ready."""
-        import pyone  # the test extras install it; imported here so the bench runs without
-
-        one = pyone.OneServer(self.info["endpoint"], session=self.info["credentials"])
-        image_id = one.image.allocate(f'NAME="bench-disk"\nTYPE="OS"\nPATH="{image}"\n', 1)
-        _wait(lambda: int(one.image.info(image_id).STATE) == IMAGE_READY,
-              f"image {image_id} READY")
-        self.vm_id = one.vm.allocate(
-            f'NAME="bench-vm"\nCPU="1"\nMEMORY="512"\nDISK=[IMAGE_ID="{image_id}"]\n', False)
-        self.proxy_id = one.vm.allocate('NAME="bench-proxy"\nCPU="1"\nMEMORY="512"\n', False)
-        _wait(lambda: all(_running(one.vm.info(v)) for v in (self.vm_id, self.proxy_id)),
-              f"VMs {self.vm_id} and {self.proxy_id} RUNNING")
+        """As an operator would, through pyone (with onesim's testing helpers): register
+        the image from its path, a VM using it and a proxy VM, and wait for them."""
+        try:
+            from tests.onesim import testing
+        except ImportError as e:
+            raise OnebackUnavailable(f"tests.onesim.testing cannot be imported: {e}") from e
+        # The helpers take an in-process Simulator; of it they only use these attributes.
+        sim: Any = SimpleNamespace(root=str(self.root), endpoint=self.info["endpoint"],
+                                   credentials=self.info["credentials"])
+        one = testing.client(sim)
+        image_id = testing.create_image(one, sim, "bench-disk", image, image_type="OS",
+                                        wait=False)
+        testing.wait_image(one, image_id, "READY", timeout=SETUP_TIMEOUT)
+        self.vm_id = testing.create_vm(one, sim, "bench-vm", [image_id], timeout=SETUP_TIMEOUT)
+        self.proxy_id = testing.create_proxy_vm(one, sim, "bench-proxy")
         self.guest_disk = self.disk_file(self.vm_id)
         self.write_config()
 

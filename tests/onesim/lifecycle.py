@@ -198,10 +198,10 @@ class Lifecycle:
             return
         if disk.get("CLONE") == "YES":
             dataplane.clone_disk(source, target)
-            size = int(disk.get("SIZE", "0") or 0) * dataplane.MIB
-            if size > target.stat().st_size:
-                with open(target, "r+b") as fh:  # a resized clone: SIZE above the image's
-                    fh.truncate(size)
+            size = int(disk.get("SIZE", "0") or 0)
+            if size > int(disk.get("ORIGINAL_SIZE", "0") or 0):  # tm clone's resize
+                with open(target, "r+b") as fh:
+                    fh.truncate(size * dataplane.MIB)
         else:
             dataplane.link_disk(source, target)
 

@@ -1,0 +1,148 @@
+"""Hooks: oned's checks on hook templates, and execution as the HEM does it."""
+
+from __future__ import annotations
+
+import base64
+import re
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+import pyone
+import pytest
+from lxml import etree
+
+from tests.onesim import Simulator
+from tests.onesim.testing import create_datablock, create_vm, wait_until
+
+
+def test_a_record_that_is_not_xml_is_not_stored(one: Any, onesim: Simulator) -> None:
+    """HookLog::add validates the record: a COMMAND with '>' or '&' breaks it
+    (the HEM does not escape), and oned drops it, as here."""
+    hid = one.hook.allocate('NAME="amp"\nTYPE="api"\nCALL="one.template.allocate"\n'
+                            'COMMAND="/bin/sh -c \'true && true\'"')
+    one.template.allocate('NAME="t"\nCPU="1"\nMEMORY="8"')
+    onesim.wait_idle()
+    assert one.hook.info(hid).HOOKLOG.HOOK_EXECUTION_RECORD == []
+
+
+def records(one: Any, hook_id: int, count: int = 1) -> list[Any]:
+    def enough() -> Any:
+        log = one.hook.info(hook_id).HOOKLOG
+        found = log.HOOK_EXECUTION_RECORD if log is not None else []
+        return found if len(found) >= count else None
+    return list(wait_until(enough, timeout=10))
+
+
+def b64out(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+@pytest.mark.parametrize("template, message", [
+    ('NAME="bad"\nTYPE="state"\nRESOURCE="VM"\nON="FOO"\nCOMMAND="/bin/true"',
+     "[one.hook.allocate] Unkown state condition: FOO"),
+    ('NAME="x"\nTYPE="other"\nCOMMAND="/bin/true"', "[one.hook.allocate] Invalid Hook type: other"),
+    ('NAME="x"\nTYPE="api"\nCALL="one.vm.attach"', "[one.hook.allocate] No COMMAND in template "
+                                                   "for Hook."),
+    ('NAME="x"\nTYPE="api"\nCALL="one.vm.info"\nCOMMAND="/bin/true"',
+     "[one.hook.allocate] API call does not exist or is not supported: one.vm.info"),
+    ('NAME="x"\nTYPE="state"\nCOMMAND="/bin/true"',
+     "[one.hook.allocate] RESOURCE attribute is required for STATE hooks."),
+    ('NAME="x"\nTYPE="state"\nRESOURCE="VM"\nON="CUSTOM"\nSTATE="ACTIVE"\nLCM_STATE="NAP"\n'
+     'COMMAND="/bin/true"', "[one.hook.allocate] Wrong LCM_STATE: NAP"),
+])
+def test_refused_hook_templates(one: Any, template: str, message: str) -> None:
+    with pytest.raises(pyone.OneInternalException) as err:
+        one.hook.allocate(template)
+    assert str(err.value) == message
+
+
+def test_templates_are_normalised(one: Any) -> None:
+    hid = one.hook.allocate('NAME="r"\nTYPE="STATE"\nRESOURCE="VM"\nON="RUNNING"\n'
+                            'COMMAND="/bin/true"')
+    hook = one.hook.info(hid)
+    assert (hook.NAME, hook.TYPE) == ("r", "state")
+    assert hook.TEMPLATE == {"COMMAND": "/bin/true", "LCM_STATE": "RUNNING", "REMOTE": "NO",
+                             "RESOURCE": "VM", "STATE": "ACTIVE"}
+    assert [h.ID for h in one.hookpool.info(-2, -1, -1).HOOK] == [hid]
+    one.hook.delete(hid)
+    with pytest.raises(pyone.OneNoExistsException, match=r"Error getting hook \[0\]."):
+        one.hook.info(hid)
+
+
+def test_state_hook_gets_the_vm_as_template(one: Any, onesim: Simulator, tmp_path: Path) -> None:
+    out = tmp_path / "args"
+    hid = one.hook.allocate('NAME="running"\nTYPE="state"\nRESOURCE="VM"\nON="RUNNING"\n'
+                            f'COMMAND="/bin/sh -c \'echo $1 > {out}; echo done\' sh"\n'
+                            'ARGUMENTS="$TEMPLATE"')
+    vid = create_vm(one, onesim, "vm", [{"TYPE": "fs", "SIZE": 1}])
+    rec = records(one, hid)[0]
+    vm = etree.fromstring(base64.b64decode(out.read_text().strip()))
+    assert vm.tag == "VM" and vm.findtext("ID") == str(vid) and vm.findtext("LCM_STATE") == "3"
+    assert (rec.HOOK_ID, rec.EXECUTION_ID, rec.EXECUTION_RESULT.CODE) == (hid, 0, "0")
+    assert b64out(rec.EXECUTION_RESULT.STDOUT) == "done\n"
+    assert rec.ARGUMENTS == out.read_text().strip()
+
+
+def test_api_hook_gets_the_call_info(one: Any, onesim: Simulator, tmp_path: Path) -> None:
+    hid = one.hook.allocate('NAME="api"\nTYPE="api"\nCALL="one.vm.disksnapshotcreate"\n'
+                            'COMMAND="/bin/cat"\nARGUMENTS="$API $ID"\nARGUMENTS_STDIN="yes"')
+    vid = create_vm(one, onesim, "vm", [create_datablock(one, "d", 1)])
+    one.vm.disksnapshotcreate(vid, 0, "snap")
+    with pytest.raises(pyone.OneActionException):
+        one.vm.disksnapshotcreate(vid, 7, "no such disk")
+    recs = records(one, hid, 2)
+    stdin = b64out(recs[0].EXECUTION_RESULT.STDOUT)  # cat echoes its stdin
+    api, literal = stdin.split(" ")
+    assert literal == "$ID"  # the HEM only substitutes $API and $TEMPLATE
+    info = base64.b64decode(api).decode()
+    assert info.startswith("<CALL_INFO><RESULT>1</RESULT>") and "<VALUE>snap</VALUE>" in info
+    assert "<RESULT>0</RESULT>" in base64.b64decode(
+        b64out(recs[1].EXECUTION_RESULT.STDOUT).split(" ")[0]).decode()
+    assert recs[0].EXECUTION_RESULT.COMMAND == "/bin/cat"
+
+
+def test_timeout_and_failure_codes(one: Any, onesim: Simulator, tmp_path: Path) -> None:
+    script = tmp_path / "fail.sh"
+    script.write_text("#!/bin/sh\necho oops >&2\nexit 3\n")
+    script.chmod(0o755)
+    hid = one.hook.allocate('NAME="slow"\nTYPE="api"\nCALL="one.template.allocate"\n'
+                            'COMMAND="/bin/sleep 5"\nTIMEOUT="1"')
+    bad = one.hook.allocate('NAME="bad"\nTYPE="api"\nCALL="one.template.allocate"\n'
+                            f'COMMAND="{script}"')
+    one.template.allocate('NAME="t"\nCPU="1"\nMEMORY="8"')
+    slow = records(one, hid)[0]
+    assert slow.EXECUTION_RESULT.CODE == "255"
+    assert b64out(slow.EXECUTION_RESULT.STDERR) == "Timeout executing /bin/sleep 5"
+    failed = records(one, bad)[0]
+    assert failed.EXECUTION_RESULT.CODE == "3"
+    assert b64out(failed.EXECUTION_RESULT.STDERR) == "oops\n"
+    # pyone 7.3.80 binds <HOOKLOG> to the wrong class: read the XML
+    rpc = xmlrpc.client.ServerProxy(onesim.endpoint).one
+    failures = etree.fromstring(rpc.hooklog.info(onesim.credentials, 0, 0, -1, -1)[1])
+    assert {int(r.findtext("HOOK_ID")) for r in failures} == {hid, bad}
+    successes = etree.fromstring(rpc.hooklog.info(onesim.credentials, 0, 0, -1, 1)[1])
+    assert len(successes) == 0
+
+
+def test_retry_replays_the_stored_arguments(one: Any, onesim: Simulator) -> None:
+    hid = one.hook.allocate('NAME="echo"\nTYPE="api"\nCALL="one.template.allocate"\n'
+                            'COMMAND="/bin/echo"\nARGUMENTS="first $API"')
+    one.template.allocate('NAME="t"\nCPU="1"\nMEMORY="8"')
+    first = records(one, hid)[0]
+    one.hook.retry(hid, first.EXECUTION_ID)
+    second = records(one, hid, 2)[1]
+    assert (second.EXECUTION_ID, second.RETRY, second.ARGUMENTS) == (1, "yes", first.ARGUMENTS)
+    assert b64out(second.EXECUTION_RESULT.STDOUT) == b64out(first.EXECUTION_RESULT.STDOUT)
+
+
+def test_image_state_hook_and_log_retention(one: Any, onesim: Simulator) -> None:
+    hid = one.hook.allocate('NAME="img"\nTYPE="state"\nRESOURCE="IMAGE"\nSTATE="READY"\n'
+                            'COMMAND="/bin/true"')
+    for i in range(22):
+        create_datablock(one, f"d{i}", 1)
+    recs = records(one, hid, 20)
+    onesim.wait_idle()
+    recs = one.hook.info(hid).HOOKLOG.HOOK_EXECUTION_RECORD
+    assert len(recs) == 20 and recs[-1].EXECUTION_ID == 21 and recs[0].EXECUTION_ID == 2
+    assert re.match(r"^\d+$", str(recs[0].TIMESTAMP))
