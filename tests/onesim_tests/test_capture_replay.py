@@ -93,7 +93,8 @@ def settle_before(sim: Simulator, one: Any, seq: int) -> None:
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    sim = Simulator.start(tmp_path_factory.mktemp("replay"), delay=0.05, version="7.3.80")
+    sim = Simulator.start(tmp_path_factory.mktemp("replay"), delay=0.05, sched_delay=0.3,
+                          version="7.3.80")
     sub = Subscription(sim.events)
     one = client(sim)
     answers: dict[int, tuple[Any, ...]] = {}

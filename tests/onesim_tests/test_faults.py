@@ -35,13 +35,13 @@ def test_fail_call_answers_like_oned_and_counts_down(one: Any, onesim: Simulator
 
 
 def test_delay_call(one: Any, onesim: Simulator) -> None:
-    onesim.faults.delay_call("one.system.version", 0.3, count=1)
+    onesim.faults.delay_call("one.system.version", 1.0, count=1)
     start = time.monotonic()
     one.system.version()
-    assert time.monotonic() - start >= 0.3
+    assert time.monotonic() - start >= 1.0
     start = time.monotonic()
     one.system.version()
-    assert time.monotonic() - start < 0.3
+    assert time.monotonic() - start < 1.0
 
 
 def test_failed_attach_drops_the_disk_and_sets_error(one: Any, onesim: Simulator) -> None:
@@ -61,6 +61,7 @@ def test_failed_attach_drops_the_disk_and_sets_error(one: Any, onesim: Simulator
 def test_failed_snapshot_disappears_and_sets_error(one: Any, onesim: Simulator) -> None:
     vid = create_vm(one, onesim, "vm", [create_datablock(one, "d", 1)])
     onesim.faults.fail_driver("snapshot_create", vm_id=vid, message="dummy-snap")
+    onesim.faults.slow_driver("snapshot_create", 0.5)  # to look at it while it runs
     sid = one.vm.disksnapshotcreate(vid, 0, "doomed")
     assert one.vm.info(vid).SNAPSHOTS[0].SNAPSHOT[0].ID == sid
     vm = wait_vm(one, vid, "ACTIVE", "RUNNING")
@@ -124,9 +125,8 @@ def test_driver_faults_can_target_one_vm(one: Any, onesim: Simulator) -> None:
 
 def test_slow_driver_keeps_the_transient_state(one: Any, onesim: Simulator) -> None:
     vid = create_vm(one, onesim, "vm", [create_datablock(one, "d", 1)])
-    onesim.faults.slow_driver("snapshot_create", 0.4)
+    onesim.faults.slow_driver("snapshot_create", 0.8)
     one.vm.disksnapshotcreate(vid, 0, "slow")
-    time.sleep(0.2)
     assert one.vm.info(vid).LCM_STATE == 57
     with pytest.raises(pyone.OneActionException, match="wrong state DISK_SNAPSHOT"):
         one.vm.disksnapshotcreate(vid, 0, "concurrent")

@@ -28,7 +28,7 @@ def vm_keys(sub: Subscription, vid: int, until: str) -> list[str]:
 @pytest.fixture
 def slow(tmp_path: Any) -> Any:
     """A simulator whose driver phases last long enough to be observed."""
-    sim = Simulator.start(tmp_path / "sim", delay=0.15)
+    sim = Simulator.start(tmp_path / "sim", delay=0.3)
     yield sim
     sim.stop()
 

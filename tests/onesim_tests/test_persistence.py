@@ -58,7 +58,7 @@ def test_a_driver_operation_in_flight_completes_after_restart(tmp_path: Path) ->
     try:
         one = client(sim)
         vid = create_vm(one, sim, "vm", [create_datablock(one, "d", 1)])
-        sim.faults.slow_driver("snapshot_create", 0.5)
+        sim.faults.slow_driver("snapshot_create", 1.5)
         one.vm.disksnapshotcreate(vid, 0, "in-flight")
         assert one.vm.info(vid).LCM_STATE == 57
         sim.stop()
