@@ -288,3 +288,22 @@ class PreviousMap:
 
     def block_length(self, index: int) -> int:
         return block_length(self.size, self.block_size, index)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of the agent's work, durable in the catalog."""
+
+    id: int
+    vm_id: int
+    kind: str                     # "backup" | "snapshot"
+    params: Mapping[str, str]
+    state: str                    # "queued" | "running" | "done" | "failed"
+    reason: str
+    attempts: int
+    not_before: float
+    owner: str | None
+    created: float
+    updated: float
+    result: str
+    error: str

@@ -85,3 +85,102 @@ def parse_duration(text: str, where: str) -> int:
         raise UsageError(
             f"{where} is {text!r}: it must be a positive duration such as 30m, 48h, 7d or 2w")
     return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+# ---------------------------------------------------------------------------
+# Opt-in tags on a VM's USER_TEMPLATE (set by its owner) and what is due.
+
+OPT_IN = "ONEBACK"
+LABEL = "oneback"
+TRIGGERS = frozenset({"poweroff"})
+DEFAULT_INTERVAL = 24 * 3600
+
+
+@dataclass(frozen=True)
+class VmPolicy:
+    """What a VM's owner asked for, read from its own tags only."""
+
+    opted_in: bool
+    interval: int
+    keep: int | None
+    exclude: frozenset[int]
+    on: frozenset[str]
+    snapshot: str | None          # a requested pre-change snapshot set
+    snapshot_ttl: int | None
+    error: str                    # a bad tag: reported on the VM, nothing else done
+
+
+def _labels(text: str) -> set[str]:
+    return {part.strip().lower() for label in text.split(",") for part in label.split("/")}
+
+
+def vm_policy(vm: VmInfo) -> VmPolicy:
+    """Read the oneback tags of `vm`. Never raises: a bad value becomes `error`."""
+    tags = vm.user_template
+    value = tags.get(OPT_IN, "").strip().lower()
+    opted_in = value in ("yes", "true", "1", "on") or (
+        value not in ("no", "false", "0", "off") and LABEL in _labels(tags.get("LABELS", "")))
+    errors: list[str] = []
+    interval = DEFAULT_INTERVAL
+    if tags.get("ONEBACK_INTERVAL", "").strip():
+        try:
+            interval = parse_duration(tags["ONEBACK_INTERVAL"], "ONEBACK_INTERVAL")
+        except UsageError as e:
+            errors.append(e.message)
+    keep = None
+    if (k := tags.get("ONEBACK_KEEP", "").strip()):
+        if k.isdigit() and int(k) > 0:
+            keep = int(k)
+        else:
+            errors.append(f"ONEBACK_KEEP is {k!r}: it must be a positive number of backups")
+    exclude: frozenset[int] = frozenset()
+    try:
+        exclude = parse_disk_ids(tags.get(EXCLUDE_ATTRIBUTE, ""), EXCLUDE_ATTRIBUTE)
+    except UsageError as e:
+        errors.append(e.message)
+    on = frozenset(t.strip().lower() for t in tags.get("ONEBACK_ON", "").split(",")
+                   if t.strip())
+    if on - TRIGGERS:
+        errors.append(f"ONEBACK_ON has {', '.join(sorted(on - TRIGGERS))!r}: the known"
+                      f" triggers are {', '.join(sorted(TRIGGERS))}")
+    snapshot = tags.get("ONEBACK_SNAPSHOT", "").strip() or None
+    ttl = None
+    if snapshot and (t := tags.get("ONEBACK_SNAPSHOT_TTL", "").strip()):
+        try:
+            ttl = parse_duration(t, "ONEBACK_SNAPSHOT_TTL")
+        except UsageError as e:
+            errors.append(e.message)
+    return VmPolicy(opted_in, interval, keep, exclude, on, snapshot, ttl, "; ".join(errors))
+
+
+@dataclass(frozen=True)
+class Due:
+    """Work the agent should queue for a VM, with why."""
+
+    kind: str          # "backup" | "snapshot"
+    reason: str
+    params: Mapping[str, str]
+
+
+def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, last_active: float,
+             now: float) -> list[Due]:
+    """Level-triggered: what is due for `vm` now, from its document, its tags,
+    the time of its last backup and when it was last seen active. The same
+    inputs always give the same answer, however often it is asked."""
+    if not pol.opted_in or pol.error:
+        return []
+    work: list[Due] = []
+    if pol.snapshot:
+        params = {"name": pol.snapshot}
+        if pol.snapshot_ttl:
+            params["ttl"] = str(pol.snapshot_ttl)
+        work.append(Due("snapshot", f"ONEBACK_SNAPSHOT={pol.snapshot}", params))
+    if vm.state not in (3, 5, 8):  # only ACTIVE, SUSPENDED, POWEROFF VMs take snapshots
+        return work
+    if last_backup is None:
+        work.append(Due("backup", "first backup", {}))
+    elif "poweroff" in pol.on and vm.state == 8 and last_active > last_backup:
+        work.append(Due("backup", "powered off since its last backup", {}))
+    elif now - last_backup >= pol.interval:
+        work.append(Due("backup", f"last backup older than {pol.interval}s", {}))
+    return work

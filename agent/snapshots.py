@@ -5,8 +5,8 @@ found again from the VM document alone: each of its snapshots is named
 `oneback-set:NAME` (plus `;expires=EPOCH` when it has a TTL), so a lost
 catalog loses nothing. Disk operations run one disk after another, never in
 parallel (oned refuses concurrent disk-snapshot operations on a VM). A revert
-stops the VM the way the running oned allows (suspend up to 6.8, hard
-poweroff from 6.10 on), reverts disk by disk, and brings the VM back.
+stops the VM the way the running oned allows (suspend up to 6.6.2, hard
+poweroff from 6.6.3 on), reverts disk by disk, and brings the VM back.
 Must not: print, or decide which VMs to snapshot (the agent's policy does).
 """
 
@@ -33,8 +33,10 @@ SET_PREFIX = OBJECT_PREFIX + "set:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SNAP = re.compile(r"^" + re.escape(SET_PREFIX) + r"(?P<name>[^;]+)(?:;expires=(?P<exp>\d+))?$")
 
-# oned 6.10 moved disk-snapshot revert from SUSPENDED to POWEROFF only.
-REVERT_IN_POWEROFF_SINCE = (6, 10, 0)
+# oned reverts disk snapshots in SUSPENDED up to 6.6.2 and only in POWEROFF
+# from 6.6.3 on (DispatchManager::disk_snapshot_revert, commit 156cd04ba5,
+# first released in 6.6.3 and 6.8.0) -- earlier than the 6.10 our notes said.
+REVERT_IN_POWEROFF_SINCE = (6, 6, 3)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import pytest
 import xxhash
 from sqlite_utils import Database, Migrations
 
-from agent.catalog import Catalog, m001_initial
+from agent.catalog import Catalog
+from agent.catalog.schema import m001_initial, m002_jobs
 from agent.errors import InternalError, NotFound, RepositoryError
 from agent.model import BackupRecord, BlockRecord, DiskBackup, JournalKind
 
@@ -69,6 +70,7 @@ def test_open_refuses_a_newer_schema(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     future = Migrations("oneback")  # what a later oneback would ship
     future(name="m001_initial")(m001_initial)
+    future(name="m002_jobs")(m002_jobs)
 
     @future(name="m999_from_the_future")
     def m999(db: Database) -> None:

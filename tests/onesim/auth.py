@@ -13,6 +13,7 @@ Must not: look at object states.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tests.onesim.constants import ErrorCode
 from tests.onesim.model import Perms, Store
@@ -78,13 +79,13 @@ def authorize(caller: Caller, *checks: Check) -> None:
         raise OneError(ErrorCode.AUTHORIZATION, "; ".join(problems))
 
 
-def of(obj: object, kind: str, op: str) -> Check:
+def of(obj: Any, kind: str, op: str) -> Check:
     """A check on a pool object that has id/uid/gid/perms."""
     return Check(op, kind, obj.id, getattr(obj, "uid", 0), getattr(obj, "gid", 0),
                  getattr(obj, "perms", None))
 
 
-def pool_filter(caller: Caller, objects: list, kind: str, flag: int) -> list:  # type: ignore[type-arg]
+def pool_filter(caller: Caller, objects: list[Any], kind: str, flag: int) -> list[Any]:
     """PoolSQL::usr_filter for -4 (my group), -3 (mine), -2 (all I may
     use), -1 (mine and my groups') and >= 0 (that user's)."""
     out = []
@@ -106,7 +107,7 @@ def pool_filter(caller: Caller, objects: list, kind: str, flag: int) -> list:  #
     return out
 
 
-def id_range(objects: list, start: int, end: int) -> list:  # type: ignore[type-arg]
+def id_range(objects: list[Any], start: int, end: int) -> list[Any]:
     """PoolSQL::oid_filter and paging, on oned's default DESC order."""
     ordered = sorted(objects, key=lambda o: o.id, reverse=True)
     if end < -1:

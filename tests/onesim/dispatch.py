@@ -11,9 +11,11 @@ Must not: implement methods (api_* modules register them).
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tests.onesim import auth, wire
@@ -99,7 +101,6 @@ def failure_message(method_name: str, err: OneError, obj: str, uid: int) -> str:
 class Dispatcher:
     core: Oned
     sim: Any = None
-    calls: list[str] = field(default_factory=list)
 
     def handle(self, body: bytes) -> bytes:
         try:
@@ -137,6 +138,11 @@ class Dispatcher:
                 msg = failure_message(spec.name, err, spec.obj, caller.uid)
                 result = [False, msg, err.code, err.resp_id, wire.I8(-1)]
                 out = [msg, err.code, err.resp_id]
+            except Exception as exc:  # a simulator bug: answer, and say so on stderr
+                traceback.print_exc(file=sys.stderr)
+                msg = f"[{spec.name}] onesim internal error: {exc!r}"
+                result = [False, msg, int(ErrorCode.INTERNAL), -1, wire.I8(-1)]
+                out = [msg, int(ErrorCode.INTERNAL), -1]
             deferred = core.end_request()
             if spec.published:
                 publish_api(core.bus, spec.name, params, bool(result[0]), out, ctx.extra_xml)
@@ -144,6 +150,5 @@ class Dispatcher:
                 fn()
             if not spec.info:
                 core.save()
-            self.calls.append(spec.name)
         return result
 

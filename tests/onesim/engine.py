@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +75,10 @@ class Engine:
                         self.core.store.pending.remove(op)
                     handler = self.handlers.get(op["op"])
                     if handler is not None:
-                        handler(op)
+                        try:
+                            handler(op)
+                        except Exception:  # a bug must not stop time
+                            traceback.print_exc(file=sys.stderr)
                     self.core.save()
             finally:
                 with self._cond:
@@ -122,7 +127,10 @@ class Scheduler:
                         due.append(vid)
                 for vid in due:
                     self._seen.pop(vid, None)
-                    self.deploy(vid)
+                    try:
+                        self.deploy(vid)
+                    except Exception:  # a bug must not stop the scheduler
+                        traceback.print_exc(file=sys.stderr)
                 if due:
                     self.core.save()
 

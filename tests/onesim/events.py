@@ -96,7 +96,8 @@ class Bus:
             queue.Queue()
         self._listeners: list[Listener] = []
         self.fault_filter: Callable[[str, str], str | None] | None = None
-        self.published: deque[tuple[str, str]] = deque(maxlen=20000)  # (key, xml)
+        self._published: deque[tuple[str, str]] = deque(maxlen=20000)  # (key, xml)
+        self._published_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="onesim-bus", daemon=True)
         self._thread.start()
 
@@ -121,17 +122,23 @@ class Bus:
                 item.set()
                 continue
             key, xml, raw = item
-            self.published.append((key, xml))
+            with self._published_lock:
+                self._published.append((key, xml))
             for listener in self._listeners:
                 try:
                     listener(key, xml)
                 except Exception:  # a listener must never stop the bus
                     pass
             body: str | None = b64(xml) if raw is None else raw
-            if self.fault_filter is not None:
+            if self.fault_filter is not None and body is not None:
                 body = self.fault_filter(key, body)
             if body is not None:
                 self._sock.send_multipart([key.encode(), body.encode()])
+
+    def published(self) -> list[tuple[str, str]]:
+        """(key, xml) of everything published so far (the last 20000)."""
+        with self._published_lock:
+            return list(self._published)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything submitted so far has been published."""

@@ -201,6 +201,7 @@ class HookExecutionManager:
         self._pool = ThreadPoolExecutor(max_workers=10, thread_name_prefix="onesim-hem")
         self._active = 0
         self._cond = threading.Condition()
+        self._procs: set[subprocess.Popen[bytes]] = set()
         core.bus.add_listener(self.on_event)
 
     def on_event(self, key: str, xml: str) -> None:
@@ -294,21 +295,32 @@ class HookExecutionManager:
                 self._active -= 1
                 self._cond.notify_all()
 
-    @staticmethod
-    def _run(command: str, stdin: str | None, timeout: int | None) -> tuple[int, bytes, bytes]:
+    def _run(self, command: str, stdin: str | None,
+             timeout: int | None) -> tuple[int, bytes, bytes]:
+        """LocalCommand.run: a shell in its own process group, killed with
+        TERM when TIMEOUT expires (code 255, "Timeout executing ...")."""
         proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
+        with self._cond:
+            self._procs.add(proc)
         try:
             out, err = proc.communicate((stdin or "").encode(), timeout=timeout or None)
             return proc.returncode if proc.returncode >= 0 else 255, out, err
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self._kill(proc)
             proc.communicate()
             return 255, b"", f"Timeout executing {command}".encode()
+        finally:
+            with self._cond:
+                self._procs.discard(proc)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _record(self, hid: int, result: str) -> None:
         """HookLog::add."""
@@ -334,4 +346,9 @@ class HookExecutionManager:
             return self._cond.wait_for(lambda: self._active == 0, timeout)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        """Stop: hooks still running are killed (their records are not kept)."""
+        with self._cond:
+            running = list(self._procs)
+        for proc in running:
+            self._kill(proc)
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -23,7 +23,7 @@ from tests.onesim.disks import is_volatile, volatile_info
 from tests.onesim.model import Datastore, History, Host, Vm, now
 from tests.onesim.oned import Caller, Oned
 
-ONEADMIN_CTX = Caller(0, 0, "oneadmin", "oneadmin", [0])
+ONEADMIN = Caller(0, 0, "oneadmin", "oneadmin", [0])
 
 
 class WrongState(Exception):
@@ -142,7 +142,7 @@ class Lifecycle:
             return
         ds_id = vm.system_ds() if vm.history and vm.history[-1].action in (
             Action.STOP, Action.UNDEPLOY, Action.UNDEPLOY_HARD) else self.default_system_ds(vm)
-        self.deploy(vm, 0, ds_id, ONEADMIN_CTX)
+        self.deploy(vm, 0, ds_id, ONEADMIN)
 
     def _trigger_deploy(self, vid: int) -> None:
         vm = self.core.store.vms.get(vid)

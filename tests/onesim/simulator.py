@@ -102,7 +102,7 @@ class Simulator:
         self.scheduler.stop()
         self.server.stop()
         self.engine.stop()
-        self.hem.wait_idle(5)
+        self.hem.wait_idle(1)
         self.hem.close()
         self.bus.flush()
         self.bus.close()
@@ -185,4 +185,4 @@ class Simulator:
         """Every (key, decoded body) published so far (drop/garble faults
         do not show here)."""
         self.bus.flush()
-        return list(self.bus.published)
+        return self.bus.published()

@@ -231,7 +231,7 @@ class Subscription:
     def collect(self, until: str | None = None, timeout: float = 5.0) -> list[tuple[str, str]]:
         """Messages until one whose key equals `until` (included), or until
         nothing arrives for `timeout` seconds."""
-        out = []
+        out: list[tuple[str, str]] = []
         while True:
             msg = self.next(timeout)
             if msg is None:

@@ -146,3 +146,18 @@ def test_image_state_hook_and_log_retention(one: Any, onesim: Simulator) -> None
     recs = one.hook.info(hid).HOOKLOG.HOOK_EXECUTION_RECORD
     assert len(recs) == 20 and recs[-1].EXECUTION_ID == 21 and recs[0].EXECUTION_ID == 2
     assert re.match(r"^\d+$", str(recs[0].TIMESTAMP))
+
+
+def test_stop_does_not_wait_for_a_hook_that_never_ends(tmp_path: Path) -> None:
+    import time
+
+    from tests.onesim.testing import client
+    sim = Simulator.start(tmp_path / "sim", delay=0.01)
+    one = client(sim)
+    one.hook.allocate('NAME="forever"\nTYPE="api"\nCALL="one.template.allocate"\n'
+                      'COMMAND="/bin/sleep 60"')
+    one.template.allocate('NAME="t"\nCPU="1"\nMEMORY="8"')
+    time.sleep(0.2)
+    start = time.monotonic()
+    sim.stop()
+    assert time.monotonic() - start < 5

@@ -152,3 +152,20 @@ def test_hook_log_records_validate(cloud: Any) -> None:
     answer = rpc.hook.info(sim.credentials, 1)
     assert "<HOOK_EXECUTION_RECORD>" in answer[1]
     assert xsd_errors(answer[1], "hook.xsd") == []
+
+
+def test_pyone_parses_every_document(cloud: Any) -> None:
+    one = cloud["one"]
+    assert one.vm.info(cloud["vm"]).ID == cloud["vm"]
+    assert len(one.vmpool.info(-2, -1, -1, -2).VM) == 4
+    assert len(one.vmpool.infoextended(-2, -1, -1, -2).VM) == 4
+    assert one.image.info(cloud["saved"]).NAME == "saved"
+    assert len(one.imagepool.info(-2, -1, -1).IMAGE) == 4
+    assert one.datastore.info(1).NAME == "default"
+    assert [d.ID for d in one.datastorepool.info().DATASTORE] == [2, 1, 0]
+    assert one.host.info(0).HOST_SHARE.RUNNING_VMS == 2
+    assert one.hostpool.info().HOST[0].NAME == "localhost"
+    assert one.template.info(0).ID == 0 and one.templatepool.info(-2, -1, -1).VMTEMPLATE
+    assert one.user.info(0).NAME == "oneadmin" and one.userpool.info().USER
+    assert one.group.info(1).NAME == "users" and one.grouppool.info().GROUP
+    assert one.hook.info(0).TEMPLATE["STATE"] == "ACTIVE" and one.hookpool.info(-2, -1, -1).HOOK

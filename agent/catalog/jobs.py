@@ -1,0 +1,147 @@
+"""The agent's durable job queue, part of the catalog.
+
+Owns: enqueueing (events for the same VM collapse into one queued job per
+kind), claiming (oldest due job of a VM that has no running job, up to a
+global limit), finishing, failing with a retry time, recovering jobs whose
+owner died, and what the agent saw of each VM's activity. Must not: decide
+what work is due (policy does) or run it (the daemon does).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+from agent.model import Job
+
+_COLUMNS = ("id, vm_id, kind, params, state, reason, attempts, not_before, owner, created,"
+            " updated, result, error")
+
+
+def _job(r: tuple[Any, ...]) -> Job:
+    return Job(int(r[0]), int(r[1]), str(r[2]), json.loads(str(r[3])), str(r[4]), str(r[5]),
+               int(r[6]), float(r[7]), None if r[8] is None else str(r[8]), float(r[9]),
+               float(r[10]), str(r[11]), str(r[12]))
+
+
+class JobQueue:
+    """Mixed into Catalog: uses its serialised, error-translating `_guard`."""
+
+    _guard: Callable[..., AbstractContextManager[sqlite3.Connection]]
+
+    def job_enqueue(self, vm_id: int, kind: str, reason: str,
+                    params: Mapping[str, str] | None = None,
+                    now: float | None = None) -> tuple[Job, bool]:
+        """Queue a job, or collapse into the one already queued for this VM
+        and kind. Returns (the queued job, whether it is new)."""
+        now = time.time() if now is None else now
+        with self._guard("queueing a job", write=True) as conn:
+            cur = conn.execute(
+                "INSERT INTO jobs (vm_id, kind, params, state, reason, created, updated)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT DO NOTHING",
+                (vm_id, kind, json.dumps(dict(params or {}), sort_keys=True), reason, now, now))
+            new = cur.rowcount == 1
+            if not new and params:
+                conn.execute("UPDATE jobs SET params = ? WHERE vm_id = ? AND kind = ?"
+                             " AND state = 'queued'",
+                             (json.dumps(dict(params), sort_keys=True), vm_id, kind))
+            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE vm_id = ? AND kind = ?"
+                               " AND state = 'queued'", (vm_id, kind)).fetchone()
+        return _job(row), new
+
+    def job_claim(self, owner: str, limit: int, now: float | None = None) -> Job | None:
+        """Take the oldest due job whose VM has no running job, if fewer than
+        `limit` jobs run. Durable on return."""
+        now = time.time() if now is None else now
+        with self._guard("claiming a job", write=True) as conn:
+            running = conn.execute("SELECT count(*) FROM jobs WHERE state = 'running'"
+                                   ).fetchone()[0]
+            if running >= limit:
+                return None
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs j WHERE state = 'queued' AND not_before <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.vm_id = j.vm_id"
+                " AND r.state = 'running') ORDER BY not_before, id LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE jobs SET state = 'running', owner = ?, attempts = attempts + 1,"
+                         " updated = ? WHERE id = ?", (owner, now, row[0]))
+            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone()
+        return _job(row)
+
+    def job_finish(self, job_id: int, result: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._guard("finishing a job", write=True) as conn:
+            conn.execute("UPDATE jobs SET state = 'done', result = ?, error = '', owner = NULL,"
+                         " updated = ? WHERE id = ?", (result, now, job_id))
+
+    def job_fail(self, job_id: int, error: str, retry_at: float | None,
+                 now: float | None = None) -> None:
+        """Record a failure; with `retry_at`, queue the job again for then
+        (unless a newer request for the same work is already queued)."""
+        now = time.time() if now is None else now
+        with self._guard("failing a job", write=True) as conn:
+            if retry_at is not None:
+                try:
+                    conn.execute("UPDATE jobs SET state = 'queued', error = ?, owner = NULL,"
+                                 " not_before = ?, updated = ? WHERE id = ?",
+                                 (error, retry_at, now, job_id))
+                    return
+                except sqlite3.IntegrityError:
+                    pass  # another request is queued: it will do the work
+            conn.execute("UPDATE jobs SET state = 'failed', error = ?, owner = NULL,"
+                         " updated = ? WHERE id = ?", (error, now, job_id))
+
+    def jobs_recover(self, alive: Callable[[str], bool], now: float | None = None) -> int:
+        """Requeue running jobs whose owner is gone (a crash or SIGKILL)."""
+        now = time.time() if now is None else now
+        with self._guard("recovering jobs", write=True) as conn:
+            rows = conn.execute("SELECT id, owner, vm_id, kind FROM jobs"
+                                " WHERE state = 'running'").fetchall()
+            recovered = 0
+            for job_id, owner, vm_id, kind in rows:
+                if owner and alive(owner):
+                    continue
+                queued = conn.execute("SELECT 1 FROM jobs WHERE vm_id = ? AND kind = ?"
+                                      " AND state = 'queued'", (vm_id, kind)).fetchone()
+                if queued:
+                    conn.execute("UPDATE jobs SET state = 'failed', owner = NULL, error ="
+                                 " 'interrupted; merged into the queued job', updated = ?"
+                                 " WHERE id = ?", (now, job_id))
+                else:
+                    conn.execute("UPDATE jobs SET state = 'queued', owner = NULL, updated = ?"
+                                 " WHERE id = ?", (now, job_id))
+                recovered += 1
+        return recovered
+
+    def jobs(self, states: tuple[str, ...] = ("queued", "running"),
+             limit: int = 100) -> list[Job]:
+        """Jobs in these states, newest first."""
+        marks = ",".join("?" * len(states))
+        with self._guard("listing jobs") as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state IN ({marks})"
+                                " ORDER BY id DESC LIMIT ?", (*states, limit)).fetchall()
+        return [_job(r) for r in rows]
+
+    def iter_last_jobs(self, vm_id: int, kind: str) -> Iterator[Job]:
+        with self._guard("reading jobs") as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE vm_id = ? AND kind = ?"
+                                " ORDER BY id DESC LIMIT 5", (vm_id, kind)).fetchall()
+        return iter([_job(r) for r in rows])
+
+    def vm_active(self, vm_id: int, when: float) -> None:
+        """Note that the VM was seen out of POWEROFF at `when`."""
+        with self._guard("noting VM activity", write=True) as conn:
+            conn.execute("INSERT INTO vm_activity (vm_id, last_active) VALUES (?, ?)"
+                         " ON CONFLICT (vm_id) DO UPDATE SET last_active ="
+                         " max(last_active, excluded.last_active)", (vm_id, when))
+
+    def vm_last_active(self, vm_id: int) -> float:
+        with self._guard("reading VM activity") as conn:
+            row = conn.execute("SELECT last_active FROM vm_activity WHERE vm_id = ?",
+                               (vm_id,)).fetchone()
+        return float(row[0]) if row else 0.0

@@ -1,0 +1,132 @@
+"""The catalog's schema: every migration, in order. Append; never edit one
+that has shipped. Must not: hold queries (the Catalog and its parts do)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlite_utils import Database, Migrations
+
+MIGRATIONS = Migrations("oneback")
+_KNOWN: list[str] = []
+
+
+def _migration(fn: Callable[[Database], None]) -> Callable[[Database], None]:
+    """Register a migration under its function name, and remember the name so
+    a catalog carrying names we do not know is recognised as newer."""
+    _KNOWN.append(fn.__name__)
+    MIGRATIONS(name=fn.__name__)(fn)
+    return fn
+
+
+@_migration
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE vms (
+            id INTEGER PRIMARY KEY,               -- OpenNebula VM id (never reused)
+            name TEXT NOT NULL,
+            gone INTEGER NOT NULL DEFAULT 0       -- 1 once the VM was deleted in the cloud
+        );
+        CREATE TABLE documents (                  -- VM and image XML, deduplicated
+            id INTEGER PRIMARY KEY,
+            sha256 BLOB NOT NULL UNIQUE,
+            body TEXT NOT NULL
+        );
+        CREATE TABLE backups (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: orders lineages
+            vm_id INTEGER NOT NULL REFERENCES vms(id),
+            vm_name TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('full', 'incremental')),
+            started REAL NOT NULL,
+            finished REAL NOT NULL,
+            vm_document INTEGER NOT NULL REFERENCES documents(id),
+            warnings TEXT NOT NULL DEFAULT '[]'   -- JSON list of strings
+        );
+        CREATE INDEX backups_vm ON backups (vm_id, id);
+        CREATE TABLE backup_images (
+            backup_id INTEGER NOT NULL REFERENCES backups(id),
+            image_id INTEGER NOT NULL,
+            document INTEGER NOT NULL REFERENCES documents(id),
+            PRIMARY KEY (backup_id, image_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE lineages (                   -- one per (VM, disk): keys block rows
+            id INTEGER PRIMARY KEY,
+            vm_id INTEGER NOT NULL REFERENCES vms(id),
+            disk_id INTEGER NOT NULL,
+            UNIQUE (vm_id, disk_id)
+        );
+        CREATE TABLE disks (
+            backup_id INTEGER NOT NULL REFERENCES backups(id),
+            disk_id INTEGER NOT NULL,
+            lineage INTEGER NOT NULL REFERENCES lineages(id),
+            size INTEGER NOT NULL,
+            block_size INTEGER NOT NULL,
+            image_id INTEGER,
+            volatile INTEGER NOT NULL,
+            excluded INTEGER NOT NULL,
+            bytes_read INTEGER NOT NULL,
+            bytes_changed INTEGER NOT NULL,
+            bytes_stored INTEGER NOT NULL,
+            attributes TEXT NOT NULL DEFAULT '{}', -- JSON object: the DISK vector
+            PRIMARY KEY (backup_id, disk_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX disks_lineage ON disks (lineage, backup_id);
+        CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY,
+            sha256 BLOB NOT NULL UNIQUE,
+            size INTEGER,                         -- stored (compressed) bytes; NULL if unknown
+            refs INTEGER NOT NULL DEFAULT 0       -- block rows referencing it
+        );
+        CREATE TABLE blocks (
+            lineage INTEGER NOT NULL REFERENCES lineages(id),
+            idx INTEGER NOT NULL,
+            backup INTEGER NOT NULL REFERENCES backups(id),
+            checksum BLOB NOT NULL,               -- xxh3-128
+            chunk INTEGER REFERENCES chunks(id),  -- NULL: an all-zero block (hole)
+            PRIMARY KEY (lineage, idx, backup)
+        ) WITHOUT ROWID;
+        CREATE TABLE journal (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            vm_id INTEGER,
+            disk_id INTEGER,
+            one_id INTEGER,
+            job TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        """
+    )
+
+
+
+
+@_migration
+def m002_jobs(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE jobs (                       -- the agent's durable work queue
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            vm_id INTEGER NOT NULL,
+            kind TEXT NOT NULL,                   -- 'backup' | 'snapshot'
+            params TEXT NOT NULL DEFAULT '{}',    -- JSON object of strings
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+            reason TEXT NOT NULL DEFAULT '',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            not_before REAL NOT NULL DEFAULT 0,
+            owner TEXT,                           -- lease of the process running it
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            result TEXT NOT NULL DEFAULT '',
+            error TEXT NOT NULL DEFAULT ''
+        );
+        -- events for the same VM collapse into one queued job per kind
+        CREATE UNIQUE INDEX jobs_queued ON jobs (vm_id, kind) WHERE state = 'queued';
+        CREATE INDEX jobs_state ON jobs (state, not_before);
+        CREATE TABLE vm_activity (                -- what the agent saw of a VM's life
+            vm_id INTEGER PRIMARY KEY,
+            last_active REAL NOT NULL DEFAULT 0   -- last time it was seen out of POWEROFF
+        );
+        """
+    )
