@@ -11,6 +11,7 @@ disk data, or decide which disks to back up.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Workspace:
     owner: str
     proxy_vm_id: int
     leftovers: list[str] = field(default_factory=list)
+    attach_slots: threading.Semaphore | None = None  # limits disks on the proxy at once
     _serials: int = 0
 
     def name(self, what: str) -> str:
@@ -124,6 +126,16 @@ class Workspace:
     @contextmanager
     def attached(self, image_id: int) -> Iterator[DiskInfo]:
         """The image attached to the proxy VM with a fresh SERIAL, detached on exit."""
+        if self.attach_slots is not None:
+            with self.attach_slots:
+                with self._attached(image_id) as disk:
+                    yield disk
+        else:
+            with self._attached(image_id) as disk:
+                yield disk
+
+    @contextmanager
+    def _attached(self, image_id: int) -> Iterator[DiskInfo]:
         self._serials += 1
         serial = f"{OBJECT_PREFIX}{self.owner}-{self._serials}"[:SERIAL_MAX]
         disks: dict[int, DiskInfo] = {}

@@ -10,6 +10,8 @@ Must not: contain engine logic.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -28,9 +30,11 @@ from agent.attach import Workspace, cleanup, sweep
 from agent.backup import BackupOptions, BackupResult, Settings, backup_vm
 from agent.catalog import Catalog
 from agent.cloud import Cloud
+from agent.daemon import Agent
 from agent.errors import EXIT_CODES, Interrupted, OnebackError, UsageError
+from agent.hookdefs import DEFAULT_COMMAND, HOOKS
 from agent.lease import Lease
-from agent.model import BackupRecord
+from agent.model import BackupRecord, Job
 from agent.policy import parse_duration
 from agent.restore import Settings as RestoreSettings
 from agent.restore import export_disk, restore_disk, restore_vm
@@ -494,6 +498,106 @@ def snapshot_expire(config_file: str | None, as_json: bool) -> None:
             click.echo(f"expired snapshot set {s.name!r} of VM {s.vm_id}")
         if not expired:
             click.echo("no snapshot set has expired")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, event, and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        doc.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            doc["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(doc, default=str)
+
+
+@cli.command("agent")
+@config_option
+def agent_(config_file: str | None) -> None:
+    """Run the agent: events, hooks, schedule, jobs (until SIGTERM)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger("oneback")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    should_exit = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if should_exit.is_set():
+            os._exit(130)  # second signal: leave now; the next start cleans up
+        should_exit.set()
+
+    with runtime(config_file) as rt:
+        secret = rt.cfg.agent.read_secret()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, on_signal)
+        Agent(rt.cfg, rt.cloud, rt.catalog, rt.store, rt.lease, secret=secret).run(should_exit)
+
+
+def job_json(j: Job) -> dict[str, Any]:
+    return {"id": j.id, "vm_id": j.vm_id, "kind": j.kind, "state": j.state,
+            "reason": j.reason, "attempts": j.attempts, "params": dict(j.params),
+            "not_before": j.not_before, "updated": j.updated, "result": j.result,
+            "error": j.error}
+
+
+@cli.command("status")
+@config_option
+@json_option
+def status(config_file: str | None, as_json: bool) -> None:
+    """The agent's queue, running jobs and last results."""
+    with runtime(config_file, cloud=False) as rt:
+        queued = rt.catalog.jobs(("queued",))
+        running = rt.catalog.jobs(("running",))
+        recent = rt.catalog.jobs(("done", "failed"), limit=20)
+    if as_json:
+        emit_json({"queued": [job_json(j) for j in queued],
+                   "running": [job_json(j) for j in running],
+                   "recent": [job_json(j) for j in recent]})
+        return
+    for title, jobs in (("running", running), ("queued", queued), ("recent", recent)):
+        click.echo(f"{title}: {len(jobs)}")
+        for j in jobs:
+            what = j.error or j.result or j.reason
+            click.echo(f"  job {j.id}: VM {j.vm_id} {j.kind} {j.state}"
+                       f" (attempt {j.attempts}) {what}")
+
+
+@cli.group()
+def hooks() -> None:
+    """OpenNebula hooks that wake the agent."""
+
+
+@hooks.command("install")
+@click.option("--command", "command", default=DEFAULT_COMMAND, show_default=True,
+              help="Where hooks/oneback-hook was copied on the front-end.")
+@config_option
+@json_option
+def hooks_install(command: str, config_file: str | None, as_json: bool) -> None:
+    """Register oneback's hooks with one.hook.allocate (existing ones are kept)."""
+    if not command.startswith("/") or any(c in command for c in "\"'\n $`;|&"):
+        raise UsageError(f"--command {command!r} must be an absolute path without spaces"
+                         f" or shell characters")
+    with runtime(config_file) as rt:
+        existing = rt.cloud.hooks()
+        done = []
+        for h in HOOKS:
+            if h.name in existing:
+                done.append({"name": h.name, "id": existing[h.name], "created": False})
+            else:
+                hook_id = rt.cloud.hook_allocate(h.template(command))
+                done.append({"name": h.name, "id": hook_id, "created": True})
+    if as_json:
+        emit_json(done)
+    else:
+        for d in done:
+            click.echo(f"hook {d['id']} {d['name']}: {'created' if d['created'] else 'exists'}")
 
 
 @cli.command("exit-codes")

@@ -141,6 +141,7 @@ def parse_vm(xml: str) -> VmInfo:
             ))
     user = root.find("USER_TEMPLATE")
     user_template = _attributes(user) if user is not None else {}
+    history = root.findall("HISTORY_RECORDS/HISTORY")
     return VmInfo(
         id=_int(root, "ID", -1),
         name=_text(root, "NAME"),
@@ -153,6 +154,7 @@ def parse_vm(xml: str) -> VmInfo:
         user_template=user_template,
         error=user_template.get("ERROR", ""),
         document=xml if isinstance(xml, str) else etree.tostring(root, encoding="unicode"),
+        running_end=_int(history[-1], "RETIME") if history else 0,
     )
 
 
@@ -263,6 +265,14 @@ class Cloud:
         root = etree.fromstring(str(self.call("hostpool.info")).encode())
         return [(_int(h, "ID", -1), _text(h, "NAME"), _int(h, "STATE", -1))
                 for h in root.findall("HOST")]
+
+    def hooks(self) -> dict[str, int]:
+        """Registered hooks: name -> id."""
+        root = etree.fromstring(str(self.call("hookpool.info", -2, -1, -1)).encode())
+        return {_text(h, "NAME"): _int(h, "ID", -1) for h in root.findall("HOOK")}
+
+    def hook_allocate(self, template: str) -> int:
+        return int(self.call("hook.allocate", template))
 
     def datastore(self, ds_id: int) -> DatastoreInfo:
         root = etree.fromstring(str(self.call("datastore.info", ds_id)).encode())

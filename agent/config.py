@@ -80,11 +80,43 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    listen_host: str
+    listen_port: int
+    secret_file: Path
+    reconcile_interval: float  # seconds between two looks at every VM
+    max_jobs: int              # jobs running at once
+    max_attached: int          # disks attached to the proxy VM at once
+    retry_base: float          # seconds before the first retry, doubled each time
+    max_attempts: int
+    shutdown_grace: float      # seconds a running job may take to finish on SIGTERM
+
+    def read_secret(self) -> bytes:
+        """The secret shared with the hook scripts. Refuses one others can read."""
+        path = self.secret_file
+        try:
+            st = path.stat()
+            secret = path.read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"hook secret file {path}: {e.strerror}; create it with"
+                f" 'head -c 32 /dev/urandom | base64 > {path}; chmod 600 {path}'") from None
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(f"hook secret file {path} has mode"
+                              f" {stat.S_IMODE(st.st_mode):04o}: run 'chmod 600 {path}'")
+        if len(secret) < 16:
+            raise ConfigError(f"hook secret file {path} is too short: use at least 16"
+                              f" characters")
+        return secret
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     opennebula: OpenNebulaConfig
     proxy: ProxyConfig
     storage: StorageConfig
+    agent: AgentConfig
 
 
 def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -174,7 +206,7 @@ _REQUIRED = object()
 
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document (see `load`)."""
-    unknown = sorted(set(data) - {"opennebula", "proxy", "storage"})
+    unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent"})
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
 
@@ -230,7 +262,25 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         block_size=block_size,
         workers=st.integer("workers", os.cpu_count() or 2),
     )
-    return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage)
+    ag = _Section({"agent": data.get("agent", {})}, "agent", path)
+    ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",
+                    "retry_base", "max_attempts", "shutdown_grace"})
+    listen = ag.text("listen", "127.0.0.1:2640")
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{path}: agent.listen must be HOST:PORT, e.g. 0.0.0.0:2640")
+    agent = AgentConfig(
+        listen_host=host, listen_port=int(port),
+        secret_file=ag.path_("secret_file", "/etc/oneback/hook_secret"),
+        reconcile_interval=ag.number("reconcile_interval", 300.0),
+        max_jobs=ag.integer("max_jobs", 2),
+        max_attached=ag.integer("max_attached", 4),
+        retry_base=ag.number("retry_base", 30.0),
+        max_attempts=ag.integer("max_attempts", 5),
+        shutdown_grace=ag.number("shutdown_grace", 60.0),
+    )
+    return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
+                  agent=agent)
 
 
 _VMID = re.compile(r"""^\s*(?:export\s+)?VMID\s*=\s*["']?(\d+)["']?\s*$""", re.M)

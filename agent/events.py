@@ -38,6 +38,8 @@ class Trigger:
     vm_id: int | None
     reason: str
     state: str = ""   # "STATE/LCM" for state events
+    snapshot: str | None = None   # a hook asking for a pre-change snapshot set
+    snapshot_ttl: int | None = None
 
 
 def everything(reason: str) -> Trigger:
@@ -81,7 +83,8 @@ def parse_message(topic: bytes, body: bytes) -> Trigger | None:
 
 def parse_hook_request(doc: object) -> Trigger:
     """A request forwarded by a hook script (already authenticated) -> Trigger.
-    Shape: {"vm_id": N, "event": "..."}; anything else is refused."""
+    Shape: {"vm_id": N, "event": "...", ["snapshot": NAME, "ttl": SECONDS]};
+    anything else is refused with ValueError."""
     if not isinstance(doc, dict):
         raise ValueError("request must be a JSON object")
     vm_id = doc.get("vm_id")
@@ -90,4 +93,11 @@ def parse_hook_request(doc: object) -> Trigger:
         raise ValueError("vm_id must be a non-negative integer")
     if not isinstance(event, str) or len(event) > 200:
         raise ValueError("event must be a short string")
-    return Trigger(vm_id, f"hook {event}")
+    snapshot = doc.get("snapshot")
+    ttl = doc.get("ttl")
+    if snapshot is not None and (not isinstance(snapshot, str)
+                                 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", snapshot)):
+        raise ValueError("snapshot must be a set name (letters, digits, '.', '_', '-')")
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
+        raise ValueError("ttl must be a positive number of seconds")
+    return Trigger(vm_id, f"hook {event}", snapshot=snapshot, snapshot_ttl=ttl)

@@ -130,6 +130,7 @@ class VmInfo:
     user_template: Mapping[str, str]
     error: str
     document: str
+    running_end: int = 0   # RETIME of the last HISTORY record: when it last stopped running
 
     @property
     def state_name(self) -> str:

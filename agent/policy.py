@@ -162,11 +162,12 @@ class Due:
     params: Mapping[str, str]
 
 
-def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, last_active: float,
-             now: float) -> list[Due]:
-    """Level-triggered: what is due for `vm` now, from its document, its tags,
-    the time of its last backup and when it was last seen active. The same
-    inputs always give the same answer, however often it is asked."""
+def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, now: float) -> list[Due]:
+    """Level-triggered: what is due for `vm` now, from its document, its tags
+    and the start time of its last backup. The same inputs always give the
+    same answer, however often it is asked. "Powered off since its last
+    backup" is read from the VM's last HISTORY record, whose RETIME oned sets
+    when the VM stops running."""
     if not pol.opted_in or pol.error:
         return []
     work: list[Due] = []
@@ -179,7 +180,7 @@ def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, last_active: 
         return work
     if last_backup is None:
         work.append(Due("backup", "first backup", {}))
-    elif "poweroff" in pol.on and vm.state == 8 and last_active > last_backup:
+    elif "poweroff" in pol.on and vm.state == 8 and vm.running_end > last_backup:
         work.append(Due("backup", "powered off since its last backup", {}))
     elif now - last_backup >= pol.interval:
         work.append(Due("backup", f"last backup older than {pol.interval}s", {}))

@@ -2,8 +2,8 @@
 
 Owns: enqueueing (events for the same VM collapse into one queued job per
 kind), claiming (oldest due job of a VM that has no running job, up to a
-global limit), finishing, failing with a retry time, recovering jobs whose
-owner died, and what the agent saw of each VM's activity. Must not: decide
+global limit), finishing, failing with a retry time, and recovering jobs whose
+owner died. Must not: decide
 what work is due (policy does) or run it (the daemon does).
 """
 
@@ -36,10 +36,15 @@ class JobQueue:
     def job_enqueue(self, vm_id: int, kind: str, reason: str,
                     params: Mapping[str, str] | None = None,
                     now: float | None = None) -> tuple[Job, bool]:
-        """Queue a job, or collapse into the one already queued for this VM
-        and kind. Returns (the queued job, whether it is new)."""
+        """Queue a job, or collapse into the one already queued or running
+        for this VM and kind (a running job is doing the work that is due).
+        Returns (that job, whether it is new)."""
         now = time.time() if now is None else now
         with self._guard("queueing a job", write=True) as conn:
+            running = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE vm_id = ? AND kind = ?"
+                                   " AND state = 'running'", (vm_id, kind)).fetchone()
+            if running is not None:
+                return _job(running), False
             cur = conn.execute(
                 "INSERT INTO jobs (vm_id, kind, params, state, reason, created, updated)"
                 " VALUES (?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -132,16 +137,3 @@ class JobQueue:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE vm_id = ? AND kind = ?"
                                 " ORDER BY id DESC LIMIT 5", (vm_id, kind)).fetchall()
         return iter([_job(r) for r in rows])
-
-    def vm_active(self, vm_id: int, when: float) -> None:
-        """Note that the VM was seen out of POWEROFF at `when`."""
-        with self._guard("noting VM activity", write=True) as conn:
-            conn.execute("INSERT INTO vm_activity (vm_id, last_active) VALUES (?, ?)"
-                         " ON CONFLICT (vm_id) DO UPDATE SET last_active ="
-                         " max(last_active, excluded.last_active)", (vm_id, when))
-
-    def vm_last_active(self, vm_id: int) -> float:
-        with self._guard("reading VM activity") as conn:
-            row = conn.execute("SELECT last_active FROM vm_activity WHERE vm_id = ?",
-                               (vm_id,)).fetchone()
-        return float(row[0]) if row else 0.0

@@ -124,9 +124,5 @@ def m002_jobs(db: Database) -> None:
         -- events for the same VM collapse into one queued job per kind
         CREATE UNIQUE INDEX jobs_queued ON jobs (vm_id, kind) WHERE state = 'queued';
         CREATE INDEX jobs_state ON jobs (state, not_before);
-        CREATE TABLE vm_activity (                -- what the agent saw of a VM's life
-            vm_id INTEGER PRIMARY KEY,
-            last_active REAL NOT NULL DEFAULT 0   -- last time it was seen out of POWEROFF
-        );
         """
     )

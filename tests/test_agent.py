@@ -1,0 +1,312 @@
+"""The agent as a real process: ZeroMQ events from onesim, hooks executed by
+onesim's hook manager, tags on VMs, the durable job queue, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agentkit import REPO, MiB, Cloud, cloud, pattern  # noqa: F401
+from tests.onesim.testing import wait_vm
+
+DISK = 1 * MiB
+HOOK = REPO / "hooks" / "oneback-hook"
+
+
+class AgentProcess:
+    """`oneback agent` running as a child process; its log lines collected."""
+
+    def __init__(self, c: Cloud) -> None:
+        self.c = c
+        self.lines: list[dict[str, Any]] = []
+        self.proc = c.spawn("agent")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                self.lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                self.lines.append({"event": "unparsed", "text": line})
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [x for x in self.lines if x.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float = 20,
+                   where: Callable[[dict[str, Any]], bool] = lambda _: True) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [x for x in self.events(name) if where(x)]
+            if found:
+                return found[0]
+            assert self.proc.poll() is None, self.lines[-20:]
+            time.sleep(0.02)
+        raise AssertionError(f"no {name} event in {timeout}s; log tail: {self.lines[-15:]}")
+
+    @property
+    def control_url(self) -> str:
+        return str(self.wait_event("control.listening")["address"])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def agent_config(c: Cloud, events: str | None = None, reconcile: float = 1.0) -> None:
+    secret = c.tmp / "hook_secret"
+    secret.write_text("s3cret-s3cret-s3cret-s3cret\n")
+    secret.chmod(0o600)
+    text = c.config.read_text()
+    if events is not None:
+        text = text.replace(f'events = "{c.sim.events}"', f'events = "{events}"')
+    c.config.write_text(text + f"""
+[agent]
+listen = "127.0.0.1:0"
+secret_file = "{secret}"
+reconcile_interval = {reconcile}
+retry_base = 0.2
+shutdown_grace = 10
+""")
+
+
+@pytest.fixture
+def agent(cloud: Cloud) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(**kw: Any) -> AgentProcess:
+        if not started:
+            agent_config(cloud, **kw)
+        a = AgentProcess(cloud)
+        started.append(a)
+        a.wait_event("agent.started")
+        return a
+
+    yield start
+    for a in started:
+        a.stop()
+
+
+def backups(c: Cloud, vm: int) -> list[dict[str, Any]]:
+    r = c.call("list", str(vm), "--json")
+    assert r.code == 0, r.err
+    return list(r.json())
+
+
+def wait_backups(c: Cloud, vm: int, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = backups(c, vm)
+        if len(found) >= n:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"VM {vm} has {len(backups(c, vm))} backups, wanted {n}")
+
+
+def user_template(c: Cloud, vm: int) -> dict[str, str]:
+    return dict(c.one.vm.info(vm).USER_TEMPLATE)
+
+
+def test_tagged_vm_is_backed_up_untagged_never(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    tagged = cloud.vm("tagged", [cloud.image("t0", pattern(DISK, 1))])
+    untagged = cloud.vm("untagged", [cloud.image("u0", pattern(DISK, 2))])
+    labelled = cloud.vm("labelled", [cloud.image("l0", pattern(DISK, 3))])
+    a = agent(reconcile=60)
+    cloud.one.vm.update(tagged, 'ONEBACK="yes"', 1)
+    cloud.one.vm.update(labelled, 'LABELS="prod,oneback"', 1)
+    wait_backups(cloud, tagged, 1)
+    wait_backups(cloud, labelled, 1)
+    assert backups(cloud, tagged)[0]["kind"] == "full"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and user_template(cloud, tagged).get(
+            "ONEBACK_STATUS") != "ok":
+        time.sleep(0.1)
+    tags = user_template(cloud, tagged)
+    assert tags["ONEBACK_STATUS"] == "ok"
+    assert "backup 1" in tags["ONEBACK_LAST_BACKUP"] or "backup 2" in tags["ONEBACK_LAST_BACKUP"]
+    time.sleep(1.5)
+    assert backups(cloud, untagged) == []
+    assert "ONEBACK_STATUS" not in user_template(cloud, untagged)
+    # its own status updates did not start more work
+    assert len(backups(cloud, tagged)) == 1
+    assert cloud.leftovers() == []
+    assert a.stop() == 0
+
+
+def test_poweroff_trigger(cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("p", [cloud.image("p0", pattern(DISK, 4))])
+    cloud.one.vm.update(vm, 'ONEBACK="yes"\nONEBACK_ON="poweroff"\nONEBACK_INTERVAL="24h"', 1)
+    agent(reconcile=60)
+    wait_backups(cloud, vm, 1)
+    time.sleep(1.1)  # RETIME has a one-second resolution
+    cloud.one.vm.action("poweroff", vm)
+    found = wait_backups(cloud, vm, 2)
+    assert len(found) == 2
+    wait_vm(cloud.one, vm, "POWEROFF")
+    time.sleep(1.5)
+    assert len(backups(cloud, vm)) == 2   # once per power-off, not again
+
+
+def test_hundred_events_for_one_vm_give_one_backup(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("busy", [cloud.image("b0", pattern(DISK, 5))])
+    cloud.sim.faults.slow_driver("saveas", 1.0, count=1)
+    a = agent(reconcile=60)
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    for i in range(100):
+        cloud.one.vm.update(vm, f'NOTE="{i}"', 1)
+    wait_backups(cloud, vm, 1)
+    time.sleep(2)
+    assert len(backups(cloud, vm)) == 1
+    assert len(a.events("job.queued")) == 1
+
+
+def test_bad_tags_report_an_error_on_the_vm(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("bad", [cloud.image("bad0", pattern(DISK, 6))])
+    agent(reconcile=60)
+    cloud.one.vm.update(vm, 'ONEBACK="yes"\nONEBACK_INTERVAL="often"', 1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = user_template(cloud, vm).get("ONEBACK_STATUS", "")
+        if status.startswith("error"):
+            break
+        time.sleep(0.1)
+    assert "ONEBACK_INTERVAL" in status
+    assert backups(cloud, vm) == []
+
+
+def test_dropped_events_are_made_up_by_the_reconcile_loop(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("quiet", [cloud.image("q0", pattern(DISK, 7))])
+    a = agent(reconcile=1.0)
+    cloud.sim.faults.drop_events(count=None, prefix="EVENT")
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    wait_backups(cloud, vm, 1, timeout=20)
+    assert any(x.get("reason") == "first backup" for x in a.events("job.queued"))
+
+
+def test_pre_change_snapshot_is_taken_cleared_and_expires(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("s", [cloud.image("s0", pattern(DISK, 8))])
+    agent(reconcile=1.0)
+    cloud.one.vm.update(vm, 'ONEBACK="yes"\nONEBACK_SNAPSHOT="before-upgrade"\n'
+                            'ONEBACK_SNAPSHOT_TTL="3s"', 1)
+    deadline = time.monotonic() + 20
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        r = cloud.call("snapshot", "list", str(vm), "--json")
+        names = [s["name"] for s in r.json()]
+        if "before-upgrade" in names:
+            break
+        time.sleep(0.1)
+    assert names == ["before-upgrade"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and user_template(cloud, vm).get("ONEBACK_SNAPSHOT"):
+        time.sleep(0.1)
+    assert not user_template(cloud, vm).get("ONEBACK_SNAPSHOT")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if cloud.call("snapshot", "list", str(vm), "--json").json() == []:
+            break
+        time.sleep(0.2)
+    assert cloud.call("snapshot", "list", str(vm), "--json").json() == []
+
+
+def test_registered_hook_reaches_the_agent_and_a_wrong_secret_is_refused(
+        cloud: Cloud, agent: Callable[..., AgentProcess], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    vm = cloud.vm("h", [cloud.image("h0", pattern(DISK, 9))])
+    # No event bus for this agent: only the hook can wake it.
+    a = agent(events="tcp://127.0.0.1:9", reconcile=3600)
+    conf = tmp_path / "hook.conf"
+    conf.write_text(f"url = {a.control_url}\nsecret_file = {cloud.tmp / 'hook_secret'}\n")
+    monkeypatch.setenv("ONEBACK_HOOK_CONF", str(conf))
+    r = cloud.call("hooks", "install", "--command", str(HOOK), "--json")
+    assert r.code == 0, r.err
+    names = {h["name"] for h in r.json()}
+    assert {"oneback-vm-update", "oneback-vm-poweroff"} <= names
+    again = cloud.call("hooks", "install", "--command", str(HOOK), "--json").json()
+    assert not any(h["created"] for h in again)
+
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    a.wait_event("hook.accepted", where=lambda x: x.get("vm_id") == vm)
+    wait_backups(cloud, vm, 1)
+    hook_id = next(h["id"] for h in r.json() if h["name"] == "oneback-vm-update")
+    log = cloud.one.hook.info(hook_id).HOOKLOG.HOOK_EXECUTION_RECORD
+    assert log and all(int(x.EXECUTION_RESULT.CODE) == 0 for x in log)
+
+    # a forged request: wrong secret
+    bad_secret = tmp_path / "bad_secret"
+    bad_secret.write_text("not-the-secret-at-all\n")
+    bad_secret.chmod(0o600)
+    bad_conf = tmp_path / "bad.conf"
+    bad_conf.write_text(f"url = {a.control_url}\nsecret_file = {bad_secret}\n")
+    import base64
+    doc = base64.b64encode(f"<VM><ID>{vm}</ID><STATE>3</STATE>"
+                           "<LCM_STATE>3</LCM_STATE></VM>".encode()).decode()
+    p = subprocess.run([str(HOOK), "state", doc], capture_output=True, text=True,
+                       env={**os.environ, "ONEBACK_HOOK_CONF": str(bad_conf)})
+    assert p.returncode != 0 and "refused" in p.stderr
+    refused = a.wait_event("hook.refused")
+    assert refused["why"] == "bad signature"
+    assert "not-the-secret" not in json.dumps(a.lines)
+
+
+def test_sigkill_during_backup_then_restart_cleans_up_and_completes(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("k", [cloud.image("k0", pattern(DISK, 10))])
+    cloud.sim.faults.slow_driver("saveas", 3.0, count=1)
+    a = agent(reconcile=60)
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    a.wait_event("job.started")
+    deadline = time.monotonic() + 20
+    while not any("image" in x for x in cloud.leftovers()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait()
+    assert cloud.leftovers() != []
+    b = agent()
+    started = b.wait_event("agent.started")
+    assert started["recovered_jobs"] == 1
+    wait_backups(cloud, vm, 1)
+    deadline = time.monotonic() + 20
+    while cloud.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cloud.leftovers() == []
+    assert len(backups(cloud, vm)) == 1
+
+
+def test_status_shows_the_queue_and_results(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("st", [cloud.image("st0", pattern(DISK, 11))])
+    agent(reconcile=60)
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    wait_backups(cloud, vm, 1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        doc = cloud.call("status", "--json").json()
+        if doc["recent"]:
+            break
+        time.sleep(0.1)
+    assert doc["recent"][0]["vm_id"] == vm and doc["recent"][0]["state"] == "done"
+    assert "credentials" not in json.dumps(doc)
