@@ -438,7 +438,8 @@ class Cloud:
                     f"VM {vm_id} is {before.state_name}; disks can only be attached to a"
                     f" RUNNING or POWEROFF VM")
             self.call("vm.attach", vm_id,
-                      f"DISK=[IMAGE_ID={quote(str(image_id))},SERIAL={quote(serial)}]")
+                      f"DISK=[IMAGE_ID={quote(str(image_id))},SERIAL={quote(serial)},"
+                      f"DEV_PREFIX=\"vd\"]")
             after = self.wait_vm(
                 vm_id, lambda v: v.lcm_state not in HOTPLUG_BUSY or v.state != VM_ACTIVE,
                 f"attaching image {image_id} to VM {vm_id}")

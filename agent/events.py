@@ -28,6 +28,8 @@ TOPICS: tuple[str, ...] = (
 
 _VM_KEY = re.compile(r"^EVENT VM (\d+)/([A-Z_]+)/([A-Z_]*) ?$")
 _API_KEY = re.compile(r"^EVENT API (one\.[a-z.]+) ([01])$")
+# Where an API call names its VM: the 2nd IN parameter, except for these.
+_VM_PARAM = {"one.vm.action": ("IN", 3), "one.template.instantiate": ("OUT", 2)}
 _IN_PARAM = r"<PARAMETER><POSITION>{pos}</POSITION><TYPE>{type}</TYPE><VALUE>(-?\d+)</VALUE>"
 
 
@@ -71,10 +73,8 @@ def parse_message(topic: bytes, body: bytes) -> Trigger | None:
         text = _decode(body)
         if text is None:
             return everything(f"{method}: unreadable body")
-        if method == "one.template.instantiate":
-            found = re.search(_IN_PARAM.format(pos=2, type="OUT"), text)
-        else:
-            found = re.search(_IN_PARAM.format(pos=2, type="IN"), text)
+        where, pos = _VM_PARAM.get(method, ("IN", 2))
+        found = re.search(_IN_PARAM.format(pos=pos, type=where), text)
         if found is None:
             return everything(f"{method}: no VM id in body")
         return Trigger(int(found.group(1)), method)

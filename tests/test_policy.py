@@ -1,0 +1,89 @@
+"""Pure decisions: tags on a VM, disk plans, what is due."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from agent.errors import UsageError
+from agent.model import DiskInfo, VmInfo
+from agent.policy import (
+    due_work,
+    parse_disk_ids,
+    parse_duration,
+    plan_disks,
+    vm_policy,
+)
+
+
+def disk(i: int, image: int | None = 1, **attrs: str) -> DiskInfo:
+    return DiskInfo(i, image, 4, f"vd{chr(97 + i)}", "", attrs.get("TYPE", "FILE"), 1, False,
+                    False, dict(attrs))
+
+
+def vm(tags: dict[str, str] | None = None, state: int = 3, lcm: int = 3,
+       running_end: int = 0) -> VmInfo:
+    return VmInfo(7, "web", 0, 0, state, lcm,
+                  (disk(0), disk(1, None, TYPE="fs"), disk(2, 5, READONLY="YES"), disk(3)),
+                  (), tags or {}, "", "<VM/>", running_end)
+
+
+def test_parsers() -> None:
+    assert parse_disk_ids(" 1, 3 ", "x") == {1, 3}
+    assert parse_disk_ids("", "x") == frozenset()
+    assert parse_duration("48h", "x") == 172800 and parse_duration("2w", "x") == 1209600
+    for bad in ("1;3", "a", "1,,2"):
+        with pytest.raises(UsageError, match="x is"):
+            parse_disk_ids(bad, "x")
+    for bad in ("", "0h", "5", "1y", "-1d"):
+        with pytest.raises(UsageError):
+            parse_duration(bad, "x")
+
+
+def test_plan_splits_disks_by_what_a_backup_does() -> None:
+    plan = plan_disks(vm({"ONEBACK_EXCLUDE_DISKS": "3"}), exclude=[9])
+    assert [d.disk_id for d in plan.read] == [0]
+    assert [d.disk_id for d in plan.volatile] == [1]
+    assert [d.disk_id for d in plan.skipped] == [2]
+    assert [d.disk_id for d in plan.excluded] == [3]
+    assert any("no such disk" in w for w in plan.warnings)
+
+
+@pytest.mark.parametrize("tags,opted", [
+    ({}, False), ({"ONEBACK": "yes"}, True), ({"ONEBACK": "YES"}, True),
+    ({"LABELS": "prod,oneback"}, True), ({"LABELS": "team/oneback"}, True),
+    ({"LABELS": "onebackup"}, False), ({"LABELS": "oneback", "ONEBACK": "no"}, False),
+])
+def test_opt_in(tags: dict[str, str], opted: bool) -> None:
+    assert vm_policy(vm(tags)).opted_in is opted
+
+
+def test_bad_tags_become_one_error_not_an_exception() -> None:
+    pol = vm_policy(vm({"ONEBACK": "yes", "ONEBACK_INTERVAL": "daily", "ONEBACK_KEEP": "-1",
+                        "ONEBACK_ON": "reboot"}))
+    assert "ONEBACK_INTERVAL" in pol.error and "ONEBACK_KEEP" in pol.error
+    assert "ONEBACK_ON" in pol.error
+    assert due_work(vm(), pol, None, 0) == []
+
+
+def test_due_work_is_level_triggered() -> None:
+    on = {"ONEBACK": "yes", "ONEBACK_INTERVAL": "1h"}
+    v = vm(on)
+    pol = vm_policy(v)
+    assert [d.reason for d in due_work(v, pol, None, 1000)] == ["first backup"]
+    assert due_work(v, pol, 1000, 1000 + 3599) == []
+    assert [d.kind for d in due_work(v, pol, 1000, 1000 + 3600)] == ["backup"]
+    held = replace(v, state=2)
+    assert due_work(held, pol, None, 1000) == []
+    # power-off trigger: due once the VM stopped running after the last backup
+    off = vm({**on, "ONEBACK_ON": "poweroff"}, state=8, lcm=0, running_end=1500)
+    pol = vm_policy(off)
+    assert [d.reason for d in due_work(off, pol, 1000, 1600)] == [
+        "powered off since its last backup"]
+    assert due_work(off, pol, 1550, 1600) == []
+    # a pre-change snapshot request
+    snap = vm({**on, "ONEBACK_SNAPSHOT": "before-x", "ONEBACK_SNAPSHOT_TTL": "2h"})
+    work = due_work(snap, vm_policy(snap), 1000, 1001)
+    assert [(d.kind, dict(d.params)) for d in work] == [
+        ("snapshot", {"name": "before-x", "ttl": "7200"})]
