@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +22,7 @@ from agent import devices, reader
 from agent.attach import Journal, Workspace
 from agent.cloud import Cloud
 from agent.errors import Interrupted, NotFound, StateError
+from agent.lease import VmBusy, vm_lock
 from agent.model import (
     LCM_RUNNING,
     VM_ACTIVE,
@@ -34,6 +35,17 @@ from agent.model import (
 )
 from agent.policy import plan_disks
 from agent.store import ChunkStore
+
+
+@contextmanager
+def exclusive(catalog_path: Path, vm_id: int) -> Iterator[None]:
+    """Hold VM `vm_id` for one backup across every oneback process."""
+    try:
+        with vm_lock(catalog_path, vm_id):
+            yield
+    except VmBusy:
+        raise StateError(f"a backup of VM {vm_id} is already running (another oneback"
+                         f" process); try again when it is done") from None
 
 
 class BackupCatalog(Journal, Protocol):

@@ -27,7 +27,7 @@ import click
 
 from agent import config as config_mod
 from agent.attach import Workspace, cleanup, sweep
-from agent.backup import BackupOptions, BackupResult, Settings, backup_vm
+from agent.backup import BackupOptions, BackupResult, Settings, backup_vm, exclusive
 from agent.catalog import Catalog
 from agent.cloud import Cloud
 from agent.daemon import Agent
@@ -213,10 +213,12 @@ def backup(vm_id: int, full: bool, exclude: tuple[int, ...], config_file: str | 
     with runtime(config_file) as rt, interruptible(cancel):
         sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
         try:
-            result: BackupResult = backup_vm(
-                vm_id, BackupOptions(full=full, exclude=frozenset(exclude)), cloud=rt.cloud,
-                catalog=rt.catalog, store=rt.store, workspace=rt.workspace(),
-                settings=rt.settings(), progress=bar, cancel=cancel)
+            with exclusive(rt.cfg.storage.catalog, vm_id):
+                result: BackupResult = backup_vm(
+                    vm_id, BackupOptions(full=full, exclude=frozenset(exclude)),
+                    cloud=rt.cloud, catalog=rt.catalog, store=rt.store,
+                    workspace=rt.workspace(), settings=rt.settings(), progress=bar,
+                    cancel=cancel)
         finally:
             bar.finish()
     rec = result.record

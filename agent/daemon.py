@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from agent import events as events_mod
 from agent.attach import Workspace, sweep
-from agent.backup import BackupOptions, Settings, backup_vm
+from agent.backup import BackupOptions, Settings, backup_vm, exclusive
 from agent.catalog import Catalog
 from agent.cloud import Cloud
 from agent.config import Config
@@ -303,9 +303,10 @@ class Agent:
                             device_timeout=self.cfg.proxy.device_timeout,
                             block_size=self.cfg.storage.block_size,
                             workers=self.cfg.storage.workers)
-        result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud, catalog=self.catalog,
-                           store=self.store, workspace=workspace, settings=settings,
-                           cancel=self.cancel)
+        with exclusive(self.cfg.storage.catalog, vm.id):
+            result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud, catalog=self.catalog,
+                               store=self.store, workspace=workspace, settings=settings,
+                               cancel=self.cancel)
         rec = result.record
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.finished))
         self._set_status(self.cloud.vm(vm.id), "ok",

@@ -12,6 +12,8 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -60,5 +62,26 @@ def is_alive(catalog_path: Path, owner: str) -> bool:
         fcntl.flock(fd, fcntl.LOCK_UN)
         path.unlink(missing_ok=True)  # a dead owner's file: tidy it
         return False
+    finally:
+        os.close(fd)
+
+
+class VmBusy(Exception):
+    """Another oneback process holds the VM's lock."""
+
+
+@contextmanager
+def vm_lock(catalog_path: Path, vm_id: int) -> Iterator[None]:
+    """Exclusive, non-blocking: one backup of a VM at a time across every
+    oneback process sharing this catalog (the CLI and the agent alike)."""
+    directory = owners_dir(catalog_path)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory / f"vm-{int(vm_id)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VmBusy(vm_id) from None
+        yield
     finally:
         os.close(fd)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.agentkit import REPO, MiB, Cloud, cloud, pattern  # noqa: F401
+from tests.agentkit import REPO, Cloud, MiB, pattern
 from tests.onesim.testing import wait_vm
 
 DISK = 1 * MiB

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import BLOCK, Cloud, MiB, cloud, pattern  # noqa: F401
+from tests.agentkit import BLOCK, Cloud, MiB, pattern
 
 DISK = 2 * MiB  # 32 blocks of 64 KiB
 
@@ -284,6 +284,22 @@ def test_cleanup_leaves_a_live_runs_objects_alone(
     r = cloud.run("cleanup", "--json", capsys=capsys)
     assert r.code == 0
     assert r.json()["removed"] == []
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert cloud.leftovers() == []
+
+
+def test_a_second_backup_of_the_same_vm_is_refused_while_one_runs(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    vm = cloud.vm("twice", [cloud.image("tw0", pattern(DISK, 19))])
+    cloud.sim.faults.slow_driver("saveas", 2.0, count=1)
+    proc = cloud.spawn("backup", str(vm))
+    deadline = time.monotonic() + 20
+    while not any("snapshot" in x for x in cloud.leftovers()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    r = cloud.run("backup", str(vm), capsys=capsys)
+    assert r.code == 7 and "already running" in r.err
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert cloud.leftovers() == []

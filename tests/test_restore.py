@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import BLOCK, Cloud, MiB, cloud, pattern  # noqa: F401
+from tests.agentkit import BLOCK, Cloud, MiB, pattern
 from tests.test_backup import write_blocks
 
 DISK = 2 * MiB

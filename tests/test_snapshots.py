@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import Cloud, MiB, cloud, pattern, write_config  # noqa: F401
+from tests.agentkit import Cloud, MiB, pattern, write_config
 from tests.onesim.simulator import Simulator
 from tests.onesim.testing import FAST, client, create_proxy_vm, wait_vm
 from tests.test_backup import write_blocks
