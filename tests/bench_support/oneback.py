@@ -135,6 +135,11 @@ class Oneback:
             f'catalog = "{self.catalog}"\n'
             f"block_size = {4 * 1024 * 1024}\n")
 
+    def scan_cmd(self) -> list[str]:
+        """oneback's read-and-scan phase alone on the VM's disk (tests/bench_support/scan.py)."""
+        return [sys.executable, "-m", "tests.bench_support.scan", str(self.catalog),
+                str(self.vm_id), "0", str(self.guest_disk), str(4 * 1024 * 1024)]
+
     def backup_cmd(self) -> list[str]:
         return [self.exe, "backup", str(self.vm_id), "--json", "--config", str(self.config)]
 
