@@ -34,6 +34,7 @@ from agent.model import (
     DiskInfo,
 )
 from agent.policy import plan_disks
+from agent.progress import Progress, Quiet
 from agent.store import ChunkStore
 
 
@@ -58,25 +59,6 @@ class BackupCatalog(Journal, Protocol):
                       disks: list[DiskBackup], blocks: Mapping[int, list[BlockRecord]],
                       warnings: list[str], chunk_sizes: Mapping[bytes, int] | None = None,
                       ) -> BackupRecord: ...
-
-
-class Progress(Protocol):
-    """What the engine reports while it works; the CLI renders it."""
-
-    def phase(self, disk_id: int, phase: str) -> None: ...
-    def disk_size(self, disk_id: int, size: int) -> None: ...
-    def advanced(self, nbytes: int) -> None: ...
-
-
-class _Quiet:
-    def phase(self, disk_id: int, phase: str) -> None:
-        pass
-
-    def disk_size(self, disk_id: int, size: int) -> None:
-        pass
-
-    def advanced(self, nbytes: int) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -114,7 +96,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
     """Back up VM `vm_id`. On success the backup is committed and every
     temporary cloud object is gone; on failure nothing is committed and every
     temporary object is removed (or left journaled for the next sweep)."""
-    progress = progress or _Quiet()
+    progress = progress or Quiet()
     started = time.time()
     cloud_seconds = 0.0
     scan_seconds = 0.0

@@ -220,8 +220,9 @@ class Agent:
             self._set_status(vm, f"error: {pol.error}")
             return
         backups = self.catalog.list_backups(vm.id)
-        last = backups[-1].started if backups else None
-        for due in due_work(vm, pol, last, self.clock()):
+        last = backups[-1] if backups else None
+        for due in due_work(vm, pol, last.started if last else None, self.clock(),
+                            last.finished if last else None):
             job, new = self.catalog.job_enqueue(vm.id, due.kind, due.reason, due.params)
             if new:
                 event("job.queued", job=job.id, vm_id=vm.id, kind=due.kind, reason=due.reason)

@@ -162,12 +162,17 @@ class Due:
     params: Mapping[str, str]
 
 
-def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, now: float) -> list[Due]:
+def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, now: float,
+             last_finished: float | None = None) -> list[Due]:
     """Level-triggered: what is due for `vm` now, from its document, its tags
-    and the start time of its last backup. The same inputs always give the
-    same answer, however often it is asked. "Powered off since its last
-    backup" is read from the VM's last HISTORY record, whose RETIME oned sets
-    when the VM stops running."""
+    and when its last backup started (and finished). The same inputs always
+    give the same answer, however often it is asked.
+
+    "Powered off since its last backup" is read from the VM's last HISTORY
+    record: oned sets its RETIME when the VM stops running -- and again when
+    any operation on a powered-off VM completes (trigger_poweroff_success),
+    including the backup's own snapshot and save-as. So it is compared with
+    the time the last backup *finished*, after all of its own operations."""
     if not pol.opted_in or pol.error:
         return []
     work: list[Due] = []
@@ -180,7 +185,8 @@ def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, now: float) -
         return work
     if last_backup is None:
         work.append(Due("backup", "first backup", {}))
-    elif "poweroff" in pol.on and vm.state == 8 and vm.running_end > last_backup:
+    elif "poweroff" in pol.on and vm.state == 8 and vm.running_end > (
+            last_finished if last_finished is not None else last_backup):
         work.append(Due("backup", "powered off since its last backup", {}))
     elif now - last_backup >= pol.interval:
         work.append(Due("backup", f"last backup older than {pol.interval}s", {}))

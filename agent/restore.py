@@ -33,6 +33,7 @@ from agent.model import (
     DiskBackup,
     JournalKind,
 )
+from agent.progress import Progress, Quiet
 from agent.store import ChunkStore
 
 MiB = 1024 * 1024
@@ -44,23 +45,6 @@ class RestoreCatalog(Journal, Protocol):
     def vm_document(self, backup_id: int) -> str: ...
     def image_documents(self, backup_id: int) -> dict[int, str]: ...
     def blocks(self, backup_id: int, disk_id: int) -> Iterator[BlockRecord]: ...
-
-
-class Progress(Protocol):
-    def phase(self, disk_id: int, phase: str) -> None: ...
-    def disk_size(self, disk_id: int, size: int) -> None: ...
-    def advanced(self, nbytes: int) -> None: ...
-
-
-class _Quiet:
-    def phase(self, disk_id: int, phase: str) -> None:
-        pass
-
-    def disk_size(self, disk_id: int, size: int) -> None:
-        pass
-
-    def advanced(self, nbytes: int) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -190,7 +174,7 @@ def _restorer(backup_id: int, *, cloud: Cloud, catalog: RestoreCatalog, store: C
               workspace: Workspace, settings: Settings, progress: Progress | None,
               cancel: threading.Event | None) -> _Restorer:
     backup = catalog.get_backup(backup_id)
-    return _Restorer(backup, cloud, catalog, store, workspace, settings, progress or _Quiet(),
+    return _Restorer(backup, cloud, catalog, store, workspace, settings, progress or Quiet(),
                      cancel, catalog.image_documents(backup_id))
 
 
@@ -312,5 +296,5 @@ def export_disk(backup_id: int, disk_id: int, output: Path, *, catalog: RestoreC
         raise UsageError(f"{output} exists and is not a regular file: choose another -o FILE")
     return writer.export_file(output, catalog.blocks(backup_id, disk_id), store,
                               size=disk.size, block_size=disk.block_size, workers=workers,
-                              progress=(progress or _Quiet()).advanced, cancel=cancel,
+                              progress=(progress or Quiet()).advanced, cancel=cancel,
                               where=f"backup {backup_id} disk {disk_id}")

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,10 +156,11 @@ workers = 2
     return cfg
 
 
-@pytest.fixture
-def cloud(tmp_path: Path) -> Iterator[Cloud]:
-    """A simulated cloud with a RUNNING proxy VM, and a oneback config for it."""
-    sim = Simulator.start(tmp_path / "onesim", delay=FAST)
+@contextmanager
+def make_cloud(tmp_path: Path, version: str = "7.4.0") -> Iterator[Cloud]:
+    """A simulated cloud (reporting `version`) with a RUNNING proxy VM, and a
+    oneback config for it; stopped on exit."""
+    sim = Simulator.start(tmp_path / "onesim", delay=FAST, version=version)
     try:
         one = client(sim)
         proxy = create_proxy_vm(one, sim)
@@ -167,6 +169,13 @@ def cloud(tmp_path: Path) -> Iterator[Cloud]:
         yield Cloud(sim, one, proxy, write_config(work, sim, proxy), work)
     finally:
         sim.stop()
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[Cloud]:
+    """A simulated 7.4 cloud with a RUNNING proxy VM, and a oneback config for it."""
+    with make_cloud(tmp_path) as c:
+        yield c
 
 
 def pattern(size: int, seed: int) -> bytes:

@@ -82,6 +82,9 @@ def test_due_work_is_level_triggered() -> None:
     assert [d.reason for d in due_work(off, pol, 1000, 1600)] == [
         "powered off since its last backup"]
     assert due_work(off, pol, 1550, 1600) == []
+    # oned bumps RETIME when the backup's own operations end on a powered-off
+    # VM: a backup that started before and finished after is not repeated
+    assert due_work(off, pol, 1400, 1600, last_finished=1501) == []
     # a pre-change snapshot request
     snap = vm({**on, "ONEBACK_SNAPSHOT": "before-x", "ONEBACK_SNAPSHOT_TTL": "2h"})
     work = due_work(snap, vm_policy(snap), 1000, 1001)

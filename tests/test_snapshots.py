@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import Cloud, MiB, pattern, write_config
-from tests.onesim.simulator import Simulator
-from tests.onesim.testing import FAST, client, create_proxy_vm, wait_vm
+from tests.agentkit import Cloud, MiB, make_cloud, pattern
+from tests.onesim.testing import wait_vm
 from tests.test_backup import write_blocks
 
 DISK = 1 * MiB
@@ -19,15 +18,8 @@ DISK = 1 * MiB
 
 @pytest.fixture(params=["7.4.0", "6.8.0", "6.6.2"])
 def versioned(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cloud]:
-    sim = Simulator.start(tmp_path / "onesim", delay=FAST, version=request.param)
-    try:
-        one = client(sim)
-        proxy = create_proxy_vm(one, sim)
-        work = tmp_path / "oneback"
-        work.mkdir()
-        yield Cloud(sim, one, proxy, write_config(work, sim, proxy), work)
-    finally:
-        sim.stop()
+    with make_cloud(tmp_path, request.param) as c:
+        yield c
 
 
 def three_disk_vm(c: Cloud) -> int:
