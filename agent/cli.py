@@ -612,6 +612,16 @@ def exit_codes() -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: run the CLI; map OnebackError to its exit code and a one-line message."""
+    # Backups hold disk data, VM documents (with their context) and secrets:
+    # everything oneback creates is private to its user.
+    old_umask = os.umask(0o077)
+    try:
+        _main(argv)
+    finally:
+        os.umask(old_umask)
+
+
+def _main(argv: list[str] | None) -> NoReturn:
     try:
         cli.main(args=argv, prog_name="oneback", standalone_mode=False)
     except click.exceptions.Abort:

@@ -8,6 +8,7 @@ text syntax (quoting). Pure: no I/O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,8 +49,17 @@ class DiskSource:
     image_id: int | None = None
 
 
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _key(el: etree._Element) -> str | None:
+    """The attribute name, if it is one a template can carry (names come from
+    the cloud: anything else is dropped rather than written into the text)."""
+    return el.tag if isinstance(el.tag, str) and _KEY.match(el.tag) else None
+
+
 def _leaf(el: etree._Element) -> dict[str, str]:
-    return {str(c.tag): c.text or "" for c in el if isinstance(c.tag, str) and len(c) == 0}
+    return {str(c.tag): c.text or "" for c in el if _key(c) and len(c) == 0}
 
 
 def _vector(name: str, attrs: Mapping[str, str]) -> str:
@@ -66,7 +76,7 @@ def build(vm_document: str, name: str, disks: Mapping[int, DiskSource]) -> str:
     lines: list[str] = [f"NAME={quote(name)}"]
     if template is not None:
         for el in template:
-            if not isinstance(el.tag, str):
+            if _key(el) is None:
                 continue
             tag = str(el.tag)
             if tag in _RUNTIME_TOP or tag == "NAME":
@@ -101,6 +111,6 @@ def build(vm_document: str, name: str, disks: Mapping[int, DiskSource]) -> str:
     user = root.find("USER_TEMPLATE")
     if user is not None:
         for el in user:
-            if isinstance(el.tag, str) and len(el) == 0 and el.tag not in _RUNTIME_USER:
+            if _key(el) and len(el) == 0 and el.tag not in _RUNTIME_USER:
                 lines.append(f"{el.tag}={quote(el.text or '')}")
     return "\n".join(lines) + "\n"

@@ -303,3 +303,15 @@ def test_a_second_backup_of_the_same_vm_is_refused_while_one_runs(
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert cloud.leftovers() == []
+
+
+def test_repository_and_catalog_are_private(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    import stat
+
+    vm = cloud.vm("priv", [cloud.image("priv0", pattern(DISK, 20))])
+    assert cloud.call("backup", str(vm)).code == 0
+    created = [cloud.tmp / "repo", cloud.tmp / "catalog.sqlite",
+               *(cloud.tmp / "repo").rglob("*")]
+    for path in created:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
