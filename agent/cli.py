@@ -9,7 +9,6 @@ Must not: contain engine logic.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -34,12 +33,19 @@ from agent.daemon import Agent
 from agent.errors import EXIT_CODES, Interrupted, OnebackError, UsageError
 from agent.hookdefs import DEFAULT_COMMAND, HOOKS
 from agent.lease import Lease
-from agent.model import BackupRecord, Job
 from agent.policy import parse_duration
+from agent.render import (
+    JsonLogFormatter,
+    ProgressBar,
+    backup_json,
+    emit_json,
+    human_bytes,
+    job_json,
+    set_json,
+)
 from agent.restore import Settings as RestoreSettings
 from agent.restore import export_disk, restore_disk, restore_vm
 from agent.snapshots import (
-    SnapshotSet,
     create_set,
     delete_set,
     expire_sets,
@@ -86,80 +92,6 @@ def runtime(config_file: str | None, *, cloud: bool = True) -> Iterator[Runtime]
             lease.release()
     finally:
         catalog.close()
-
-
-# -- rendering -----------------------------------------------------------------
-
-
-def emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=False))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def backup_json(record: BackupRecord) -> dict[str, Any]:
-    return {
-        "backup_id": record.id,
-        "vm_id": record.vm_id,
-        "vm_name": record.vm_name,
-        "kind": record.kind,
-        "started": record.started,
-        "finished": record.finished,
-        "vm_gone": record.vm_gone,
-        "disks": [
-            {"disk_id": d.disk_id, "size": d.size, "bytes_read": d.bytes_read,
-             "bytes_changed": d.bytes_changed, "bytes_stored": d.bytes_stored,
-             "excluded": d.excluded, "volatile": d.volatile, "image_id": d.image_id}
-            for d in record.disks
-        ],
-        "warnings": list(record.warnings),
-    }
-
-
-class ProgressBar:
-    """A one-line progress display on stderr (only on a terminal)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.total = 0
-        self.done = 0
-        self.label = ""
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def phase(self, disk_id: int, phase: str) -> None:
-        self.label = f"disk {disk_id}: {phase}"
-        self._draw(force=True)
-
-    def disk_size(self, disk_id: int, size: int) -> None:
-        self.total, self.done = size, 0
-
-    def advanced(self, nbytes: int) -> None:
-        with self._lock:
-            self.done += nbytes
-        self._draw()
-
-    def _draw(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.1:
-            return
-        self._last = now
-        frac = self.done / self.total if self.total else 0.0
-        bar = "#" * int(frac * 30)
-        click.echo(f"\r{self.label:<24} [{bar:<30}] {frac * 100:5.1f}%"
-                   f" {human_bytes(self.done)}", nl=False, err=True)
-
-    def finish(self) -> None:
-        if self.enabled:
-            click.echo("\r" + " " * 80 + "\r", nl=False, err=True)
 
 
 # -- signals -----------------------------------------------------------------
@@ -399,13 +331,6 @@ def snapshot() -> None:
     """Snapshot sets: one disk snapshot per disk of a VM, under one name."""
 
 
-def set_json(s: SnapshotSet) -> dict[str, Any]:
-    return {"vm_id": s.vm_id, "name": s.name, "created": s.created, "expires": s.expires,
-            "size_mb": s.size_mb,
-            "disks": [{"disk_id": d.disk_id, "snapshot_id": d.snapshot_id,
-                       "size_mb": d.size_mb} for d in s.disks]}
-
-
 @snapshot.command("create")
 @click.argument("vm_id", type=click.IntRange(min=0))
 @click.option("--name", default=None, help="Name of the set (default: snap-DATE-TIME).")
@@ -502,22 +427,6 @@ def snapshot_expire(config_file: str | None, as_json: bool) -> None:
             click.echo("no snapshot set has expired")
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, event, and the event's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "event": record.getMessage(),
-        }
-        doc.update(getattr(record, "fields", {}) or {})
-        if record.exc_info:
-            doc["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(doc, default=str)
-
-
 @cli.command("agent")
 @config_option
 def agent_(config_file: str | None) -> None:
@@ -540,13 +449,6 @@ def agent_(config_file: str | None) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, on_signal)
         Agent(rt.cfg, rt.cloud, rt.catalog, rt.store, rt.lease, secret=secret).run(should_exit)
-
-
-def job_json(j: Job) -> dict[str, Any]:
-    return {"id": j.id, "vm_id": j.vm_id, "kind": j.kind, "state": j.state,
-            "reason": j.reason, "attempts": j.attempts, "params": dict(j.params),
-            "not_before": j.not_before, "updated": j.updated, "result": j.result,
-            "error": j.error}
 
 
 @cli.command("status")

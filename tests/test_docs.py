@@ -42,3 +42,13 @@ def test_readme_opens_with_the_two_commands() -> None:
 def test_hook_files_match_what_hooks_install_registers() -> None:
     for h in HOOKS:
         assert (REPO / "hooks" / f"{h.name}.hook").read_text() == h.template()
+
+
+def test_every_module_is_in_the_architecture_section() -> None:
+    section = README[README.index("## Architecture"):]
+    for path in sorted((REPO / "agent").glob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        assert f"`agent/{path.name}`" in section, f"README's architecture lacks {path.name}"
+    for package in ("store", "catalog"):
+        assert f"`agent/{package}/`" in section
