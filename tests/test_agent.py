@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.agentkit import REPO, Cloud, MiB, pattern
-from tests.onesim.testing import wait_vm
+from tests.onesim.testing import wait_until, wait_vm
 
 DISK = 1 * MiB
 HOOK = REPO / "hooks" / "oneback-hook"
@@ -135,10 +135,7 @@ def test_tagged_vm_is_backed_up_untagged_never(
     wait_backups(cloud, tagged, 1)
     wait_backups(cloud, labelled, 1)
     assert backups(cloud, tagged)[0]["kind"] == "full"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and user_template(cloud, tagged).get(
-            "ONEBACK_STATUS") != "ok":
-        time.sleep(0.1)
+    wait_until(lambda: user_template(cloud, tagged).get("ONEBACK_STATUS") == "ok", 10, 0.1)
     tags = user_template(cloud, tagged)
     assert tags["ONEBACK_STATUS"] == "ok"
     assert "backup 1" in tags["ONEBACK_LAST_BACKUP"] or "backup 2" in tags["ONEBACK_LAST_BACKUP"]
@@ -184,12 +181,9 @@ def test_bad_tags_report_an_error_on_the_vm(
     vm = cloud.vm("bad", [cloud.image("bad0", pattern(DISK, 6))])
     agent(reconcile=60)
     cloud.one.vm.update(vm, 'ONEBACK="yes"\nONEBACK_INTERVAL="often"', 1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        status = user_template(cloud, vm).get("ONEBACK_STATUS", "")
-        if status.startswith("error"):
-            break
-        time.sleep(0.1)
+    status = wait_until(lambda: user_template(cloud, vm).get("ONEBACK_STATUS", "")
+                        .startswith("error") and user_template(cloud, vm)["ONEBACK_STATUS"],
+                        10, 0.1)
     assert "ONEBACK_INTERVAL" in status
     assert backups(cloud, vm) == []
 
@@ -210,25 +204,12 @@ def test_pre_change_snapshot_is_taken_cleared_and_expires(
     agent(reconcile=1.0)
     cloud.one.vm.update(vm, 'ONEBACK="yes"\nONEBACK_SNAPSHOT="before-upgrade"\n'
                             'ONEBACK_SNAPSHOT_TTL="3s"', 1)
-    deadline = time.monotonic() + 20
-    names: list[str] = []
-    while time.monotonic() < deadline:
-        r = cloud.call("snapshot", "list", str(vm), "--json")
-        names = [s["name"] for s in r.json()]
-        if "before-upgrade" in names:
-            break
-        time.sleep(0.1)
-    assert names == ["before-upgrade"]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and user_template(cloud, vm).get("ONEBACK_SNAPSHOT"):
-        time.sleep(0.1)
-    assert not user_template(cloud, vm).get("ONEBACK_SNAPSHOT")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if cloud.call("snapshot", "list", str(vm), "--json").json() == []:
-            break
-        time.sleep(0.2)
-    assert cloud.call("snapshot", "list", str(vm), "--json").json() == []
+    def sets() -> list[str]:
+        return [s["name"] for s in cloud.call("snapshot", "list", str(vm), "--json").json()]
+
+    assert wait_until(sets, 20, 0.1) == ["before-upgrade"]
+    wait_until(lambda: not user_template(cloud, vm).get("ONEBACK_SNAPSHOT"), 10, 0.1)
+    wait_until(lambda: sets() == [], 20, 0.2)   # expired after its TTL
 
 
 def test_registered_hook_reaches_the_agent_and_a_wrong_secret_is_refused(
@@ -278,10 +259,7 @@ def test_sigkill_during_backup_then_restart_cleans_up_and_completes(
     a = agent(reconcile=60)
     cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
     a.wait_event("job.started")
-    deadline = time.monotonic() + 20
-    while not any("image" in x for x in cloud.leftovers()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: any("image" in x for x in cloud.leftovers()), 20, 0.05)
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait()
     assert cloud.leftovers() != []
@@ -289,10 +267,7 @@ def test_sigkill_during_backup_then_restart_cleans_up_and_completes(
     started = b.wait_event("agent.started")
     assert started["recovered_jobs"] == 1
     wait_backups(cloud, vm, 1)
-    deadline = time.monotonic() + 20
-    while cloud.leftovers() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert cloud.leftovers() == []
+    wait_until(lambda: cloud.leftovers() == [], 20, 0.1)
     assert len(backups(cloud, vm)) == 1
 
 
@@ -302,11 +277,7 @@ def test_status_shows_the_queue_and_results(
     agent(reconcile=60)
     cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
     wait_backups(cloud, vm, 1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        doc = cloud.call("status", "--json").json()
-        if doc["recent"]:
-            break
-        time.sleep(0.1)
+    doc = wait_until(lambda: (d := cloud.call("status", "--json").json())["recent"] and d,
+                     10, 0.1)
     assert doc["recent"][0]["vm_id"] == vm and doc["recent"][0]["state"] == "done"
     assert "credentials" not in json.dumps(doc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +21,18 @@ def export(c: Cloud, capsys: pytest.CaptureFixture[str], backup_id: int, disk_id
     r = c.run("export", str(backup_id), str(disk_id), "-o", str(out), capsys=capsys)
     assert r.code == 0, r.err
     return out.read_bytes()
+
+
+def spawn_until(c: Cloud, vm: int, leftover: str, *args: str) -> subprocess.Popen[str]:
+    """Start `oneback backup VM` as a process; return once a temporary object
+    whose description contains `leftover` exists in the cloud."""
+    proc = c.spawn("backup", str(vm), *args)
+    deadline = time.monotonic() + 20
+    while not any(leftover in x for x in c.leftovers()):
+        assert time.monotonic() < deadline, f"the backup never made a {leftover}"
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    return proc
 
 
 def write_blocks(path: Path, indexes: list[int], seed: int) -> None:
@@ -235,12 +248,7 @@ def test_killed_mid_backup_then_run_again_cleans_up_and_completes(
         cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
     vm = cloud.vm("k", [cloud.image("k0", pattern(DISK, 16))])
     cloud.sim.faults.slow_driver("saveas", 3.0, count=1)
-    proc = cloud.spawn("backup", str(vm))
-    deadline = time.monotonic() + 20
-    while not cloud.leftovers() or not any("image" in x for x in cloud.leftovers()):
-        assert time.monotonic() < deadline, "the backup never got to save-as"
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    proc = spawn_until(cloud, vm, "image")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     cloud.sim.faults.clear()
@@ -259,12 +267,7 @@ def test_sigterm_mid_backup_cleans_up_before_exit(
         cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
     vm = cloud.vm("t", [cloud.image("t0", pattern(DISK, 17))])
     cloud.sim.faults.slow_driver("attach", 1.0, count=1)
-    proc = cloud.spawn("backup", str(vm))
-    deadline = time.monotonic() + 20
-    while not any("proxy disk" in x for x in cloud.leftovers()):
-        assert time.monotonic() < deadline
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
+    proc = spawn_until(cloud, vm, "proxy disk")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -276,11 +279,7 @@ def test_cleanup_leaves_a_live_runs_objects_alone(
         cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
     vm = cloud.vm("live", [cloud.image("live0", pattern(DISK, 18))])
     cloud.sim.faults.slow_driver("saveas", 2.0, count=1)
-    proc = cloud.spawn("backup", str(vm), "--json")
-    deadline = time.monotonic() + 20
-    while not any("image" in x for x in cloud.leftovers()):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    proc = spawn_until(cloud, vm, "image", "--json")
     r = cloud.run("cleanup", "--json", capsys=capsys)
     assert r.code == 0
     assert r.json()["removed"] == []
@@ -293,11 +292,7 @@ def test_a_second_backup_of_the_same_vm_is_refused_while_one_runs(
         cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
     vm = cloud.vm("twice", [cloud.image("tw0", pattern(DISK, 19))])
     cloud.sim.faults.slow_driver("saveas", 2.0, count=1)
-    proc = cloud.spawn("backup", str(vm))
-    deadline = time.monotonic() + 20
-    while not any("snapshot" in x for x in cloud.leftovers()):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    proc = spawn_until(cloud, vm, "snapshot")
     r = cloud.run("backup", str(vm), capsys=capsys)
     assert r.code == 7 and "already running" in r.err
     out, err = proc.communicate(timeout=60)
