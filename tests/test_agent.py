@@ -281,3 +281,16 @@ def test_status_shows_the_queue_and_results(
                      10, 0.1)
     assert doc["recent"][0]["vm_id"] == vm and doc["recent"][0]["state"] == "done"
     assert "credentials" not in json.dumps(doc)
+
+
+def test_terminated_vm_keeps_its_backups_marked_gone(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("bye", [cloud.image("bye0", pattern(DISK, 12))])
+    a = agent(reconcile=60)
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    wait_backups(cloud, vm, 1)
+    wait_until(lambda: not a.events("job.started") or a.events("job.done"), 10, 0.1)
+    cloud.one.vm.action("terminate-hard", vm)
+    a.wait_event("vm.gone", where=lambda x: x.get("vm_id") == vm)
+    kept = backups(cloud, vm)
+    assert len(kept) == 1 and kept[0]["vm_gone"] is True
