@@ -294,3 +294,39 @@ def test_terminated_vm_keeps_its_backups_marked_gone(
     a.wait_event("vm.gone", where=lambda x: x.get("vm_id") == vm)
     kept = backups(cloud, vm)
     assert len(kept) == 1 and kept[0]["vm_gone"] is True
+
+
+def test_transient_failure_is_retried_with_backoff(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("flaky", [cloud.image("fl0", pattern(DISK, 13))])
+    cloud.sim.faults.fail_driver("attach", count=1)   # the hot-plug fails once
+    a = agent(reconcile=60)
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    failed = a.wait_event("job.failed", where=lambda x: x.get("vm_id") == vm)
+    assert failed["retry_at"] is not None
+    wait_backups(cloud, vm, 1)
+    done = a.wait_event("job.done", where=lambda x: x.get("vm_id") == vm)
+    assert done["job"] == failed["job"]
+    assert cloud.leftovers() == []
+
+
+def test_sigterm_undoes_a_running_job_within_the_grace_and_requeues_it(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("grace", [cloud.image("gr0", pattern(DISK, 14))])
+    cloud.sim.faults.slow_driver("attach", 4.0, count=1)
+    a = agent(reconcile=60)
+    text = cloud.config.read_text().replace("shutdown_grace = 10", "shutdown_grace = 0.5")
+    cloud.config.write_text(text)
+    a.stop()
+    a = agent(reconcile=60)   # restarted with the short grace
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    wait_until(lambda: any("proxy disk" in x for x in cloud.leftovers()), 20, 0.02)
+    started = time.monotonic()
+    assert a.stop() == 0
+    assert time.monotonic() - started < 30
+    assert a.events("agent.cancelling") and a.events("job.interrupted")
+    assert cloud.leftovers() == []
+    assert backups(cloud, vm) == []
+    b = agent(reconcile=60)
+    wait_backups(cloud, vm, 1)
+    assert b.wait_event("job.done")["vm_id"] == vm
