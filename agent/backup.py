@@ -81,7 +81,8 @@ class Settings:
 @dataclass(frozen=True)
 class BackupResult:
     record: BackupRecord
-    cloud_seconds: float   # spent waiting for OpenNebula (snapshot, save-as, attach, ...)
+    cloud_seconds: float   # everything before the commit but the scan: OpenNebula's
+                           # operations (snapshot, save-as, attach, detach, deletes)
     scan_seconds: float    # spent reading, hashing and storing
     leftovers: tuple[str, ...]
 
@@ -98,12 +99,11 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
     temporary object is removed (or left journaled for the next sweep)."""
     progress = progress or Quiet()
     started = time.time()
-    cloud_seconds = 0.0
     scan_seconds = 0.0
+    t_start = time.monotonic()
     if vm_id == settings.proxy_vm_id:
         raise StateError(f"VM {vm_id} is the proxy VM oneback runs in; it cannot back itself up")
 
-    t0 = time.monotonic()
     vm = cloud.wait_settled(vm_id)
     if not ((vm.state == VM_ACTIVE and vm.lcm_state == LCM_RUNNING)
             or vm.state in (VM_POWEROFF, VM_SUSPENDED)):
@@ -117,7 +117,6 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
                 image_documents[disk.image_id] = cloud.image(disk.image_id).document
             except NotFound:
                 pass
-    cloud_seconds += time.monotonic() - t0
 
     disks: list[DiskBackup] = []
     blocks: dict[int, list[BlockRecord]] = {}
@@ -131,19 +130,16 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
         for disk in plan.read:
             _check_cancel(cancel)
             progress.phase(disk.disk_id, "snapshot")
-            t0 = time.monotonic()
             stack = everything.enter_context(ExitStack())
             snaps[disk.disk_id] = stack.enter_context(workspace.snapshot(vm_id, disk.disk_id))
             per_disk[disk.disk_id] = stack
-            cloud_seconds += time.monotonic() - t0
 
         for disk in plan.read:
             with per_disk[disk.disk_id]:
-                result, c_s, s_s = _read_disk(
-                    vm_id, disk, snaps[disk.disk_id], options, cloud=cloud, catalog=catalog,
+                result, s_s = _read_disk(
+                    vm_id, disk, snaps[disk.disk_id], options, catalog=catalog,
                     store=store, workspace=workspace, settings=settings, progress=progress,
                     cancel=cancel)
-                cloud_seconds += c_s
                 scan_seconds += s_s
                 previous_missing, disk_backup, scan = result
                 full = full or previous_missing
@@ -158,6 +154,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
             image_id=disk.image_id, volatile=disk.volatile,
             excluded=disk in plan.excluded, attributes=dict(disk.attributes)))
     disks.sort(key=lambda d: d.disk_id)
+    cloud_seconds = time.monotonic() - t_start - scan_seconds
     record = catalog.commit_backup(
         vm_id=vm_id, vm_name=vm.name, kind="full" if full or not plan.read else "incremental",
         started=started, finished=time.time(), vm_document=vm.document,
@@ -167,13 +164,12 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
 
 
 def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions, *,
-               cloud: Cloud, catalog: BackupCatalog, store: ChunkStore,
-               workspace: Workspace, settings: Settings, progress: Progress,
-               cancel: threading.Event | None,
-               ) -> tuple[tuple[bool, DiskBackup, reader.ScanResult], float, float]:
-    """Save, attach, scan, detach, delete one disk's snapshot image."""
-    cloud_seconds = 0.0
-    t0 = time.monotonic()
+               catalog: BackupCatalog, store: ChunkStore, workspace: Workspace,
+               settings: Settings, progress: Progress, cancel: threading.Event | None,
+               ) -> tuple[tuple[bool, DiskBackup, reader.ScanResult], float]:
+    """Save, attach, scan, detach, delete one disk's snapshot image. Returns
+    (whether the disk had no usable previous map, its record, the scan) and
+    the seconds spent scanning."""
     progress.phase(disk.disk_id, "save-as")
     with workspace.saved_image(vm_id, disk.disk_id, snap_id) as image_id:
         _check_cancel(cancel)
@@ -181,7 +177,6 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
         with workspace.attached(image_id) as proxy_disk:
             path = devices.wait_for_serial(settings.dev_root, proxy_disk.serial,
                                            settings.device_timeout)
-            cloud_seconds += time.monotonic() - t0
             t1 = time.monotonic()
             size = devices.device_size(path)
             progress.disk_size(disk.disk_id, size)
@@ -195,15 +190,13 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
                                cancel=cancel)
             _check_cancel(cancel)
             scan_seconds = time.monotonic() - t1
-            t0 = time.monotonic()
             progress.phase(disk.disk_id, "detach")
-    cloud_seconds += time.monotonic() - t0
     backup = DiskBackup(
         disk_id=disk.disk_id, size=size, block_size=settings.block_size,
         image_id=disk.image_id, volatile=False, excluded=False,
         bytes_read=scan.bytes_read, bytes_changed=scan.bytes_changed,
         bytes_stored=scan.bytes_stored, attributes=dict(disk.attributes))
-    return (previous is None, backup, scan), cloud_seconds, scan_seconds
+    return (previous is None, backup, scan), scan_seconds
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
