@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.agentkit import BLOCK, Cloud, MiB, pattern
+from tests.onesim.testing import wait_until
 
 DISK = 2 * MiB  # 32 blocks of 64 KiB
 
@@ -310,3 +311,18 @@ def test_repository_and_catalog_are_private(
                *(cloud.tmp / "repo").rglob("*")]
     for path in created:
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def test_cleanup_removes_leftovers_a_lost_catalog_no_longer_knows(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    vm = cloud.vm("lost", [cloud.image("lost0", pattern(DISK, 21))])
+    orphan = cloud.image("oneback-tmp-0badc0de-vm9-d0", pattern(BLOCK, 22))
+    cloud.one.vm.disksnapshotcreate(vm, 0, "oneback-tmp-0badc0de-d0")
+    wait_until(lambda: any("snapshot" in x for x in cloud.leftovers()), 10, 0.02)
+    from tests.onesim.testing import wait_vm
+    wait_vm(cloud.one, vm, "ACTIVE", "RUNNING")
+    assert len(cloud.leftovers()) == 2
+    r = cloud.run("cleanup", "--json", capsys=capsys)
+    assert r.code == 0, r.err
+    assert any(str(orphan) in x or "oneback-tmp-0badc0de-vm9-d0" in x for x in r.json()["removed"])
+    assert cloud.leftovers() == []
