@@ -330,3 +330,26 @@ def test_sigterm_undoes_a_running_job_within_the_grace_and_requeues_it(
     b = agent(reconcile=60)
     wait_backups(cloud, vm, 1)
     assert b.wait_event("job.done")["vm_id"] == vm
+
+
+def test_a_hook_bound_to_any_call_asks_for_a_snapshot_set(
+        cloud: Cloud, agent: Callable[..., AgentProcess], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    from agent.hookdefs import snapshot_hook
+
+    vm = cloud.vm("r", [cloud.image("r0", pattern(DISK, 15))])
+    other = cloud.vm("r-untagged", [cloud.image("r1", pattern(DISK, 16))])
+    a = agent(reconcile=3600)
+    conf = tmp_path / "hook.conf"
+    conf.write_text(f"url = {a.control_url}\nsecret_file = {cloud.tmp / 'hook_secret'}\n")
+    monkeypatch.setenv("ONEBACK_HOOK_CONF", str(conf))
+    cloud.one.hook.allocate(snapshot_hook("snap-on-rename", "one.vm.rename", "on-rename",
+                                          "2h", command=str(HOOK)))
+    cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    wait_backups(cloud, vm, 1)
+    cloud.one.vm.rename(vm, "r-renamed")
+    cloud.one.vm.rename(other, "other-renamed")     # not opted in: no snapshot
+    sets = wait_until(lambda: cloud.call("snapshot", "list", str(vm), "--json").json(), 20, 0.1)
+    assert [s["name"] for s in sets] == ["on-rename"] and sets[0]["expires"]
+    a.wait_event("hook.snapshot_refused", where=lambda x: x.get("vm_id") == other)
+    assert cloud.call("snapshot", "list", str(other), "--json").json() == []
