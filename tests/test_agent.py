@@ -70,7 +70,8 @@ class AgentProcess:
         return self.proc.returncode
 
 
-def agent_config(c: Cloud, events: str | None = None, reconcile: float = 1.0) -> None:
+def agent_config(c: Cloud, events: str | None = None, reconcile: float = 1.0,
+                 extra: str = "") -> None:
     secret = c.tmp / "hook_secret"
     secret.write_text("s3cret-s3cret-s3cret-s3cret\n")
     secret.chmod(0o600)
@@ -84,6 +85,7 @@ secret_file = "{secret}"
 reconcile_interval = {reconcile}
 retry_base = 0.2
 shutdown_grace = 10
+{extra}
 """)
 
 
@@ -353,3 +355,32 @@ def test_a_hook_bound_to_any_call_asks_for_a_snapshot_set(
     assert [s["name"] for s in sets] == ["on-rename"] and sets[0]["expires"]
     a.wait_event("hook.snapshot_refused", where=lambda x: x.get("vm_id") == other)
     assert cloud.call("snapshot", "list", str(other), "--json").json() == []
+
+
+def test_parallel_jobs_respect_the_limit_on_disks_attached_to_the_proxy(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    vms = [cloud.vm(f"p{i}", [cloud.image(f"p{i}d", pattern(DISK, 30 + i))]) for i in range(3)]
+    cloud.sim.faults.slow_driver("detach", 0.5, count=None)   # keep each disk attached a while
+    a = agent(reconcile=60, extra="max_jobs = 3\nmax_attached = 1")
+    for vm in vms:
+        cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:   # how many disks besides its own the proxy has, over time
+        while not done.is_set():
+            disks = cloud.one.vm.info(cloud.proxy_id).TEMPLATE.get("DISK", [])
+            seen.append(len(disks if isinstance(disks, list) else [disks]) - 1)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for vm in vms:
+            wait_backups(cloud, vm, 1, timeout=60)
+    finally:
+        done.set()
+        watcher.join()
+    assert max(seen) == 1
+    started = a.events("job.started")
+    assert len({x["vm_id"] for x in started}) == 3
