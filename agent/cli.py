@@ -505,10 +505,15 @@ def hooks_install(command: str, config_file: str | None, as_json: bool) -> None:
 
 
 @cli.command("exit-codes")
-def exit_codes() -> None:
+@json_option
+def exit_codes(as_json: bool) -> None:
     """Print the table of exit codes."""
-    click.echo(" 0  success")
-    for code, name, doc in sorted(set(EXIT_CODES)):
+    table = [(0, "Success", "the command did what it was asked")]
+    table += sorted(set(EXIT_CODES))
+    if as_json:
+        emit_json([{"code": c, "name": n, "meaning": d} for c, n, d in table])
+        return
+    for code, name, doc in table:
         click.echo(f"{code:>3}  {name}: {doc}")
 
 
