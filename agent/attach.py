@@ -20,9 +20,16 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.cloud import Cloud
-from agent.errors import NotFound, OnebackError
+from agent.errors import NotFound, OnebackError, StateError
 from agent.lease import is_alive
-from agent.model import OBJECT_PREFIX, DiskInfo, JournalEntry, JournalKind
+from agent.model import (
+    LCM_RUNNING,
+    OBJECT_PREFIX,
+    VM_ACTIVE,
+    DiskInfo,
+    JournalEntry,
+    JournalKind,
+)
 
 TEMP_PREFIX = OBJECT_PREFIX + "tmp-"
 SERIAL_MAX = 20  # virtio-blk truncates serials to 20 bytes
@@ -136,6 +143,11 @@ class Workspace:
 
     @contextmanager
     def _attached(self, image_id: int) -> Iterator[DiskInfo]:
+        proxy = self.cloud.wait_settled(self.proxy_vm_id)
+        if not (proxy.state == VM_ACTIVE and proxy.lcm_state == LCM_RUNNING):
+            raise StateError(
+                f"the proxy VM {self.proxy_vm_id} is {proxy.state_name}: it must be RUNNING"
+                f" for oneback to read disks through it (check proxy.vm_id)")
         self._serials += 1
         serial = f"{OBJECT_PREFIX}{self.owner}-{self._serials}"[:SERIAL_MAX]
         disks: dict[int, DiskInfo] = {}

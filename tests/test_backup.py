@@ -326,3 +326,15 @@ def test_cleanup_removes_leftovers_a_lost_catalog_no_longer_knows(
     assert r.code == 0, r.err
     assert any(str(orphan) in x or "oneback-tmp-0badc0de-vm9-d0" in x for x in r.json()["removed"])
     assert cloud.leftovers() == []
+
+
+def test_a_proxy_vm_that_is_not_running_is_named_in_the_error(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.onesim.testing import wait_vm
+
+    vm = cloud.vm("np", [cloud.image("np0", pattern(DISK, 23))])
+    cloud.one.vm.action("poweroff", cloud.proxy_id)
+    wait_vm(cloud.one, cloud.proxy_id, "POWEROFF")
+    r = cloud.run("backup", str(vm), capsys=capsys)
+    assert r.code == 7 and f"proxy VM {cloud.proxy_id} is POWEROFF" in r.err
+    assert [x for x in cloud.leftovers() if "snapshot" in x or "image" in x] == []
