@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -133,13 +133,8 @@ class Workspace:
     @contextmanager
     def attached(self, image_id: int) -> Iterator[DiskInfo]:
         """The image attached to the proxy VM with a fresh SERIAL, detached on exit."""
-        if self.attach_slots is not None:
-            with self.attach_slots:
-                with self._attached(image_id) as disk:
-                    yield disk
-        else:
-            with self._attached(image_id) as disk:
-                yield disk
+        with self.attach_slots or nullcontext(), self._attached(image_id) as disk:
+            yield disk
 
     @contextmanager
     def _attached(self, image_id: int) -> Iterator[DiskInfo]:

@@ -21,6 +21,7 @@ from typing import Protocol
 from agent import devices, reader
 from agent.attach import Journal, Workspace
 from agent.cloud import Cloud
+from agent.config import Config
 from agent.errors import Interrupted, NotFound, StateError
 from agent.lease import VmBusy, vm_lock
 from agent.model import (
@@ -69,13 +70,20 @@ class BackupOptions:
 
 @dataclass(frozen=True)
 class Settings:
-    """Where and how to read: from the configuration."""
+    """Where and how to read and write disks through the proxy VM (backup and
+    restore alike)."""
 
     proxy_vm_id: int
     dev_root: Path
     device_timeout: float
     block_size: int
     workers: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Settings:
+        return cls(proxy_vm_id=cfg.proxy.vm_id, dev_root=cfg.proxy.dev_root,
+                   device_timeout=cfg.proxy.device_timeout,
+                   block_size=cfg.storage.block_size, workers=cfg.storage.workers)
 
 
 @dataclass(frozen=True)

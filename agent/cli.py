@@ -43,7 +43,6 @@ from agent.render import (
     job_json,
     set_json,
 )
-from agent.restore import Settings as RestoreSettings
 from agent.restore import export_disk, restore_disk, restore_vm
 from agent.snapshots import (
     create_set,
@@ -66,10 +65,7 @@ class Runtime:
     lease: Lease
 
     def settings(self) -> Settings:
-        return Settings(proxy_vm_id=self.cfg.proxy.vm_id, dev_root=self.cfg.proxy.dev_root,
-                        device_timeout=self.cfg.proxy.device_timeout,
-                        block_size=self.cfg.storage.block_size,
-                        workers=self.cfg.storage.workers)
+        return Settings.from_config(self.cfg)
 
     def workspace(self) -> Workspace:
         return Workspace(self.cloud, self.catalog, self.lease.owner, self.cfg.proxy.vm_id)
@@ -237,12 +233,6 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
         raise SystemExit(4)
 
 
-def restore_settings(rt: Runtime) -> RestoreSettings:
-    return RestoreSettings(proxy_vm_id=rt.cfg.proxy.vm_id, dev_root=rt.cfg.proxy.dev_root,
-                           device_timeout=rt.cfg.proxy.device_timeout,
-                           workers=rt.cfg.storage.workers)
-
-
 @cli.command()
 @click.argument("backup_id", type=click.IntRange(min=1))
 @click.option("--image-ds", type=click.IntRange(min=0), default=None,
@@ -261,7 +251,7 @@ def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: s
         sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
         try:
             result = restore_vm(backup_id, cloud=rt.cloud, catalog=rt.catalog, store=rt.store,
-                                workspace=rt.workspace(), settings=restore_settings(rt),
+                                workspace=rt.workspace(), settings=rt.settings(),
                                 image_ds=image_ds, system_ds=system_ds, name=name,
                                 progress=bar, cancel=cancel)
         finally:
@@ -294,7 +284,7 @@ def restore_disk_(backup_id: int, disk_id: int, image_ds: int | None, name: str 
         try:
             image = restore_disk(backup_id, disk_id, cloud=rt.cloud, catalog=rt.catalog,
                                  store=rt.store, workspace=rt.workspace(),
-                                 settings=restore_settings(rt), image_ds=image_ds, name=name,
+                                 settings=rt.settings(), image_ds=image_ds, name=name,
                                  progress=bar, cancel=cancel)
         finally:
             bar.finish()

@@ -34,7 +34,7 @@ from agent.errors import CloudError, DeviceError, Interrupted, NotFound, Oneback
 from agent.lease import Lease, is_alive
 from agent.model import VM_DONE, Job, VmInfo
 from agent.policy import due_work, vm_policy
-from agent.snapshots import create_set, expire_sets
+from agent.snapshots import create_set, expire_sets, sets_of
 from agent.store import ChunkStore
 from agent.subscriber import Subscriber
 
@@ -181,10 +181,12 @@ class Agent:
         vms, everything = self.wakeups.take()
         if everything:
             try:
-                for vm in self.cloud.vms():
+                pool = self.cloud.vms()
+                for vm in pool:
                     self.reconcile(vm)
                     vms.discard(vm.id)
-                self._expire()
+                for s in expire_sets(self.cloud, self.clock(), pool):
+                    event("snapshot.expired", vm_id=s.vm_id, name=s.name)
             except OnebackError as e:
                 event("reconcile.failed", error=str(e))
                 self.wakeups.add(events_mod.everything("retry reconcile"))
@@ -198,13 +200,10 @@ class Agent:
                 event("reconcile.failed", vm_id=vm_id, error=str(e))
 
     def _gone(self, vm_id: int) -> None:
-        if self.catalog.list_backups(vm_id):
+        last = self.catalog.last_backup(vm_id)
+        if last is not None and not last.vm_gone:
             self.catalog.mark_vm_gone(vm_id)
             event("vm.gone", vm_id=vm_id)
-
-    def _expire(self) -> None:
-        for s in expire_sets(self.cloud, self.clock()):
-            event("snapshot.expired", vm_id=s.vm_id, name=s.name)
 
     def reconcile(self, vm: VmInfo) -> None:
         """Queue what is due for `vm` now (idempotent)."""
@@ -219,8 +218,7 @@ class Agent:
         if pol.error:
             self._set_status(vm, f"error: {pol.error}")
             return
-        backups = self.catalog.list_backups(vm.id)
-        last = backups[-1] if backups else None
+        last = self.catalog.last_backup(vm.id)
         for due in due_work(vm, pol, last.started if last else None, self.clock(),
                             last.finished if last else None):
             job, new = self.catalog.job_enqueue(vm.id, due.kind, due.reason, due.params)
@@ -300,10 +298,7 @@ class Agent:
         self._set_status(vm, "running")
         workspace = Workspace(self.cloud, self.catalog, self.lease.owner, self.cfg.proxy.vm_id,
                               attach_slots=self.attach_slots)
-        settings = Settings(proxy_vm_id=self.cfg.proxy.vm_id, dev_root=self.cfg.proxy.dev_root,
-                            device_timeout=self.cfg.proxy.device_timeout,
-                            block_size=self.cfg.storage.block_size,
-                            workers=self.cfg.storage.workers)
+        settings = Settings.from_config(self.cfg)
         with exclusive(self.cfg.storage.catalog, vm.id):
             result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud, catalog=self.catalog,
                                store=self.store, workspace=workspace, settings=settings,
@@ -317,14 +312,12 @@ class Agent:
     def _snapshot(self, vm: VmInfo, job: Job) -> str:
         name = job.params.get("name", "")
         ttl = int(job.params["ttl"]) if job.params.get("ttl") else None
-        try:
+        if any(s.name == name for s in sets_of(vm)):   # taken before a crash or restart
+            outcome = f"snapshot set {name} already existed"
+        else:
             created = create_set(self.cloud, self.catalog, self.lease.owner, vm.id, name, ttl,
                                  now=self.clock())
             outcome = f"snapshot set {created.set.name}"
-        except UsageError as e:
-            if "already has a snapshot set" not in e.message:
-                raise
-            outcome = f"snapshot set {name} already existed"
         # Clear the request, unless the owner asked for another one meanwhile.
         fresh = self.cloud.vm(vm.id)
         if fresh.user_template.get("ONEBACK_SNAPSHOT", "").strip() == name:

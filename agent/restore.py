@@ -23,6 +23,7 @@ from lxml import etree
 
 from agent import devices, policy, vmtemplate, writer
 from agent.attach import Journal, Workspace
+from agent.backup import Settings
 from agent.cloud import IMAGE_TYPES, Cloud
 from agent.errors import CloudError, NotFound, OnebackError, StateError, UsageError
 from agent.model import (
@@ -45,14 +46,6 @@ class RestoreCatalog(Journal, Protocol):
     def vm_document(self, backup_id: int) -> str: ...
     def image_documents(self, backup_id: int) -> dict[int, str]: ...
     def blocks(self, backup_id: int, disk_id: int) -> Iterator[BlockRecord]: ...
-
-
-@dataclass(frozen=True)
-class Settings:
-    proxy_vm_id: int
-    dev_root: Path
-    device_timeout: float
-    workers: int
 
 
 @dataclass(frozen=True)

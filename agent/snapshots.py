@@ -168,11 +168,12 @@ def delete_set(cloud: Cloud, vm_id: int, name: str) -> SnapshotSet:
     return target
 
 
-def expire_sets(cloud: Cloud, now: float | None = None) -> list[SnapshotSet]:
-    """Delete every set on every VM whose TTL has passed."""
+def expire_sets(cloud: Cloud, now: float | None = None,
+                vms: list[VmInfo] | None = None) -> list[SnapshotSet]:
+    """Delete every set on every VM (`vms`, else the whole pool) whose TTL has passed."""
     now = time.time() if now is None else now
     expired = []
-    for vm in cloud.vms():
+    for vm in cloud.vms() if vms is None else vms:
         for s in sets_of(vm):
             if s.expires is not None and s.expires <= now:
                 delete_set(cloud, vm.id, s.name)

@@ -297,3 +297,15 @@ def test_catalog_grows_with_changed_blocks_not_disk_size(tmp_path: Path) -> None
     # ... and about 100 bytes each (row, chunk, index pages), not a map per backup
     assert big_growth < 200 * 200 + 20 * 4096
     assert big_growth < big_full / 10
+
+
+def test_last_backup_is_the_newest_of_that_vm(tmp_path: Path) -> None:
+    with Catalog.open(tmp_path / "catalog.sqlite") as cat:
+        assert cat.last_backup(1) is None
+        commit(cat, 1, [disk(0, 2)], {0: [rec(0, 1), rec(1, 2)]}, kind="full")
+        commit(cat, 2, [disk(0, 2)], {0: [rec(0, 3), rec(1, 4)]}, kind="full")
+        commit(cat, 1, [disk(0, 2)], {0: [rec(0, 5)]}, kind="incremental")
+        last = cat.last_backup(1)
+        assert last is not None and (last.id, last.vm_id, last.kind) == (3, 1, "incremental")
+        assert [d.disk_id for d in last.disks] == [0]
+        assert cat.last_backup(2).id == 2  # type: ignore[union-attr]

@@ -276,6 +276,12 @@ class Catalog(JobQueue):
             return self._backups("1", ())
         return self._backups("b.vm_id = ?", (vm_id,))
 
+    def last_backup(self, vm_id: int) -> BackupRecord | None:
+        """The VM's newest backup, or None."""
+        found = self._backups(
+            "b.id = (SELECT max(id) FROM backups WHERE vm_id = ?)", (vm_id,))
+        return found[0] if found else None
+
     def _backups(self, where: str, params: tuple[object, ...]) -> list[BackupRecord]:
         with self._guard("listing backups") as conn:
             rows = conn.execute(
