@@ -30,7 +30,7 @@ from agent.backup import BackupOptions, BackupResult, Settings, backup_vm, exclu
 from agent.catalog import Catalog
 from agent.cloud import Cloud
 from agent.daemon import Agent
-from agent.errors import EXIT_CODES, Interrupted, OnebackError, UsageError
+from agent.errors import EXIT_CODES, InternalError, Interrupted, OnebackError, UsageError
 from agent.hookdefs import DEFAULT_COMMAND, HOOKS
 from agent.lease import Lease
 from agent.policy import parse_duration
@@ -59,10 +59,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 @dataclass
 class Runtime:
     cfg: config_mod.Config
-    cloud: Cloud
+    connection: Cloud | None   # None for commands that work from the catalog alone
     catalog: Catalog
     store: LocalStore
     lease: Lease
+
+    @property
+    def cloud(self) -> Cloud:
+        if self.connection is None:
+            raise InternalError("this command was wired without an OpenNebula connection")
+        return self.connection
 
     def settings(self) -> Settings:
         return Settings.from_config(self.cfg)
@@ -74,10 +80,12 @@ class Runtime:
 @contextmanager
 def runtime(config_file: str | None, *, cloud: bool = True) -> Iterator[Runtime]:
     cfg = config_mod.load(config_file)
-    session = cfg.opennebula.read_credentials() if cloud else ""
-    one = Cloud(cfg.opennebula.endpoint, session, timeout=cfg.opennebula.timeout,
-                operation_timeout=cfg.opennebula.operation_timeout,
-                poll_interval=cfg.opennebula.poll_interval)
+    one = None
+    if cloud:
+        one = Cloud(cfg.opennebula.endpoint, cfg.opennebula.read_credentials(),
+                    timeout=cfg.opennebula.timeout,
+                    operation_timeout=cfg.opennebula.operation_timeout,
+                    poll_interval=cfg.opennebula.poll_interval)
     catalog = Catalog.open(cfg.storage.catalog)
     try:
         store = LocalStore.open(cfg.storage.repository, create=True)
