@@ -31,6 +31,7 @@ import requests
 from lxml import etree
 from pyone.server_xrpc import RequestsTransport
 
+from agent import xmldoc
 from agent.errors import CloudError, CloudTimeout, NotFound, StateError
 from agent.model import (
     IMAGE_ERROR,
@@ -108,7 +109,7 @@ def _attributes(el: etree._Element) -> dict[str, str]:
 
 def parse_vm(xml: str) -> VmInfo:
     """A `<VM>` document (vm.info, vmpool.infoextended, hook message) -> VmInfo."""
-    root = etree.fromstring(xml.encode()) if isinstance(xml, str) else xml
+    root = xmldoc.parse(xml) if isinstance(xml, str) else xml
     template = root.find("TEMPLATE")
     disks = []
     for d in template.findall("DISK") if template is not None else []:
@@ -159,7 +160,7 @@ def parse_vm(xml: str) -> VmInfo:
 
 
 def parse_image(xml: str) -> ImageInfo:
-    root = etree.fromstring(xml.encode())
+    root = xmldoc.parse(xml)
     return ImageInfo(
         id=_int(root, "ID", -1),
         name=_text(root, "NAME"),
@@ -174,7 +175,7 @@ def parse_image(xml: str) -> ImageInfo:
 
 
 def _image_error(img: ImageInfo) -> str:
-    msg = _text(etree.fromstring(img.document.encode()), "TEMPLATE/ERROR")
+    msg = _text(xmldoc.parse(img.document), "TEMPLATE/ERROR")
     return f": {msg}" if msg else ""
 
 
@@ -247,14 +248,14 @@ class Cloud:
 
     def vms(self) -> list[VmInfo]:
         """Every VM this user can see that is not DONE, with full documents."""
-        root = etree.fromstring(str(self.call("vmpool.infoextended", -2, -1, -1, -1)).encode())
+        root = xmldoc.parse(str(self.call("vmpool.infoextended", -2, -1, -1, -1)))
         return [parse_vm(etree.tostring(v, encoding="unicode")) for v in root.findall("VM")]
 
     def image(self, image_id: int) -> ImageInfo:
         return parse_image(str(self.call("image.info", image_id)))
 
     def images(self) -> list[ImageInfo]:
-        root = etree.fromstring(str(self.call("imagepool.info", -2, -1, -1)).encode())
+        root = xmldoc.parse(str(self.call("imagepool.info", -2, -1, -1)))
         return [parse_image(etree.tostring(i, encoding="unicode")) for i in root.findall("IMAGE")]
 
     def find_image(self, name: str) -> ImageInfo | None:
@@ -262,20 +263,20 @@ class Cloud:
 
     def hosts(self) -> list[tuple[int, str, int]]:
         """(id, name, state) of every host; state 2 is MONITORED."""
-        root = etree.fromstring(str(self.call("hostpool.info")).encode())
+        root = xmldoc.parse(str(self.call("hostpool.info")))
         return [(_int(h, "ID", -1), _text(h, "NAME"), _int(h, "STATE", -1))
                 for h in root.findall("HOST")]
 
     def hooks(self) -> dict[str, int]:
         """Registered hooks: name -> id."""
-        root = etree.fromstring(str(self.call("hookpool.info", -2, -1, -1)).encode())
+        root = xmldoc.parse(str(self.call("hookpool.info", -2, -1, -1)))
         return {_text(h, "NAME"): _int(h, "ID", -1) for h in root.findall("HOOK")}
 
     def hook_allocate(self, template: str) -> int:
         return int(self.call("hook.allocate", template))
 
     def datastore(self, ds_id: int) -> DatastoreInfo:
-        root = etree.fromstring(str(self.call("datastore.info", ds_id)).encode())
+        root = xmldoc.parse(str(self.call("datastore.info", ds_id)))
         return DatastoreInfo(id=_int(root, "ID", -1), name=_text(root, "NAME"),
                              type=_int(root, "TYPE", -1), free_mb=_int(root, "FREE_MB"))
 
@@ -490,7 +491,7 @@ class Cloud:
         return int(self.call("template.instantiate", template_id, name, hold, "", False))
 
     def find_template(self, name: str) -> int | None:
-        root = etree.fromstring(str(self.call("templatepool.info", -2, -1, -1)).encode())
+        root = xmldoc.parse(str(self.call("templatepool.info", -2, -1, -1)))
         for t in root.findall("VMTEMPLATE"):
             if _text(t, "NAME") == name:
                 return _int(t, "ID", -1)

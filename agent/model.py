@@ -308,3 +308,12 @@ class Job:
     updated: float
     result: str
     error: str
+
+
+ONE_ID_MAX = 2**31 - 1
+"""oned's object ids are C ints: 0 .. 2^31-1. Anything else is not an id."""
+
+
+def is_one_id(value: object) -> bool:
+    """True for an int (not a bool) in oned's id range."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= ONE_ID_MAX

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from lxml import etree
-
-from agent import devices, policy, vmtemplate, writer
+from agent import devices, policy, vmtemplate, writer, xmldoc
 from agent.attach import Journal, Workspace
 from agent.backup import Settings
 from agent.cloud import IMAGE_TYPES, Cloud
@@ -95,7 +93,7 @@ class _Restorer:
         if image_ds is not None:
             return image_ds
         if disk.image_id is not None and disk.image_id in self.image_docs:
-            root = etree.fromstring(self.image_docs[disk.image_id].encode())
+            root = xmldoc.parse(self.image_docs[disk.image_id])
             ds = root.findtext("DATASTORE_ID")
             if ds and ds.lstrip("-").isdigit():
                 return int(ds)
@@ -107,7 +105,7 @@ class _Restorer:
         """(image type name, persistent) of the disk's original image."""
         if disk.image_id is None or disk.image_id not in self.image_docs:
             return "DATABLOCK", False
-        root = etree.fromstring(self.image_docs[disk.image_id].encode())
+        root = xmldoc.parse(self.image_docs[disk.image_id])
         type_text = root.findtext("TYPE") or "2"
         image_type = IMAGE_TYPES.get(int(type_text), "DATABLOCK") if type_text.isdigit() \
             else type_text

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from agent import xmldoc
+
 # Top-level TEMPLATE attributes oned fills in at instantiation/deploy time.
 _RUNTIME_TOP = {
     "AUTOMATIC_DS_REQUIREMENTS", "AUTOMATIC_NIC_REQUIREMENTS", "AUTOMATIC_REQUIREMENTS",
@@ -71,7 +73,7 @@ def build(vm_document: str, name: str, disks: Mapping[int, DiskSource]) -> str:
     """The template text for a new VM like the one in `vm_document`, named
     `name`, whose DISKs come from `disks` (by original DISK_ID; a disk not in
     the mapping is dropped)."""
-    root = etree.fromstring(vm_document.encode())
+    root = xmldoc.parse(vm_document)
     template = root.find("TEMPLATE")
     lines: list[str] = [f"NAME={quote(name)}"]
     if template is not None:

@@ -50,3 +50,12 @@ def test_engine_never_prints() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id != "print", f"{path.name} prints"
+
+
+def test_only_xmldoc_parses_xml() -> None:
+    for path in AGENT.rglob("*.py"):
+        if path.name == "xmldoc.py":
+            continue
+        text = path.read_text()
+        for call in ("etree.fromstring(", "etree.XML(", "etree.parse(", "ElementTree"):
+            assert call not in text, f"{path.name} parses XML itself: use agent.xmldoc.parse"
