@@ -4,9 +4,20 @@ Owns: the topics the agent subscribes to (each ending in its separator, since
 ZeroMQ matches by byte prefix: `EVENT VM 4` would also match VM 40), and the
 translation of a (topic, body) pair or a hook request into a `Trigger`.
 Events are hints, never truth: a Trigger only names which VM to look at
-again; every decision is taken from a fresh `one.vm.info`. Bodies are parsed
-defensively (oned does not XML-escape API parameters), and anything
-unreadable becomes "look at every VM". Must not: do I/O.
+again; every decision is taken from a fresh `one.vm.info`.
+
+An API event counts only when the call succeeded: oned publishes refused
+calls too (`EVENT API one.vm.resize 0`, CALL_INFO/RESULT 0), and a refused
+call on somebody else's VM must not move the agent. The VM id is read from
+the structured PARAMETERS of CALL_INFO (HookAPI::format_message), never by a
+pattern over the text: oned writes parameter values unescaped, so a string
+parameter can carry markup. Only parameters that come before any
+user-written text are trusted: the first IN parameter at the call's VM
+position (string parameters come after it), and for
+one.template.instantiate the last OUT parameter 2 (the answer is written
+after every IN value). Ids must be in oned's range (0 .. 2^31-1).
+Anything unreadable becomes "look at every VM"; nothing here raises on a
+message. Must not: do I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +26,11 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
+
+from lxml import etree
+
+from agent import xmldoc
+from agent.model import ONE_ID_MAX, is_one_id
 
 # VM state changes (all VMs), and API calls that change what a backup covers.
 TOPICS: tuple[str, ...] = (
@@ -26,11 +42,15 @@ TOPICS: tuple[str, ...] = (
     "EVENT API one.template.instantiate ",
 )
 
-_VM_KEY = re.compile(r"^EVENT VM (\d+)/([A-Z_]+)/([A-Z_]*) ?$")
+_VM_KEY = re.compile(r"^EVENT VM ([0-9]+)/([A-Z_]+)/([A-Z_]*) ?$")
 _API_KEY = re.compile(r"^EVENT API (one\.[a-z.]+) ([01])$")
 # Where an API call names its VM: the 2nd IN parameter, except for these.
-_VM_PARAM = {"one.vm.action": ("IN", 3), "one.template.instantiate": ("OUT", 2)}
-_IN_PARAM = r"<PARAMETER><POSITION>{pos}</POSITION><TYPE>{type}</TYPE><VALUE>(-?\d+)</VALUE>"
+VM_PARAM: dict[str, tuple[str, int]] = {"one.vm.action": ("IN", 3),
+                                        "one.template.instantiate": ("OUT", 2)}
+_ID = re.compile(r"[0-9]{1,10}")
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+MAX_TTL = 10 * 366 * 86400
+"""The longest TTL a hook may ask for (ten years): beyond it is a typo."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +68,56 @@ def everything(reason: str) -> Trigger:
     return Trigger(None, reason)
 
 
-def _decode(body: bytes) -> str | None:
+def _decode(body: bytes) -> bytes | None:
     try:
-        return base64.b64decode(body.strip(), validate=False).decode("utf-8", "replace")
+        return base64.b64decode(body.strip(), validate=False)
     except (binascii.Error, ValueError):
         return None
+
+
+def one_id(text: str | None) -> int | None:
+    """`text` as an oned object id, or None if it is not one."""
+    if text is None or not _ID.fullmatch(text):
+        return None
+    value = int(text)
+    return value if is_one_id(value) else None
+
+
+def api_vm_id(method: str, call_info: etree._Element) -> int | None:
+    """The VM an API call was about, from a parsed <CALL_INFO> element
+    (None: not found, not a number, or out of range)."""
+    params = call_info.find("PARAMETERS")
+    if params is None:
+        return None
+    where, pos = VM_PARAM.get(method, ("IN", 2))
+    found: list[str | None] = []
+    for p in params.findall("PARAMETER"):
+        if p.findtext("TYPE") == where and p.findtext("POSITION") == str(pos):
+            found.append(p.findtext("VALUE"))
+    if not found:
+        return None
+    # IN: the first (later string values cannot come before it);
+    # OUT: the last (oned writes the answer after every IN value).
+    return one_id(found[0] if where == "IN" else found[-1])
+
+
+def _api_event(method: str, body: bytes) -> Trigger | None:
+    data = _decode(body)
+    if data is None:
+        return everything(f"{method}: unreadable body")
+    try:
+        root = xmldoc.parse(data)
+    except xmldoc.XmlError:
+        return everything(f"{method}: unreadable body")
+    info = root.find("CALL_INFO")
+    if root.tag != "HOOK_MESSAGE" or info is None or root.findtext("CALL") != method:
+        return everything(f"{method}: body does not match its topic")
+    if info.findtext("RESULT") != "1":
+        return everything(f"{method}: body does not say the call succeeded")
+    vm_id = api_vm_id(method, info)
+    if vm_id is None:
+        return everything(f"{method}: no VM id (0 .. {ONE_ID_MAX}) in body")
+    return Trigger(vm_id, method)
 
 
 def parse_message(topic: bytes, body: bytes) -> Trigger | None:
@@ -63,22 +128,17 @@ def parse_message(topic: bytes, body: bytes) -> Trigger | None:
         return everything("unreadable event topic")
     m = _VM_KEY.match(key)
     if m:
-        return Trigger(int(m.group(1)), f"state {m.group(2)}/{m.group(3) or '-'}",
+        vm_id = one_id(m.group(1))
+        if vm_id is None:
+            return everything(f"event for a VM id out of range: {m.group(1)[:20]}")
+        return Trigger(vm_id, f"state {m.group(2)}/{m.group(3) or '-'}",
                        f"{m.group(2)}/{m.group(3)}")
     m = _API_KEY.match(key.rstrip())
     if m:
-        method, ok = m.group(1), m.group(2) == "1"
-        if not ok:
+        if m.group(2) != "1":
             return None  # a refused call changed nothing
-        text = _decode(body)
-        if text is None:
-            return everything(f"{method}: unreadable body")
-        where, pos = _VM_PARAM.get(method, ("IN", 2))
-        found = re.search(_IN_PARAM.format(pos=pos, type=where), text)
-        if found is None:
-            return everything(f"{method}: no VM id in body")
-        return Trigger(int(found.group(1)), method)
-    return everything(f"unexpected event {key.strip()!r}")
+        return _api_event(m.group(1), body)
+    return everything(f"unexpected event {key.strip()[:80]!r}")
 
 
 def parse_hook_request(doc: object) -> Trigger:
@@ -89,15 +149,16 @@ def parse_hook_request(doc: object) -> Trigger:
         raise ValueError("request must be a JSON object")
     vm_id = doc.get("vm_id")
     event = doc.get("event", "hook")
-    if not isinstance(vm_id, int) or isinstance(vm_id, bool) or vm_id < 0:
-        raise ValueError("vm_id must be a non-negative integer")
+    if not isinstance(vm_id, int) or not is_one_id(vm_id):
+        raise ValueError(f"vm_id must be an OpenNebula id (an integer 0 .. {ONE_ID_MAX})")
     if not isinstance(event, str) or len(event) > 200:
         raise ValueError("event must be a short string")
     snapshot = doc.get("snapshot")
     ttl = doc.get("ttl")
     if snapshot is not None and (not isinstance(snapshot, str)
-                                 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", snapshot)):
+                                 or not SET_NAME.fullmatch(snapshot)):
         raise ValueError("snapshot must be a set name (letters, digits, '.', '_', '-')")
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
-        raise ValueError("ttl must be a positive number of seconds")
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)
+                            or not 0 < ttl <= MAX_TTL):
+        raise ValueError(f"ttl must be a number of seconds from 1 to {MAX_TTL} (ten years)")
     return Trigger(vm_id, f"hook {event}", snapshot=snapshot, snapshot_ttl=ttl)

@@ -31,7 +31,8 @@ def _state(name: str, state: str, lcm: str) -> HookDef:
 
 
 def _api(name: str, call: str) -> HookDef:
-    return HookDef(name, (("TYPE", "api"), ("CALL", call), ("ARGUMENTS", "api $API")))
+    # oned's $API (CALL_INFO) does not name the call: the hook's arguments do.
+    return HookDef(name, (("TYPE", "api"), ("CALL", call), ("ARGUMENTS", f"api {call} $API")))
 
 
 HOOKS: tuple[HookDef, ...] = (
@@ -46,7 +47,9 @@ HOOKS: tuple[HookDef, ...] = (
 
 def snapshot_hook(name: str, call: str, set_name: str, ttl: str = "48h",
                   command: str = DEFAULT_COMMAND) -> str:
-    """A template an operator binds to any API call: the agent takes a
-    snapshot set named `set_name` of the VM the call was about."""
+    """A template an operator binds to any API call about a VM: when the
+    call succeeded, the agent takes a snapshot set named `set_name` of the
+    VM the call was about."""
     return HookDef(name, (("TYPE", "api"), ("CALL", call),
-                          ("ARGUMENTS", f"snapshot {set_name} {ttl} $API"))).template(command)
+                          ("ARGUMENTS", f"snapshot {set_name} {ttl} {call} $API"))
+                   ).template(command)

@@ -9,6 +9,8 @@ Must not: change states or files directly.
 
 from __future__ import annotations
 
+import re
+
 from tests.onesim import auth
 from tests.onesim.auth import ADMIN, MANAGE, USE, Check, authorize, of
 from tests.onesim.constants import (
@@ -21,12 +23,12 @@ from tests.onesim.constants import (
     VmState,
     state_str,
 )
-from tests.onesim.dispatch import Ctx, method
+from tests.onesim.dispatch import Ctx, driver, method
 from tests.onesim.documents import pool_xml, vm_short_xml, vm_xml
-from tests.onesim.lifecycle import WrongState
+from tests.onesim.lifecycle import WrongState, close_cp_history
 from tests.onesim.model import Image, Vm, now
 from tests.onesim.oned import Oned, OneError, no_exists
-from tests.onesim.templates import TemplateError, parse_str_or_xml
+from tests.onesim.templates import Template, TemplateError, parse_str_or_xml
 
 
 def get_vm(core: Oned, ctx: Ctx, vid: int, op: str) -> Vm:
@@ -415,3 +417,95 @@ def _saveas_image(core: Oned, ctx: Ctx, vm: Vm, disk: dict[str, str], name: str,
     core.store.images[img.id] = img
     ds.images.append(img.id)
     return img
+
+
+# ---------------------------------------------------------------------------
+# one.vm.resize: VirtualMachineAPI::resize (src/rm/api/VirtualMachineAPI.cc)
+# and DispatchManager::resize (src/dm/DispatchManagerActions.cc)
+# ---------------------------------------------------------------------------
+
+RESIZE_ACTION = 35  # include/VMActions.h
+_INT = re.compile(r"\s*[+-]?\d+")
+_FLOAT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _template_number(tmpl: Template, name: str, pattern: re.Pattern[str]) -> float:
+    """Template::get(name, T&): 0 when absent; `iss >> value` keeps the
+    longest numeric prefix, and 0 when there is none."""
+    m = pattern.match(tmpl.get(name) or "")
+    return float(m.group(0)) if m else 0.0
+
+
+def _cpp(value: float) -> str:
+    """A float written by `oss << value` (%g, six digits)."""
+    return format(value, ".6g")
+
+
+@method("one.vm.resize", "isb", 2)
+def vm_resize(core: Oned, ctx: Ctx, vid: int, text: str, enforce: bool = True) -> int:
+    """Parse, authorise (MANAGE: "resize" is in VM_MANAGE_OPERATIONS), read
+    CPU/VCPU/MEMORY (0 keeps the current value), then DispatchManager::resize:
+    PENDING/HOLD/POWEROFF/UNDEPLOYED take the new size at once; RUNNING goes
+    HOTPLUG_RESIZE with the old size kept in RESIZE until the driver answers;
+    other states are refused. onesim's host never runs out of capacity, and
+    a resize to the same size succeeds without a state change, as oned."""
+    try:
+        tmpl = parse_str_or_xml(text)
+    except TemplateError as exc:
+        raise OneError(ErrorCode.INTERNAL, str(exc)) from exc
+    vm = get_vm(core, ctx, vid, MANAGE)
+    ncpu = _template_number(tmpl, "CPU", _FLOAT)
+    nvcpu = int(_template_number(tmpl, "VCPU", _INT))
+    nmemory = int(_template_number(tmpl, "MEMORY", _INT))
+    if ncpu < 0:
+        raise OneError(ErrorCode.INTERNAL, "CPU must be a positive float or integer value.")
+    if nmemory < 0:
+        raise OneError(ErrorCode.INTERNAL, "MEMORY must be a positive integer value.")
+    if nvcpu < 0:
+        raise OneError(ErrorCode.INTERNAL, "VCPU must be a positive integer value.")
+    ocpu = _template_number(vm.template, "CPU", _FLOAT)
+    ovcpu = int(_template_number(vm.template, "VCPU", _INT))
+    omemory = int(_template_number(vm.template, "MEMORY", _INT))
+    ncpu, nvcpu, nmemory = ncpu or ocpu, nvcpu or ovcpu, nmemory or omemory
+
+    def apply() -> None:   # VirtualMachine::resize
+        if ncpu > 0:
+            vm.template.replace("CPU", _cpp(ncpu))
+        if nmemory > 0:
+            vm.template.replace("MEMORY", str(nmemory))
+        if nvcpu > 0:
+            vm.template.replace("VCPU", str(nvcpu))
+
+    refused = f"Cannot resize a VM in state {state_str(vm.state, vm.lcm)}"
+    if vm.state in (VmState.INIT, VmState.PENDING, VmState.HOLD, VmState.UNDEPLOYED,
+                    VmState.CLONING, VmState.CLONING_FAILURE, VmState.POWEROFF):
+        apply()
+        if vm.state == VmState.POWEROFF and vm.history:
+            close_cp_history(vm, RESIZE_ACTION, ctx.caller)
+    elif vm.state == VmState.ACTIVE and vm.lcm == Lcm.RUNNING:
+        if (ocpu, omemory, ovcpu) == (ncpu, nmemory, nvcpu):
+            return vid   # "Nothing to resize": rc 0, the VM is not written
+        apply()
+        vm.lcm = Lcm.HOTPLUG_RESIZE
+        vm.template.erase("RESIZE")
+        vm.template.add("RESIZE", {"CPU": _cpp(ocpu), "VCPU": str(ovcpu),
+                                   "MEMORY": str(omemory)})
+        vm.resched = 0
+        close_cp_history(vm, RESIZE_ACTION, ctx.caller)
+        delay = core.config.delay + core.faults.driver_delay("resize", vm.id, None)
+        core.schedule({"op": "vm.resize", "vm": vm.id}, delay)
+    else:
+        raise OneError(ErrorCode.ACTION, refused)
+    core.update_vm(vm)
+    return vid
+
+
+@driver("vm.resize")
+def resize_done(core: Oned, sim: object, op: dict[str, object]) -> None:
+    """LifeCycleManager::trigger_resize_success: back to RUNNING, RESIZE gone."""
+    vm = core.store.vms.get(int(str(op["vm"])))
+    if vm is None or vm.state != VmState.ACTIVE or vm.lcm != Lcm.HOTPLUG_RESIZE:
+        return
+    vm.lcm = Lcm.RUNNING
+    vm.template.erase("RESIZE")
+    core.update_vm(vm)

@@ -16,6 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from tests.onesim import auth, wire
@@ -63,6 +64,20 @@ UNPUBLISHED = {
 }
 
 
+DriverHandler = Callable[[Oned, Any, dict[str, Any]], None]
+DRIVERS: dict[str, DriverHandler] = {}
+"""Driver answers an api_* module owns (engine operations), by name."""
+
+
+def driver(name: str) -> Callable[[DriverHandler], DriverHandler]:
+    """Register `fn(core, sim, op)` as the engine operation `name`; every
+    Dispatcher binds them to its engine (before the engine resumes)."""
+    def wrap(fn: DriverHandler) -> DriverHandler:
+        DRIVERS[name] = fn
+        return fn
+    return wrap
+
+
 def method(name: str, signature: str, required: int | None = None, obj: str = "VM",
            info: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a handler `fn(core, ctx, *params)` for `name`; `signature`
@@ -101,6 +116,11 @@ def failure_message(method_name: str, err: OneError, obj: str, uid: int) -> str:
 class Dispatcher:
     core: Oned
     sim: Any = None
+
+    def __post_init__(self) -> None:
+        if self.core.engine is not None:
+            for name, fn in DRIVERS.items():
+                self.core.engine.register(name, partial(fn, self.core, self.sim))
 
     def handle(self, body: bytes) -> bytes:
         try:

@@ -155,13 +155,20 @@ class Bus:
 
 def publish_api(bus: Bus, method: str, params: list[Any], success: bool, out: list[Any],
                 extra: str) -> None:
+    """RequestXRPC::execute: the session hidden, values written as
+    ParamListXRPC::api_value does (no escaping), the answer as
+    Request::make_xml_response writes it."""
     shown = ["****"] + [_param_text(p) for p in params[1:]]
-    outs = [("true" if success else "false")] + [_param_text(v) for v in out]
+    outs = [("true" if success else "false")] + [_param_text(v, out=True) for v in out]
     bus.submit([f"EVENT API {method} {int(success)}"],
                api_message(method, shown, success, outs, extra))
 
 
-def _param_text(value: Any) -> str:
+def _param_text(value: Any, out: bool = False) -> str:
+    """`oss << value`: an IN boolean is 1/0 (no boolalpha), an OUT one
+    true/false (make_xml_response); a double as %g with 6 digits."""
     if isinstance(value, bool):
-        return str(int(value))
+        return ("true" if value else "false") if out else str(int(value))
+    if isinstance(value, float):
+        return format(value, ".6g")
     return str(value)

@@ -5,7 +5,10 @@ normalise them (errors as oned words them), the hook log (HookLog:
 HOOK_EXECUTION_RECORD, 20 records kept per hook, one.hooklog.info filters),
 and a HEM that listens to every event in bus order and runs matching hooks
 as src/hem/onehem-server.rb does: ARGUMENTS split on blanks with $API
-(base64 of <CALL_INFO>) and $TEMPLATE (base64 of the object) substituted,
+(base64 of <CALL_INFO>, without the call's name) and $TEMPLATE (base64 of
+the object's document) substituted, both re-serialised as Nokogiri does
+(recovered from unescaped values, pretty-printed); API hooks run for
+refused calls too (the key drops the success flag),
 ARGUMENTS_STDIN=yes feeding them on stdin instead of argv, TIMEOUT killing
 the process group, STDOUT/STDERR base64 (Ruby's encode64) in the record,
 and one.hook.retry replaying the stored arguments.
@@ -188,6 +191,45 @@ def hooklog_info(core: Oned, ctx: Ctx, min_ts: int, max_ts: int, hid: int, rc: i
 # The hook execution manager
 # ---------------------------------------------------------------------------
 
+_NOKOGIRI = threading.local()
+_CDATA = re.compile(r"(<!\[CDATA\[.*?\]\]>)", re.S)
+
+
+def nokogiri_parse(xml: str) -> Any:
+    """Nokogiri::XML(content): libxml2 with RECOVER (oned does not escape
+    API parameter values, so a '<' or '&' in one is repaired, not refused),
+    CDATA kept. None if nothing could be recovered."""
+    parser = getattr(_NOKOGIRI, "parser", None)
+    if parser is None:
+        parser = etree.XMLParser(recover=True, strip_cdata=False, resolve_entities=False,
+                                 no_network=True, huge_tree=True)
+        _NOKOGIRI.parser = parser
+    try:
+        return etree.fromstring(xml.encode(), parser)
+    except etree.XMLSyntaxError:
+        return None
+
+
+def first(root: Any, name: str) -> Any:
+    """event.xpath("//NAME")[0] (None when there is none)."""
+    found = root.xpath(f"//{name}") if re.fullmatch(r"[A-Z_]+", name) else []
+    return found[0] if found else None
+
+
+def nokogiri_to_s(node: Any) -> str:
+    """Node#to_s of a document parsed without an encoding: libxml2's
+    formatted output (two-space indent, text-only elements on one line,
+    empty ones as <X/>, no trailing newline) with xmlEscapeEntities turning
+    every non-ASCII character outside CDATA into &#xHEX;. nil.to_s is ""."""
+    if node is None:
+        return ""
+    text = etree.tostring(node, pretty_print=True, with_tail=False, encoding="unicode")
+    parts = _CDATA.split(text.rstrip("\n"))
+    for i in range(0, len(parts), 2):   # the even parts are outside CDATA
+        parts[i] = re.sub(r"[^\x00-\x7f]", lambda m: f"&#x{ord(m.group(0)):X};", parts[i])
+    return "".join(parts)
+
+
 def encode64(data: bytes) -> str:
     """Ruby's Base64.encode64: 60 characters a line, each line ends in \\n."""
     text = base64.b64encode(data).decode()
@@ -229,20 +271,23 @@ class HookExecutionManager:
 
     @staticmethod
     def _arguments(hook: Hook, xml: str) -> str:
+        """Hook#arguments: $API is the message's first <CALL_INFO> and
+        $TEMPLATE the first element named after HOOK_OBJECT, each as
+        Nokogiri re-serialises it (`to_s`), then Base64.strict_encode64."""
         args = hook.template.get("ARGUMENTS")
         if not args:
             return ""
         api = template = ""
-        if "<HOOK_TYPE>API</HOOK_TYPE>" in xml:
-            m = re.search(r"<CALL_INFO>.*</CALL_INFO>", xml, re.S)
-            api = b64(m.group(0)) if m else ""
-        else:
-            obj = re.search(r"<HOOK_OBJECT>(\w+)</HOOK_OBJECT>", xml)
-            name = obj.group(1) if obj else ""
+        root = nokogiri_parse(xml)
+        if root is None:
+            return ""
+        kind = (root.findtext("HOOK_TYPE") or "").upper()
+        if kind == "API":
+            api = b64(nokogiri_to_s(first(root, "CALL_INFO")))
+        elif kind == "STATE":
+            name = (root.findtext("HOOK_OBJECT") or "").upper()
             name = "VNET" if name == "NET" else name
-            start, end = xml.find(f"<{name}>"), xml.rfind(f"</{name}>")
-            if start != -1 and end != -1:
-                template = b64(xml[start:end + len(name) + 3])
+            template = b64(nokogiri_to_s(first(root, name)))
         out = []
         for arg in args.split(" "):
             out.append(api if arg == "$API" else template if arg == "$TEMPLATE" else arg)

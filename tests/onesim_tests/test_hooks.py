@@ -13,7 +13,14 @@ import pytest
 from lxml import etree
 
 from tests.onesim import Simulator
-from tests.onesim.testing import create_datablock, create_vm, wait_until
+from tests.onesim.testing import (
+    Subscription,
+    client,
+    create_datablock,
+    create_vm,
+    wait_until,
+    wait_vm,
+)
 
 
 def test_a_record_that_is_not_xml_is_not_stored(one: Any, onesim: Simulator) -> None:
@@ -85,6 +92,9 @@ def test_state_hook_gets_the_vm_as_template(one: Any, onesim: Simulator, tmp_pat
 
 
 def test_api_hook_gets_the_call_info(one: Any, onesim: Simulator, tmp_path: Path) -> None:
+    """onehem-server.rb: $API is Base64.strict_encode64 of the first
+    <CALL_INFO> as Nokogiri's to_s writes it: pretty-printed, no <CALL>;
+    API hooks run for refused calls too (RESULT 0)."""
     hid = one.hook.allocate('NAME="api"\nTYPE="api"\nCALL="one.vm.disksnapshotcreate"\n'
                             'COMMAND="/bin/cat"\nARGUMENTS="$API $ID"\nARGUMENTS_STDIN="yes"')
     vid = create_vm(one, onesim, "vm", [create_datablock(one, "d", 1)])
@@ -94,12 +104,108 @@ def test_api_hook_gets_the_call_info(one: Any, onesim: Simulator, tmp_path: Path
     recs = records(one, hid, 2)
     # The HEM runs hooks concurrently: the log is in order of completion.
     stdins = [b64out(r.EXECUTION_RESULT.STDOUT) for r in recs]  # cat echoes its stdin
-    infos = sorted(base64.b64decode(x.split(" ")[0]).decode() for x in stdins)
     assert all(x.split(" ")[1] == "$ID" for x in stdins)  # only $API, $TEMPLATE substituted
-    ok = [i for i in infos if i.startswith("<CALL_INFO><RESULT>1</RESULT>")]
+    assert all("\n" not in x.split(" ")[0] for x in stdins)   # strict_encode64
+    infos = sorted(base64.b64decode(x.split(" ")[0]).decode() for x in stdins)
+    ok = [i for i in infos if "<RESULT>1</RESULT>" in i]
     failed = [i for i in infos if "<RESULT>0</RESULT>" in i]
-    assert len(ok) == 1 and "<VALUE>snap</VALUE>" in ok[0] and len(failed) == 1
+    assert len(ok) == 1 and len(failed) == 1
+    assert ok[0].startswith("<CALL_INFO>\n  <RESULT>1</RESULT>\n  <PARAMETERS>\n"
+                            "    <PARAMETER>\n      <POSITION>1</POSITION>\n")
+    assert ok[0].endswith("\n  <EXTRA/>\n</CALL_INFO>") and "<CALL>" not in ok[0]
+    assert "      <VALUE>snap</VALUE>\n" in ok[0]
+    values = [(p.findtext("TYPE"), p.findtext("POSITION"), p.findtext("VALUE"))
+              for p in etree.fromstring(failed[0]).iter("PARAMETER")]
+    assert values[:4] == [("IN", "1", "****"), ("IN", "2", str(vid)), ("IN", "3", "7"),
+                          ("IN", "4", "no such disk")]
+    assert values[4][:3] == ("OUT", "1", "false")
     assert all(r.EXECUTION_RESULT.COMMAND == "/bin/cat" for r in recs)
+
+
+def test_unescaped_values_are_recovered_as_nokogiri_does(
+        one: Any, onesim: Simulator) -> None:
+    """HookAPI::format_message writes parameter values unescaped (the bus
+    body is not even XML then); the HEM's Nokogiri parses it in RECOVER mode
+    and $API is what libxml2 made of it, with non-ASCII as &#xHEX;."""
+    hid = one.hook.allocate('NAME="u"\nTYPE="api"\nCALL="one.vm.update"\n'
+                            'COMMAND="/bin/echo"\nARGUMENTS="$API"')
+    vid = create_vm(one, onesim, "vm", [{"TYPE": "fs", "SIZE": 1}])
+    forged = ('A="x & y é" B="</VALUE></PARAMETER><PARAMETER><POSITION>2</POSITION>'
+              '<TYPE>IN</TYPE><VALUE>999</VALUE></PARAMETER><PARAMETER><VALUE>"')
+    one.vm.update(vid, forged, 1)
+    bus = [x for k, x in onesim.published() if k == "EVENT API one.vm.update 1"][-1]
+    assert forged in bus                                   # as oned writes it
+    with pytest.raises(etree.XMLSyntaxError):
+        etree.fromstring(bus.encode())
+    api = base64.b64decode(b64out(records(one, hid)[0].EXECUTION_RESULT.STDOUT).strip()).decode()
+    assert "&#xE9;" in api and "é" not in api and " &amp; " not in api
+    root = etree.fromstring(api)
+    second = [p.findtext("VALUE") for p in root.iterfind("PARAMETERS/PARAMETER")
+              if p.findtext("POSITION") == "2" and p.findtext("TYPE") == "IN"]
+    assert second[0] == str(vid) and "999" in second
+
+
+def test_state_hook_template_is_pretty_printed_with_cdata(
+        one: Any, onesim: Simulator, tmp_path: Path) -> None:
+    out = tmp_path / "args"
+    one.hook.allocate('NAME="running"\nTYPE="state"\nRESOURCE="VM"\nON="RUNNING"\n'
+                      f'COMMAND="/bin/sh -c \'echo $1 > {out}\' sh"\nARGUMENTS="$TEMPLATE"')
+    create_vm(one, onesim, "vm", [{"TYPE": "fs", "SIZE": 1}])
+    wait_until(lambda: out.exists() and out.read_text().strip(), timeout=10)
+    vm = base64.b64decode(out.read_text().strip()).decode()
+    assert vm.startswith("<VM>\n  <ID>") and vm.endswith("</VM>")
+    assert "<NAME><![CDATA[vm]]></NAME>" in vm or "<NAME>vm</NAME>" in vm
+
+
+def test_resize(one: Any, onesim: Simulator) -> None:
+    """VirtualMachineAPI::resize + DispatchManager::resize: RUNNING goes
+    HOTPLUG_RESIZE (old size kept in RESIZE) and back; 0 keeps a value."""
+    vid = create_vm(one, onesim, "vm", [{"TYPE": "fs", "SIZE": 1}], memory=64, cpu=0.5)
+    sub = Subscription(onesim.events, (f"EVENT VM {vid}/",))
+    try:
+        assert one.vm.resize(vid, 'CPU="1.5"\nMEMORY="128"', True) == vid
+        first = one.vm.info(vid)
+        assert (first.STATE, first.LCM_STATE) == (3, 66)      # HOTPLUG_RESIZE
+        assert first.TEMPLATE["RESIZE"] == {"CPU": "0.5", "MEMORY": "64", "VCPU": "0"}
+        wait_vm(one, vid, "ACTIVE", "RUNNING")
+        keys = [k for k, _ in sub.collect(until=f"EVENT VM {vid}/ACTIVE/RUNNING ")]
+    finally:
+        sub.close()
+    assert keys == [f"EVENT VM {vid}/ACTIVE/HOTPLUG_RESIZE ", f"EVENT VM {vid}/ACTIVE/RUNNING "]
+    vm = one.vm.info(vid)
+    assert (vm.TEMPLATE["CPU"], vm.TEMPLATE["MEMORY"]) == ("1.5", "128")
+    assert "RESIZE" not in vm.TEMPLATE
+    assert vm.HISTORY_RECORDS.HISTORY[-2].ACTION == 35             # resize
+    one.vm.resize(vid, 'CPU="1.5"', False)                           # nothing to resize
+    assert one.vm.info(vid).LCM_STATE == 3
+    with pytest.raises(pyone.OneInternalException,
+                       match=r"\[one.vm.resize\] MEMORY must be a positive integer value."):
+        one.vm.resize(vid, 'MEMORY="-1"', True)
+    one.vm.action("poweroff", vid)
+    wait_vm(one, vid, "POWEROFF")
+    one.vm.resize(vid, 'VCPU="2"', True)
+    vm = one.vm.info(vid)
+    assert (vm.STATE, vm.TEMPLATE["VCPU"], vm.TEMPLATE["MEMORY"]) == (8, "2", "128")
+
+
+def test_resize_refusals(one: Any, onesim: Simulator) -> None:
+    vid = create_vm(one, onesim, "vm", [{"TYPE": "fs", "SIZE": 1}])
+    one.user.allocate("bob", "secret", "core", [])
+    bob = client(onesim, "bob", "secret")
+    with pytest.raises(pyone.OneAuthorizationException,
+                       match=r"\[one.vm.resize\] User \[2\] : Not authorized to perform "
+                             rf"MANAGE VM \[{vid}\]."):
+        bob.vm.resize(vid, 'CPU="2"', True)
+    with pytest.raises(pyone.OneNoExistsException,
+                       match=r"\[one.vm.resize\] Error getting virtual machine \[99\]."):
+        one.vm.resize(99, 'CPU="2"', True)
+    one.vm.action("suspend", vid)
+    wait_vm(one, vid, "SUSPENDED")
+    with pytest.raises(pyone.OneActionException,
+                       match=r"\[one.vm.resize\] Cannot resize a VM in state SUSPENDED"):
+        one.vm.resize(vid, 'CPU="2"', True)
+    refused = [x for k, x in onesim.published() if k == "EVENT API one.vm.resize 0"]
+    assert len(refused) == 3
 
 
 def test_timeout_and_failure_codes(one: Any, onesim: Simulator, tmp_path: Path) -> None:
