@@ -113,6 +113,12 @@ class Bus:
         """Publish a message whose body is not plain base64 of `xml` (RETRY)."""
         self._queue.put((key, xml, body))
 
+    def inject(self, key: str, body: str) -> None:
+        """Publish a message oned would never send (a forged or garbled
+        event, for tests): `body` is the raw second frame; listeners (the
+        HEM) see no document."""
+        self._queue.put((key, "", body))
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
