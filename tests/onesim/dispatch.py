@@ -21,7 +21,7 @@ from typing import Any
 
 from tests.onesim import auth, wire
 from tests.onesim.constants import OBJECT_NAMES, ErrorCode
-from tests.onesim.events import publish_api
+from tests.onesim.events import api_event
 from tests.onesim.oned import Caller, Oned, OneError
 
 
@@ -147,6 +147,7 @@ class Dispatcher:
             caller.req_id = core.store.next_request()
             ctx = Ctx(caller, spec.name, sim=self.sim)
             core.begin_request()
+            core.bus.hold()
             try:
                 injected = core.faults.take_call(spec.name)
                 if injected is not None:
@@ -164,8 +165,8 @@ class Dispatcher:
                 result = [False, msg, int(ErrorCode.INTERNAL), -1, wire.I8(-1)]
                 out = [msg, int(ErrorCode.INTERNAL), -1]
             deferred = core.end_request()
-            if spec.published:
-                publish_api(core.bus, spec.name, params, bool(result[0]), out, ctx.extra_xml)
+            core.bus.release(spec.name, api_event(spec.name, params, bool(result[0]), out,
+                                                  ctx.extra_xml) if spec.published else None)
             for fn in deferred:
                 fn()
             if not spec.info:

@@ -12,7 +12,9 @@ Must not: decide when an object changes state.
 from __future__ import annotations
 
 import base64
+import os
 import queue
+import random
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +27,14 @@ from tests.onesim.documents import image_xml, vm_xml
 from tests.onesim.model import Host, Image, Vm
 
 Listener = Callable[[str, str], None]  # (key, xml body)
+
+API_ORDERS = ("after", "before", "random")
+"""Where a call's API event goes relative to the state events the call made
+(ONESIM_API_EVENT_ORDER, or Bus.api_order[method]): oned triggers the state
+event first (ImagePool::update in ImageManager::delete_image, then
+RequestXRPC::execute), but one_hm.rb publishes each message from its own
+thread (:concurrency => 15, :threaded => true), so subscribers see either
+order (EVENT IMAGE n/DELETE/ and EVENT API one.image.delete 1, say)."""
 
 
 def b64(text: str) -> str:
@@ -98,6 +108,11 @@ class Bus:
         self.fault_filter: Callable[[str, str], str | None] | None = None
         self._published: deque[tuple[str, str]] = deque(maxlen=20000)  # (key, xml)
         self._published_lock = threading.Lock()
+        self._held = threading.local()
+        default = os.environ.get("ONESIM_API_EVENT_ORDER", "after")
+        self.default_api_order = default if default in API_ORDERS else "after"
+        self.api_order: dict[str, str] = {}   # method -> one of API_ORDERS
+        self._random = random.Random()
         self._thread = threading.Thread(target=self._run, name="onesim-bus", daemon=True)
         self._thread.start()
 
@@ -106,8 +121,27 @@ class Bus:
 
     def submit(self, keys: list[str], xml: str) -> None:
         """Publish `xml` (base64-encoded) under each key."""
+        held: list[tuple[str, str, str | None]] | None = getattr(self._held, "items", None)
         for key in keys:
-            self._queue.put((key, xml, None))
+            if held is not None:
+                held.append((key, xml, None))
+            else:
+                self._queue.put((key, xml, None))
+
+    def hold(self) -> None:
+        """Keep what this thread submits until `release` (one request)."""
+        self._held.items = []
+
+    def release(self, method: str, api: tuple[list[str], str] | None) -> None:
+        """Publish what this thread held and the request's API event
+        (`api`: keys and body), in the order API_ORDERS says for `method`."""
+        held: list[tuple[str, str, str | None]] = getattr(self._held, "items", None) or []
+        self._held.items = None
+        order = self.api_order.get(method, self.default_api_order)
+        first = order == "before" or (order == "random" and self._random.random() < 0.5)
+        api_items = [(k, api[1], None) for k in api[0]] if api is not None else []
+        for item in (api_items + held if first else held + api_items):
+            self._queue.put(item)
 
     def submit_raw(self, key: str, xml: str, body: str) -> None:
         """Publish a message whose body is not plain base64 of `xml` (RETRY)."""
@@ -159,15 +193,20 @@ class Bus:
         self._ctx.term()
 
 
-def publish_api(bus: Bus, method: str, params: list[Any], success: bool, out: list[Any],
-                extra: str) -> None:
+def api_event(method: str, params: list[Any], success: bool, out: list[Any],
+              extra: str) -> tuple[list[str], str]:
     """RequestXRPC::execute: the session hidden, values written as
     ParamListXRPC::api_value does (no escaping), the answer as
-    Request::make_xml_response writes it."""
+    Request::make_xml_response writes it -> (keys, body)."""
     shown = ["****"] + [_param_text(p) for p in params[1:]]
     outs = [("true" if success else "false")] + [_param_text(v, out=True) for v in out]
-    bus.submit([f"EVENT API {method} {int(success)}"],
-               api_message(method, shown, success, outs, extra))
+    return [f"EVENT API {method} {int(success)}"], api_message(method, shown, success, outs,
+                                                                extra)
+
+
+def publish_api(bus: Bus, method: str, params: list[Any], success: bool, out: list[Any],
+                extra: str) -> None:
+    bus.submit(*api_event(method, params, success, out, extra))
 
 
 def _param_text(value: Any, out: bool = False) -> str:
