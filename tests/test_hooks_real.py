@@ -180,8 +180,7 @@ def test_forged_ids_on_the_bus_and_in_hook_requests_do_not_stop_the_agent(
     assert code == 400
     # the hook script refuses such an id before it signs anything
     doc = base64.b64encode(f"<VM>\n  <ID>{FORGED}</ID>\n</VM>".encode()).decode()
-    p = subprocess.run([str(HOOK), "state", doc], capture_output=True, text=True,
-                       env={**os.environ, "ONEBACK_HOOK_CONF": "/nonexistent"})
+    p = run_hook("state", doc)
     assert p.returncode == 1 and "is not an OpenNebula id (0 .. 2147483647)" in p.stderr
     assert p.stderr.count("\n") == 1
 
@@ -191,3 +190,68 @@ def test_forged_ids_on_the_bus_and_in_hook_requests_do_not_stop_the_agent(
     assert wait_until(lambda: sets(cloud, vm), 30, 0.2) == ["after"]
     assert a.proc.poll() is None
     assert not [x for x in a.lines if "Traceback" in json.dumps(x)]
+
+
+def test_older_hook_arguments_and_stdin_still_work(
+        cloud: Cloud, agent: Callable[..., AgentProcess], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """Hooks registered before the call was named in ARGUMENTS ("api $API")
+    keep working for calls whose VM is the 2nd parameter; ARGUMENTS_STDIN
+    feeds the same words on standard input."""
+    vm = cloud.vm("old", [cloud.image("old0", pattern(DISK, 44))])
+    a = agent(events="tcp://127.0.0.1:9", reconcile=3600)
+    hook_conf(cloud, a, tmp_path, monkeypatch)
+    legacy = cloud.one.hook.allocate(f'NAME="legacy"\nTYPE="api"\nCALL="one.vm.rename"\n'
+                                     f'COMMAND="{HOOK}"\nARGUMENTS="api $API"')
+    stdin = cloud.one.hook.allocate(f'NAME="stdin"\nTYPE="api"\nCALL="one.vm.rename"\n'
+                                    f'COMMAND="{HOOK}"\nARGUMENTS="api one.vm.rename $API"\n'
+                                    'ARGUMENTS_STDIN="yes"')
+    cloud.one.vm.rename(vm, "renamed")
+    for hid in (legacy, stdin):
+        rec = hook_records(cloud, hid, 1)[0]
+        assert rec.EXECUTION_RESULT.CODE == "0", base64.b64decode(rec.EXECUTION_RESULT.STDERR)
+    reasons = {x["reason"] for x in a.events("hook.accepted") if x.get("vm_id") == vm}
+    assert reasons == {"hook api ?", "hook api one.vm.rename"}
+
+
+def run_hook(*args: str) -> subprocess.CompletedProcess[str]:
+    """The script as the HEM runs it, with no agent configured."""
+    return subprocess.run([str(HOOK), *args], capture_output=True, text=True, input="",
+                          env={**os.environ, "ONEBACK_HOOK_CONF": "/nonexistent"})
+
+
+def call_info(result: int, *params: tuple[str, int, str]) -> str:
+    body = "".join(f"\n    <PARAMETER>\n      <POSITION>{pos}</POSITION>\n      <TYPE>{kind}"
+                   f"</TYPE>\n      <VALUE>{value}</VALUE>\n    </PARAMETER>"
+                   for kind, pos, value in params)
+    xml = (f"<CALL_INFO>\n  <RESULT>{result}</RESULT>\n  <PARAMETERS>{body}\n  </PARAMETERS>"
+           "\n  <EXTRA/>\n</CALL_INFO>")
+    return base64.b64encode(xml.encode()).decode()
+
+
+def test_the_hook_script_refuses_clearly_in_one_line() -> None:
+    refused = call_info(0, ("IN", 1, "****"), ("IN", 2, "poweroff"), ("IN", 3, "4"))
+    p = run_hook("api", "one.vm.action", refused)
+    assert p.returncode == 0 and p.stdout.startswith("nothing forwarded: oned refused "
+                                                     "one.vm.action")
+    cases = [
+        (("snapshot", "s", "1h", "one.template.instantiate",
+          call_info(1, ("IN", 1, "****"), ("OUT", 2, "4"))), "cannot be bound to "
+                                                             "one.template.instantiate"),
+        (("api", "one.vm.resize", call_info(1, ("IN", 1, "****"), ("IN", 2, str(FORGED)))),
+         "parameter 2 of one.vm.resize '2147483653' is not an OpenNebula id"),
+        (("api", "one.vm.action", call_info(1, ("IN", 2, "poweroff"))),
+         "no IN parameter 3 (the VM id)"),
+        (("api", "one.vm.resize", "%%%"), "the $API argument is not base64"),
+        (("api", "one.vm.resize", base64.b64encode(b"<CALL_INFO>").decode()),
+         "the $API document is not XML"),
+        (("api", "one.vm.resize", base64.b64encode(
+            b'<!DOCTYPE x [<!ENTITY a "1">]><CALL_INFO/>').decode()), "declares a DTD"),
+        (("api", "vm.resize;rm", "x"), "is not an API call name"),
+        (("snapshot", "s", "99999999w", "one.vm.resize", "x"), "at most ten years"),
+        (("state",), "usage: oneback-hook"),
+    ]
+    for args, message in cases:
+        p = run_hook(*args)
+        assert p.returncode == 1 and message in p.stderr, (args, p.stderr)
+        assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr

@@ -267,3 +267,19 @@ def test_stop_does_not_wait_for_a_hook_that_never_ends(tmp_path: Path) -> None:
     start = time.monotonic()
     sim.stop()
     assert time.monotonic() - start < 5
+
+
+def test_every_call_the_shipped_hooks_bind_to_is_implemented(one: Any) -> None:
+    from tests.onesim.dispatch import REGISTRY
+
+    repo = Path(__file__).resolve().parents[2]
+    calls = set()
+    for path in sorted((repo / "hooks").glob("*.hook")):
+        text = path.read_text()
+        m = re.search(r'^CALL = "([^"]+)"', text, re.M)
+        if m:
+            calls.add(m.group(1))
+            assert f"ARGUMENTS = \"api {m.group(1)} $API\"" in text or \
+                f" {m.group(1)} $API\"" in text, path.name   # the call is named
+        one.hook.allocate(text)
+    assert "one.vm.resize" in calls and calls <= set(REGISTRY)
