@@ -18,6 +18,7 @@ from tests.onesim.testing import (
     client,
     create_datablock,
     create_vm,
+    decode,
     wait_until,
     wait_vm,
 )
@@ -164,20 +165,25 @@ def test_resize(one: Any, onesim: Simulator) -> None:
     sub = Subscription(onesim.events, (f"EVENT VM {vid}/",))
     try:
         assert one.vm.resize(vid, 'CPU="1.5"\nMEMORY="128"', True) == vid
-        first = one.vm.info(vid)
-        assert (first.STATE, first.LCM_STATE) == (3, 66)      # HOTPLUG_RESIZE
-        assert first.TEMPLATE["RESIZE"] == {"CPU": "0.5", "MEMORY": "64", "VCPU": "0"}
         wait_vm(one, vid, "ACTIVE", "RUNNING")
-        keys = [k for k, _ in sub.collect(until=f"EVENT VM {vid}/ACTIVE/RUNNING ")]
+        msgs = sub.collect(until=f"EVENT VM {vid}/ACTIVE/RUNNING ")
     finally:
         sub.close()
-    assert keys == [f"EVENT VM {vid}/ACTIVE/HOTPLUG_RESIZE ", f"EVENT VM {vid}/ACTIVE/RUNNING "]
+    assert [k for k, _ in msgs] == [f"EVENT VM {vid}/ACTIVE/HOTPLUG_RESIZE ",
+                                    f"EVENT VM {vid}/ACTIVE/RUNNING "]
+    during = etree.fromstring(decode(msgs[0][1])).find("VM")
+    assert during.findtext("LCM_STATE") == "66"
+    assert [(e.tag, e.text) for e in during.find("TEMPLATE/RESIZE")] == [
+        ("CPU", "0.5"), ("MEMORY", "64"), ("VCPU", "0")]
+    assert during.findtext("TEMPLATE/CPU") == "1.5"   # the new size is set at once
     vm = one.vm.info(vid)
     assert (vm.TEMPLATE["CPU"], vm.TEMPLATE["MEMORY"]) == ("1.5", "128")
     assert "RESIZE" not in vm.TEMPLATE
     assert vm.HISTORY_RECORDS.HISTORY[-2].ACTION == 35             # resize
+    before = len(onesim.published())
     one.vm.resize(vid, 'CPU="1.5"', False)                           # nothing to resize
-    assert one.vm.info(vid).LCM_STATE == 3
+    onesim.wait_idle()
+    assert [k for k, _ in onesim.published()[before:]] == ["EVENT API one.vm.resize 1"]
     with pytest.raises(pyone.OneInternalException,
                        match=r"\[one.vm.resize\] MEMORY must be a positive integer value."):
         one.vm.resize(vid, 'MEMORY="-1"', True)
