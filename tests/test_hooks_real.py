@@ -250,6 +250,7 @@ def test_the_hook_script_refuses_clearly_in_one_line() -> None:
         (("api", "vm.resize;rm", "x"), "is not an API call name"),
         (("snapshot", "s", "99999999w", "one.vm.resize", "x"), "at most ten years"),
         (("state",), "usage: oneback-hook"),
+        (("api", "one.vm.resize", call_info(7, ("IN", 2, "4"))), "CALL_INFO/RESULT is '7'"),
     ]
     for args, message in cases:
         p = run_hook(*args)
