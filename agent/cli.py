@@ -244,7 +244,7 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
             click.echo(f"kept {k}: it was given its final name, so it is not a leftover")
         for f in report.failed:
             click.echo(f"not removed: {f}", err=True)
-        if not report.removed and not report.failed:
+        if not report.removed and not report.failed and not report.kept:
             click.echo("nothing to clean up")
     if report.failed:
         raise SystemExit(4)
