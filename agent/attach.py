@@ -7,10 +7,18 @@ that creates it, its removal on success and on failure, and the sweeps that
 remove what a crashed run left behind (`sweep`) or anything named
 `oneback-tmp-` that no live run owns (`cleanup`). Must not: read or write
 disk data, or decide which disks to back up.
+
+Every object is created under a name no one else uses,
+`oneback-tmp-<owner>-<random>-<what>`, and the journal holds that name. The
+sweeps only ever remove an object that still carries its journaled unique
+name (an object a caller renamed to its final name is committed and left
+alone) and, when they look objects up by name, only objects owned by the
+user oneback runs as: never something a user named.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -61,7 +69,9 @@ class Workspace:
     _serials: int = 0
 
     def name(self, what: str) -> str:
-        return f"{TEMP_PREFIX}{self.owner}-{what}"
+        """A name for a new object that no other object has:
+        `oneback-tmp-<owner>-<random>-<what>`."""
+        return f"{TEMP_PREFIX}{self.owner}-{secrets.token_hex(4)}-{what}"
 
     def _create(self, kind: JournalKind, name: str, create: Callable[[], int],
                 vm_id: int | None, disk_id: int | None) -> tuple[JournalEntry, int]:
@@ -105,7 +115,7 @@ class Workspace:
         """An object removed when the block exits, however it exits."""
         return self._journaled(kind, name, create, remove, vm_id=vm_id)
 
-    def _undo(self, entry: JournalEntry, action: Callable[[], None]) -> None:
+    def _undo(self, entry: JournalEntry, action: Callable[[], object]) -> None:
         try:
             action()
         except (OnebackError, OSError) as e:
@@ -158,50 +168,79 @@ class Workspace:
             yield disks[disk_id]
 
 
-def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> None:
-    """Remove the cloud object a journal entry stands for, found by id when
-    known, else by name. Idempotent: an object already gone is fine."""
+def is_temporary(name: str) -> bool:
+    """A name `Workspace.name` made (never one a user chose)."""
+    return name.startswith(TEMP_PREFIX)
+
+
+def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> bool:
+    """Remove the cloud object a journal entry stands for. Images, templates
+    and VMs are found by id when known and removed only if they still carry
+    the entry's unique temporary name (renamed means committed); else by that
+    name among the objects of oneback's own user. Returns False when the
+    object was left alone because it is not provably a leftover (renamed, or
+    an entry whose name is not a temporary one). Idempotent: an object
+    already gone is fine."""
     kind = entry.kind
     if kind is JournalKind.ATTACHMENT:
         vm_id = entry.vm_id if entry.vm_id is not None else proxy_vm_id
         try:
             vm = cloud.vm(vm_id)
         except NotFound:
-            return
+            return True
         for disk in vm.disks:
             if disk.serial == entry.name or (
                     entry.one_id is not None and disk.disk_id == entry.one_id
                     and disk.serial.startswith(OBJECT_PREFIX)):
                 cloud.detach(vm_id, disk.disk_id)
-    elif kind is JournalKind.IMAGE:
-        if entry.one_id is not None:
-            cloud.image_delete(entry.one_id)
-        else:
-            image = cloud.find_image(entry.name)
-            if image is not None:
-                cloud.image_delete(image.id)
-    elif kind is JournalKind.SNAPSHOT:
-        if entry.vm_id is None:
-            return
+        return True
+    if kind is JournalKind.SNAPSHOT:
+        if entry.vm_id is None or not entry.name.startswith(OBJECT_PREFIX):
+            return entry.vm_id is None
         try:
             vm = cloud.vm(entry.vm_id)
         except NotFound:
-            return
+            return True
         for snap in vm.snapshots:
             if snap.name == entry.name and (entry.disk_id is None or snap.disk_id == entry.disk_id):
                 cloud.snapshot_delete(entry.vm_id, snap.disk_id, snap.snapshot_id)
-    elif kind is JournalKind.TEMPLATE:
+        return True
+    if not is_temporary(entry.name):
+        return False  # an entry of an older oneback under a user's name: never match it
+    me = cloud.user_id()
+    if kind is JournalKind.IMAGE:
         if entry.one_id is not None:
-            cloud.template_delete(entry.one_id)
-        elif (template_id := cloud.find_template(entry.name)) is not None:
-            cloud.template_delete(template_id)
-    elif kind is JournalKind.VM:
-        if entry.one_id is not None:
-            cloud.terminate(entry.one_id)
-        else:
-            for vm in cloud.vms():
-                if vm.name == entry.name:
-                    cloud.terminate(vm.id)
+            try:
+                image = cloud.image(entry.one_id)
+            except NotFound:
+                return True
+            if image.name != entry.name:
+                return False
+            cloud.image_delete(image.id)
+            return True
+        for image in cloud.images():
+            if image.name == entry.name and image.uid == me:
+                cloud.image_delete(image.id)
+        return True
+    if kind is JournalKind.TEMPLATE:
+        for template_id, name, uid in cloud.templates():
+            if (template_id == entry.one_id if entry.one_id is not None
+                    else uid == me) and name == entry.name:
+                cloud.template_delete(template_id)
+        return True
+    if entry.one_id is not None:  # a VM
+        try:
+            vm = cloud.vm(entry.one_id)
+        except NotFound:
+            return True
+        if vm.name != entry.name:
+            return False
+        cloud.terminate(vm.id)
+        return True
+    for vm in cloud.vms():
+        if vm.name == entry.name and vm.uid == me:
+            cloud.terminate(vm.id)
+    return True
 
 
 # Attachments go before images (an attached image cannot be deleted); VMs
@@ -215,6 +254,7 @@ class SweepReport:
     removed: tuple[str, ...]
     failed: tuple[str, ...]
     skipped_live: int
+    kept: tuple[str, ...] = ()   # journaled, but renamed to a final name: left alone
 
 
 def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) -> SweepReport:
@@ -222,6 +262,7 @@ def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) 
     Idempotent; what cannot be removed now stays journaled."""
     removed: list[str] = []
     failed: list[str] = []
+    kept: list[str] = []
     live = 0
     entries = sorted(journal.journal_pending(), key=lambda e: (_ORDER[e.kind], -e.id))
     for entry in entries:
@@ -229,20 +270,25 @@ def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) 
             live += 1
             continue
         try:
-            remove_entry(cloud, entry, proxy_vm_id)
+            gone = remove_entry(cloud, entry, proxy_vm_id)
         except (OnebackError, OSError) as e:
             failed.append(f"{entry.kind.value} {entry.name}: {e}")
             continue
         journal.journal_done(entry.id)
-        removed.append(f"{entry.kind.value} {entry.name}")
-    return SweepReport(tuple(removed), tuple(failed), live)
+        what = f"{entry.kind.value} {entry.name}"
+        if gone:
+            removed.append(what)
+        else:
+            kept.append(what + (f" (id {entry.one_id})" if entry.one_id is not None else ""))
+    return SweepReport(tuple(removed), tuple(failed), live, tuple(kept))
 
 
 def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
             proxy_vm_id: int) -> SweepReport:
     """`sweep`, then remove anything in the cloud named `oneback-tmp-...`
-    (images, proxy attachments, disk snapshots on any VM) that no live run
-    owns — also what a lost catalog no longer knows about."""
+    that no live run owns — also what a lost catalog no longer knows about:
+    proxy attachments, disk snapshots on any VM, and the images, VM
+    templates and VMs of oneback's own user."""
     first = sweep(cloud, journal, catalog_path, proxy_vm_id)
     removed, failed = list(first.removed), list(first.failed)
     live_names = {e.name for e in journal.journal_pending() if is_alive(catalog_path, e.job)}
@@ -274,13 +320,21 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
                     continue
                 attempt(f"attachment {disk.serial or image_name}",
                         partial(cloud.detach, proxy_vm_id, disk.disk_id))
+    me = cloud.user_id()
+    vms = cloud.vms()
+    for vm in vms:
+        if is_temporary(vm.name) and vm.uid == me and not owned_by_live(vm.name):
+            attempt(f"vm {vm.name}", partial(cloud.terminate, vm.id))
+    for template_id, name, uid in cloud.templates():
+        if is_temporary(name) and uid == me and not owned_by_live(name):
+            attempt(f"template {name}", partial(cloud.template_delete, template_id))
     for image in cloud.images():
-        if image.name.startswith(TEMP_PREFIX) and not owned_by_live(image.name):
+        if is_temporary(image.name) and image.uid == me and not owned_by_live(image.name):
             attempt(f"image {image.name}", partial(cloud.image_delete, image.id))
-    for vm in cloud.vms():
+    for vm in vms:
         for snap in vm.snapshots:
             if snap.name.startswith(TEMP_PREFIX) and not owned_by_live(snap.name):
                 attempt(f"snapshot {snap.name} of VM {vm.id}",
                         partial(cloud.snapshot_delete, vm.id, snap.disk_id, snap.snapshot_id))
-    return SweepReport(tuple(removed), tuple(failed), first.skipped_live)
+    return SweepReport(tuple(removed), tuple(failed), first.skipped_live, first.kept)
 

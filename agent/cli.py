@@ -38,9 +38,12 @@ from agent.render import (
     JsonLogFormatter,
     ProgressBar,
     backup_json,
+    disk_restore_json,
     emit_json,
     human_bytes,
     job_json,
+    render_remarks,
+    restore_json,
     set_json,
 )
 from agent.restore import export_disk, restore_disk, restore_vm
@@ -54,6 +57,10 @@ from agent.snapshots import (
 from agent.store.local import LocalStore
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# A restore that succeeded but left temporary objects behind (a failed detach,
+# say) exits with this code, as `cleanup` does when it cannot remove something.
+RESTORE_LEFTOVERS_EXIT = 4
 
 
 @dataclass
@@ -233,9 +240,11 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
     else:
         for r in report.removed:
             click.echo(f"removed {r}")
+        for k in report.kept:
+            click.echo(f"kept {k}: it was given its final name, so it is not a leftover")
         for f in report.failed:
             click.echo(f"not removed: {f}", err=True)
-        if not report.removed and not report.failed:
+        if not report.removed and not report.failed and not report.kept:
             click.echo("nothing to clean up")
     if report.failed:
         raise SystemExit(4)
@@ -265,13 +274,15 @@ def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: s
         finally:
             bar.finish()
     if as_json:
-        emit_json({"vm_id": result.vm_id, "name": result.name,
-                   "template_deleted": result.template_deleted,
-                   "images": [asdict(i) for i in result.images]})
-        return
-    click.echo(f"restored backup {backup_id} as VM {result.vm_id} ({result.name}), RUNNING")
-    for i in result.images:
-        click.echo(f"  disk {i.disk_id}: image {i.image_id}, wrote {human_bytes(i.bytes_written)}")
+        emit_json(restore_json(result))
+    else:
+        click.echo(f"restored backup {backup_id} as VM {result.vm_id} ({result.name}), RUNNING")
+        for i in result.images:
+            click.echo(f"  disk {i.disk_id}: image {i.image_id},"
+                       f" wrote {human_bytes(i.bytes_written)}")
+    render_remarks(result.notes, result.warnings, as_json=as_json)
+    if result.warnings:
+        raise SystemExit(RESTORE_LEFTOVERS_EXIT)
 
 
 @cli.command("restore-disk")
@@ -290,16 +301,20 @@ def restore_disk_(backup_id: int, disk_id: int, image_ds: int | None, name: str 
     with runtime(config_file) as rt, interruptible(cancel):
         sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
         try:
-            image = restore_disk(backup_id, disk_id, cloud=rt.cloud, catalog=rt.catalog,
+            result = restore_disk(backup_id, disk_id, cloud=rt.cloud, catalog=rt.catalog,
                                  store=rt.store, workspace=rt.workspace(),
                                  settings=rt.settings(), image_ds=image_ds, name=name,
                                  progress=bar, cancel=cancel)
         finally:
             bar.finish()
     if as_json:
-        emit_json(asdict(image))
+        emit_json(disk_restore_json(result))
     else:
-        click.echo(f"restored disk {disk_id} of backup {backup_id} as image {image.image_id}")
+        click.echo(f"restored disk {disk_id} of backup {backup_id} as image"
+                   f" {result.image.image_id} ({result.name})")
+    render_remarks(result.notes, result.warnings, as_json=as_json)
+    if result.warnings:
+        raise SystemExit(RESTORE_LEFTOVERS_EXIT)
 
 
 @cli.command("export")

@@ -171,6 +171,7 @@ def parse_image(xml: str) -> ImageInfo:
         persistent=_int(root, "PERSISTENT") == 1,
         running_vms=_int(root, "RUNNING_VMS"),
         document=xml,
+        uid=_int(root, "UID", -1),
     )
 
 
@@ -195,6 +196,7 @@ class Cloud:
         self._server._ServerProxy__transport = transport
         self._locks: dict[int, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        self._uid: int | None = None
 
     # -- the call ---------------------------------------------------------
 
@@ -518,3 +520,44 @@ class Cloud:
             self.call("vm.action", "terminate-hard", vm_id)
             self.wait_vm(vm_id, lambda v: v.state == VM_DONE, f"terminating VM {vm_id}")
 
+    # -- names and owners --------------------------------------------------------
+
+    def user_id(self) -> int:
+        """The id of the user this connection authenticates as (cached)."""
+        if self._uid is None:
+            self._uid = _int(xmldoc.parse(str(self.call("user.info", -1))), "ID", -1)
+        return self._uid
+
+    def user_exists(self, uid: int) -> bool:
+        try:
+            self.call("user.info", uid)
+        except NotFound:
+            return False
+        return True
+
+    def group_exists(self, gid: int) -> bool:
+        try:
+            self.call("group.info", gid)
+        except NotFound:
+            return False
+        return True
+
+    def templates(self) -> list[tuple[int, str, int]]:
+        """(id, name, owner's user id) of every VM template this user can see."""
+        root = xmldoc.parse(str(self.call("templatepool.info", -2, -1, -1)))
+        return [(_int(t, "ID", -1), _text(t, "NAME"), _int(t, "UID", -1))
+                for t in root.findall("VMTEMPLATE")]
+
+    def vm_rename(self, vm_id: int, name: str) -> None:
+        self.call("vm.rename", vm_id, name)
+
+    def image_rename(self, image_id: int, name: str) -> None:
+        self.call("image.rename", image_id, name)
+
+    def vm_chown(self, vm_id: int, uid: int, gid: int) -> None:
+        """Give the VM to user `uid` and group `gid` (-1 leaves either as it is)."""
+        self.call("vm.chown", vm_id, uid, gid)
+
+    def image_chown(self, image_id: int, uid: int, gid: int) -> None:
+        """Give the image to user `uid` and group `gid` (-1 leaves either as it is)."""
+        self.call("image.chown", image_id, uid, gid)

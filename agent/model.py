@@ -153,6 +153,7 @@ class ImageInfo:
     persistent: bool
     running_vms: int
     document: str
+    uid: int = -1   # the owner's user id
 
     @property
     def state_name(self) -> str:

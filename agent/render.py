@@ -8,11 +8,13 @@ import json
 import logging
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 import click
 
 from agent.model import BackupRecord, Job
+from agent.restore import DiskRestoreResult, RestoreResult
 from agent.snapshots import SnapshotSet
 
 
@@ -45,6 +47,31 @@ def backup_json(record: BackupRecord) -> dict[str, Any]:
         ],
         "warnings": list(record.warnings),
     }
+
+
+def restore_json(r: RestoreResult) -> dict[str, Any]:
+    return {"vm_id": r.vm_id, "name": r.name, "template_deleted": r.template_deleted,
+            "images": [asdict(i) for i in r.images], "warnings": list(r.warnings),
+            "notes": list(r.notes)}
+
+
+def disk_restore_json(r: DiskRestoreResult) -> dict[str, Any]:
+    return {**asdict(r.image), "name": r.name, "warnings": list(r.warnings),
+            "notes": list(r.notes)}
+
+
+def render_remarks(notes: tuple[str, ...], warnings: tuple[str, ...], *,
+                   as_json: bool = False) -> None:
+    """A restore's notes and warnings (leftovers) for people, and in any
+    case one line on stderr with the way out when something was left behind."""
+    if not as_json:
+        for n in notes:
+            click.echo(f"  note: {n}")
+        for w in warnings:
+            click.echo(f"  warning: {w}")
+    if warnings:
+        click.echo("oneback: the restore succeeded but left temporary objects behind;"
+                   " 'oneback cleanup' removes them", err=True)
 
 
 class ProgressBar:

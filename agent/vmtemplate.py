@@ -40,8 +40,19 @@ _GRAPHICS_DROP = {"PORT"}
 
 
 def quote(value: str) -> str:
-    """A template value in double quotes, with `\\` and `"` escaped."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """`value` in double quotes as oned's template parser reads it back
+    (src/parsers/template_parser.l, template_syntax.y): `"` becomes `\\"`, the
+    only escape it knows; a backslash stays as it is. oned trims every value
+    after parsing, which allows two more: a blank after a trailing backslash
+    (else it would escape the closing quote), and a newline after a value
+    holding `]]>` (else the line would be taken for CDATA and refused; so a
+    vector must start each value on a line of its own, as `_vector` does)."""
+    text = value.replace('"', '\\"')
+    if text.endswith("\\"):
+        text += " "
+    if "]]>" in text:
+        text += "\n"
+    return f'"{text}"'
 
 
 @dataclass(frozen=True)

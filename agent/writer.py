@@ -11,6 +11,7 @@ touch the catalog or the cloud, or print (it reports through `progress`).
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,7 @@ def write_disk(
     progress: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
     zero_holes: bool | None = None,
+    label: str | None = None,
 ) -> int:
     """Write the disk whose full block map is `blocks` (index order, every
     index below the block count) to `target`: an open fd (left open) or a
@@ -46,7 +48,8 @@ def write_disk(
     by default is true unless the target is a file this call emptied. The
     data is fsynced before returning; returns the bytes written (holes are
     punched where the target supports it, not written). `where`
-    ("backup 5 disk 0") prefixes every error. Raises IntegrityError naming
+    ("backup 5 disk 0") prefixes every error; `label` names the target in
+    them (default: the path, or the fd). Raises IntegrityError naming
     the block on a missing or damaged chunk, DeviceError on a write error,
     Interrupted when `cancel` is set."""
     if isinstance(target, int):
@@ -54,7 +57,7 @@ def write_disk(
     else:
         fd, fresh = devices.open_for_write(target, size)
         owned = True
-    label = f"fd {target}" if isinstance(target, int) else str(target)
+    label = label or (f"fd {target}" if isinstance(target, int) else str(target))
     try:
         job = _Restore(store, fd, label, size, block_size, where,
                        zero_holes if zero_holes is not None else not fresh)
@@ -82,11 +85,45 @@ def export_file(
     cancel: threading.Event | None = None,
 ) -> int:
     """Write the disk to a sparse raw file at `path` (created or replaced;
-    holes stay unallocated). Returns the bytes written. Errors as write_disk."""
-    if Path(path).is_block_device():
+    holes stay unallocated). Crash-safe: the data goes to a temporary file
+    beside the target, is fsynced, and only then renamed over it (and the
+    directory fsynced), so a failure or a kill leaves a file that stood there
+    as it was, and no temporary file. Returns the bytes written. Errors as
+    write_disk."""
+    target = Path(os.path.realpath(path))
+    if target.is_block_device():
         raise DeviceError(f"{path} is a block device, not a file to export to")
-    return write_disk(path, blocks, store, size=size, block_size=block_size, where=where,
-                      workers=workers, progress=progress, cancel=cancel, zero_holes=False)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".oneback-part",
+                                        dir=target.parent)
+    except OSError as e:
+        raise DeviceError(f"cannot write {path}: {e.strerror or e}") from e
+    tmp = Path(tmp_name)
+    try:
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            raise DeviceError(f"cannot size {path}: {e.strerror or e}") from e
+        written = write_disk(fd, blocks, store, size=size, block_size=block_size,
+                             where=where, workers=workers, progress=progress,
+                             cancel=cancel, zero_holes=False, label=str(path))
+        os.close(fd)
+        fd = -1
+        try:
+            os.replace(tmp, target)
+            dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise DeviceError(f"cannot put the exported disk in place at {path}:"
+                              f" {e.strerror or e}") from e
+        return written
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
 
 
 class _Restore:

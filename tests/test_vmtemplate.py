@@ -11,7 +11,7 @@ from tests.onesim.testing import shared_dir
 
 
 def test_quote_escapes_what_the_parser_treats_specially() -> None:
-    assert quote('a"b\\c') == '"a\\"b\\\\c"'
+    assert quote('a"b\\c') == '"a\\"b\\c"'   # oned unescapes only \\"
 
 
 def test_build_from_a_captured_document() -> None:

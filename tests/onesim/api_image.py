@@ -19,6 +19,7 @@ from tests.onesim.dispatch import Ctx, method
 from tests.onesim.documents import datastore_xml, image_xml, pool_xml
 from tests.onesim.model import Datastore, Image, now
 from tests.onesim.oned import Oned, OneError
+from tests.onesim.ownership import apply_chown, check_name, chown_object, chown_targets
 from tests.onesim.templates import Template, TemplateError, parse_str_or_xml
 
 MIB = 1024 * 1024
@@ -213,6 +214,43 @@ def image_chmod(core: Oned, ctx: Ctx, iid: int, *bits: int) -> int:
     img = core.image(iid)
     authorize(ctx.caller, of(img, "IMAGE", MANAGE))
     img.perms.bits = [o if n == -1 else n for o, n in zip(img.perms.bits, bits, strict=True)]
+    core.update_image(img)
+    return iid
+
+
+@method("one.image.rename", "is", obj="IMAGE")
+def image_rename(core: Oned, ctx: Ctx, iid: int, name: str) -> int:
+    """SharedAPI::rename: the same name is a no-op; the name must be free among
+    the owner's images (ImagePool::exist), then PoolObjectSQL::set_name checks it."""
+    img = core.image(iid)
+    if name == img.name:
+        return iid
+    authorize(ctx.caller, of(img, "IMAGE", MANAGE))
+    clash = next((i for i in core.store.images.values()
+                  if i.name == name and i.uid == img.uid), None)
+    if clash is not None:
+        raise OneError(ErrorCode.ACTION, f"image cannot be renamed to {name} because it"
+                                         f" collides with image {clash.id}")
+    check_name(name)
+    img.name = name
+    core.update_image(img)
+    return iid
+
+
+@method("one.image.chown", "iii", obj="IMAGE")
+def image_chown(core: Oned, ctx: Ctx, iid: int, uid: int, gid: int) -> int:
+    """SharedAPI::chown: new user and group exist, then the image; the name
+    must be free among the new owner's images (check_name_unique)."""
+    user, group = chown_targets(core, uid, gid)
+    img = core.image(iid)
+    user, group = chown_object(ctx.caller, img, "IMAGE", user, group)
+    if user is not None:
+        clash = next((i for i in core.store.images.values()
+                      if i.name == img.name and i.uid == user.id), None)
+        if clash is not None:
+            raise OneError(ErrorCode.INTERNAL, f"user [{user.id}] already owns image"
+                                               f" [{clash.id}] with NAME {img.name}")
+    apply_chown(img, user, group)
     core.update_image(img)
     return iid
 

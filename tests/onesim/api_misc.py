@@ -71,6 +71,24 @@ def user_info(core: Oned, ctx: Ctx, uid: int = -1, decrypt: bool = False) -> str
     return user_xml(user)
 
 
+@method("one.user.delete", "i", obj="USER")
+def user_delete(core: Oned, ctx: Ctx, uid: int) -> int:
+    """SharedAPI::delete_object + UserAPI::drop: ADMIN on the user; oneadmin
+    stays; the user leaves its groups. What the user owns keeps its UID."""
+    user = core.store.users.get(uid)
+    if user is None:
+        raise no_exists("USER", uid)
+    authorize(ctx.caller, Check(ADMIN, "USER", uid, uid, user.gid, None))
+    if uid == 0:
+        raise OneError(ErrorCode.ACTION, "Cannot delete user. oneadmin cannot be deleted.")
+    del core.store.users[uid]
+    for gid in user.groups:
+        group = core.store.groups.get(gid)
+        if group is not None and uid in group.users:
+            group.users.remove(uid)
+    return uid
+
+
 @method("one.userpool.info", "", obj="USER", info=True)
 def userpool_info(core: Oned, ctx: Ctx) -> str:
     users = sorted(core.store.users.values(), key=lambda u: u.id, reverse=True)

@@ -28,6 +28,7 @@ from tests.onesim.documents import pool_xml, vm_short_xml, vm_xml
 from tests.onesim.lifecycle import WrongState, close_cp_history
 from tests.onesim.model import Image, Vm, now
 from tests.onesim.oned import Oned, OneError, no_exists
+from tests.onesim.ownership import apply_chown, check_name, chown_object, chown_targets
 from tests.onesim.templates import Template, TemplateError, parse_str_or_xml
 
 
@@ -164,7 +165,12 @@ def vm_updateconf(core: Oned, ctx: Ctx, vid: int, text: str, mode: int = 0) -> i
 
 @method("one.vm.rename", "is")
 def vm_rename(core: Oned, ctx: Ctx, vid: int, name: str) -> int:
+    """SharedAPI::rename: same name is a no-op; VM names need not be unique
+    (VirtualMachineAPI::exist is -1); PoolObjectSQL::set_name checks the name."""
     vm = get_vm(core, ctx, vid, MANAGE)
+    if name == vm.name:
+        return vid
+    check_name(name)
     vm.name = name
     core.update_vm(vm)
     return vid
@@ -183,19 +189,13 @@ def vm_chmod(core: Oned, ctx: Ctx, vid: int, *bits: int) -> int:
 
 @method("one.vm.chown", "iii")
 def vm_chown(core: Oned, ctx: Ctx, vid: int, uid: int, gid: int) -> int:
-    vm = get_vm(core, ctx, vid, MANAGE)
-    if uid >= 0:
-        user = core.store.users.get(uid)
-        if user is None:
-            raise no_exists("USER", uid)
-        authorize(ctx.caller, Check(MANAGE, "USER", uid, 0, 0, None))
-        vm.uid, vm.uname = user.id, user.name
-    if gid >= 0:
-        group = core.store.groups.get(gid)
-        if group is None:
-            raise no_exists("GROUP", gid)
-        authorize(ctx.caller, Check(USE, "GROUP", gid, 0, 0, None))
-        vm.gid, vm.gname = group.id, group.name
+    """SharedAPI::chown: the new user and group must exist (checked first),
+    a chown to the current user or group is ignored; VM names need not be
+    unique per owner (VirtualMachineAPI::check_name_unique)."""
+    user, group = chown_targets(core, uid, gid)
+    vm = core.vm(vid)
+    user, group = chown_object(ctx.caller, vm, "VM", user, group)
+    apply_chown(vm, user, group)
     core.update_vm(vm)
     return vid
 
