@@ -5,7 +5,8 @@ Owns: the names of everything oneback creates in the cloud (`oneback-...`),
 the rule that an object is recorded in the catalog journal *before* the call
 that creates it, its removal on success and on failure, and the sweeps that
 remove what a crashed run left behind (`sweep`) or anything named
-`oneback-tmp-` that no live run owns (`cleanup`). Must not: read or write
+`oneback-tmp-` that no live run owns (`cleanup`) — except a disk snapshot
+oned will never delete, which is reported as kept, not as a failure. Must not: read or write
 disk data, or decide which disks to back up.
 """
 
@@ -29,7 +30,9 @@ from agent.model import (
     DiskInfo,
     JournalEntry,
     JournalKind,
+    PermanentSnapshot,
 )
+from agent.policy import permanent_snapshot
 
 TEMP_PREFIX = OBJECT_PREFIX + "tmp-"
 SERIAL_MAX = 20  # virtio-blk truncates serials to 20 bytes
@@ -105,7 +108,7 @@ class Workspace:
         """An object removed when the block exits, however it exits."""
         return self._journaled(kind, name, create, remove, vm_id=vm_id)
 
-    def _undo(self, entry: JournalEntry, action: Callable[[], None]) -> None:
+    def _undo(self, entry: JournalEntry, action: Callable[[], object]) -> None:
         try:
             action()
         except (OnebackError, OSError) as e:
@@ -158,16 +161,18 @@ class Workspace:
             yield disks[disk_id]
 
 
-def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> None:
+def remove_entry(cloud: Cloud, entry: JournalEntry,
+                 proxy_vm_id: int) -> list[PermanentSnapshot]:
     """Remove the cloud object a journal entry stands for, found by id when
-    known, else by name. Idempotent: an object already gone is fine."""
+    known, else by name. Idempotent: an object already gone is fine. A disk
+    snapshot oned will never delete is left alone and returned."""
     kind = entry.kind
     if kind is JournalKind.ATTACHMENT:
         vm_id = entry.vm_id if entry.vm_id is not None else proxy_vm_id
         try:
             vm = cloud.vm(vm_id)
         except NotFound:
-            return
+            return []
         for disk in vm.disks:
             if disk.serial == entry.name or (
                     entry.one_id is not None and disk.disk_id == entry.one_id
@@ -182,14 +187,20 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> None:
                 cloud.image_delete(image.id)
     elif kind is JournalKind.SNAPSHOT:
         if entry.vm_id is None:
-            return
+            return []
         try:
             vm = cloud.vm(entry.vm_id)
         except NotFound:
-            return
+            return []
+        kept = []
         for snap in vm.snapshots:
             if snap.name == entry.name and (entry.disk_id is None or snap.disk_id == entry.disk_id):
-                cloud.snapshot_delete(entry.vm_id, snap.disk_id, snap.snapshot_id)
+                permanent = permanent_snapshot(vm, snap.disk_id, snap.snapshot_id, snap.name)
+                if permanent is not None:
+                    kept.append(permanent)
+                else:
+                    cloud.snapshot_delete(entry.vm_id, snap.disk_id, snap.snapshot_id)
+        return kept
     elif kind is JournalKind.TEMPLATE:
         if entry.one_id is not None:
             cloud.template_delete(entry.one_id)
@@ -202,6 +213,7 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> None:
             for vm in cloud.vms():
                 if vm.name == entry.name:
                     cloud.terminate(vm.id)
+    return []
 
 
 # Attachments go before images (an attached image cannot be deleted); VMs
@@ -215,6 +227,12 @@ class SweepReport:
     removed: tuple[str, ...]
     failed: tuple[str, ...]
     skipped_live: int
+    kept: tuple[str, ...] = ()   # snapshots oned will never delete: not a failure, and why
+
+
+def _kept(p: PermanentSnapshot) -> str:
+    return (f"snapshot {p.name} (id {p.snapshot_id}) of VM {p.vm_id}: {p.reason}; it stays"
+            f" until the disk is deleted, and is not counted as a failure")
 
 
 def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) -> SweepReport:
@@ -222,6 +240,7 @@ def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) 
     Idempotent; what cannot be removed now stays journaled."""
     removed: list[str] = []
     failed: list[str] = []
+    kept: list[str] = []
     live = 0
     entries = sorted(journal.journal_pending(), key=lambda e: (_ORDER[e.kind], -e.id))
     for entry in entries:
@@ -229,13 +248,16 @@ def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) 
             live += 1
             continue
         try:
-            remove_entry(cloud, entry, proxy_vm_id)
+            permanent = remove_entry(cloud, entry, proxy_vm_id)
         except (OnebackError, OSError) as e:
             failed.append(f"{entry.kind.value} {entry.name}: {e}")
             continue
-        journal.journal_done(entry.id)
-        removed.append(f"{entry.kind.value} {entry.name}")
-    return SweepReport(tuple(removed), tuple(failed), live)
+        journal.journal_done(entry.id)   # a permanent snapshot: nothing more can be done
+        if permanent:
+            kept.extend(_kept(p) for p in permanent)
+        else:
+            removed.append(f"{entry.kind.value} {entry.name}")
+    return SweepReport(tuple(removed), tuple(failed), live, tuple(kept))
 
 
 def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
@@ -244,7 +266,7 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
     (images, proxy attachments, disk snapshots on any VM) that no live run
     owns — also what a lost catalog no longer knows about."""
     first = sweep(cloud, journal, catalog_path, proxy_vm_id)
-    removed, failed = list(first.removed), list(first.failed)
+    removed, failed, kept = list(first.removed), list(first.failed), list(first.kept)
     live_names = {e.name for e in journal.journal_pending() if is_alive(catalog_path, e.job)}
 
     def owned_by_live(name: str) -> bool:
@@ -280,7 +302,12 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
     for vm in cloud.vms():
         for snap in vm.snapshots:
             if snap.name.startswith(TEMP_PREFIX) and not owned_by_live(snap.name):
+                permanent = permanent_snapshot(vm, snap.disk_id, snap.snapshot_id, snap.name)
+                if permanent is not None:   # reported once, never tried
+                    if _kept(permanent) not in kept:
+                        kept.append(_kept(permanent))
+                    continue
                 attempt(f"snapshot {snap.name} of VM {vm.id}",
                         partial(cloud.snapshot_delete, vm.id, snap.disk_id, snap.snapshot_id))
-    return SweepReport(tuple(removed), tuple(failed), first.skipped_live)
+    return SweepReport(tuple(removed), tuple(failed), first.skipped_live, tuple(kept))
 

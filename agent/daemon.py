@@ -305,7 +305,8 @@ class Agent:
                                cancel=self.cancel)
         rec = result.record
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.finished))
-        self._set_status(self.cloud.vm(vm.id), "ok",
+        status = "ok" if not result.refused else "warning: " + " | ".join(result.refused)
+        self._set_status(self.cloud.vm(vm.id), status[:1000],
                          {LAST_BACKUP: f"{when} backup {rec.id} ({rec.kind})"})
         return json.dumps({"backup_id": rec.id, "kind": rec.kind})
 
