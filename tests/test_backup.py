@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import BLOCK, Cloud, MiB, pattern
+from tests.agentkit import (  # noqa: F401  (cloud_per_storage: the `cloud` fixture)
+    BLOCK,
+    Cloud,
+    MiB,
+    cloud_per_storage,
+    pattern,
+)
 from tests.onesim.testing import wait_until
 
 DISK = 2 * MiB  # 32 blocks of 64 KiB
