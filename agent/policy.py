@@ -172,9 +172,10 @@ def plan_disks(vm: VmInfo, exclude: Iterable[int] = (), *, qcow2_base: bool = Fa
         else:
             refused.append(disk)
             refusals.append(
-                f"disk {disk.disk_id} was not backed up: {why}, so a backup snapshot of it"
-                f" would stay forever. Either back it up while VM {vm.id} is powered off"
-                f" (it is then saved without a snapshot), or opt in to a permanent"
+                f"disk {disk.disk_id} was not backed up (a restore recreates it empty): {why},"
+                f" so a backup snapshot of it would stay forever. Either back it up while"
+                f" VM {vm.id} is powered off (it is then saved without a snapshot), or opt in"
+                f" to a permanent"
                 f" {BASE_SNAPSHOT!r} snapshot that later backups build on: set"
                 f" {QCOW2_BASE_ATTRIBUTE}=\"yes\" on the VM, or qcow2_base = true in the"
                 f" [backup] section of the configuration (README: storage drivers)")

@@ -208,3 +208,46 @@ def test_agent_reports_the_skipped_disk_in_oneback_status(
     assert "disk 0 was not backed up" in status and "ONEBACK_QCOW2_BASE" in status
     assert snapshots(cloud, vm).get(0) is None
     assert cloud.leftovers() == []
+
+
+# -- the pure decision, for every mode oned knows ----------------------------------
+
+
+def _vm(state: int, disk_attrs: dict[str, str], persistent: bool = True,
+        tree: tuple[str, int] | None = None, tags: dict[str, str] | None = None) -> Any:
+    from agent.model import DiskInfo, DiskSnapshots, VmInfo
+
+    disk = DiskInfo(0, 4, 1, "vda", "", "FILE", 1, persistent, False, disk_attrs)
+    trees = {0: DiskSnapshots(0, *tree)} if tree else {}
+    return VmInfo(3, "v", 0, 0, state, 3 if state == 3 else 0, (disk,), (), tags or {}, "",
+                  "<VM/>", 0, trees)
+
+
+@pytest.mark.parametrize(("attrs", "persistent", "tree", "permanent"), [
+    ({"ALLOW_ORPHANS": "FORMAT", "FORMAT": "qcow2"}, True, None, True),
+    ({"ALLOW_ORPHANS": "FORMAT", "FORMAT": "raw"}, True, None, False),
+    ({"ALLOW_ORPHANS": "FORMAT", "FORMAT": "qcow2"}, False, None, False),
+    ({"ALLOW_ORPHANS": "LINEAR", "FORMAT": "raw"}, True, None, True),
+    ({"ALLOW_ORPHANS": "mixed", "FORMAT": "raw"}, True, None, False),
+    ({"FORMAT": "raw"}, True, None, True),                          # no ALLOW_ORPHANS: NO
+    ({"ALLOW_ORPHANS": "FORMAT", "FORMAT": "qcow2"}, True, ("NO", 3), False),  # has snapshots
+    ({"ALLOW_ORPHANS": "FORMAT", "FORMAT": "raw"}, True, ("NO", 0), True),   # SNAPSHOTS wins
+])
+def test_which_first_snapshot_is_permanent(attrs: dict[str, str], persistent: bool,
+                                           tree: tuple[str, int] | None, permanent: bool) -> None:
+    from agent.model import ReadVia
+    from agent.policy import first_snapshot_permanent, plan_disks
+
+    running = _vm(3, attrs, persistent, tree)
+    assert bool(first_snapshot_permanent(running, running.disks[0])) is permanent
+    plan = plan_disks(running)
+    assert [d.disk_id for d in plan.refused] == ([0] if permanent else [])
+    assert plan.how(running.disks[0]) is ReadVia.SNAPSHOT
+    for state in (5, 8):    # SUSPENDED, POWEROFF
+        stopped = plan_disks(_vm(state, attrs, persistent, tree))
+        assert stopped.how(stopped.read[0]) is (ReadVia.DIRECT if permanent
+                                                else ReadVia.SNAPSHOT)
+    opted = plan_disks(_vm(3, attrs, persistent, tree, {"ONEBACK_QCOW2_BASE": "yes"}))
+    assert opted.how(opted.read[0]) is (ReadVia.BASE if permanent else ReadVia.SNAPSHOT)
+    operator = plan_disks(running, qcow2_base=True)
+    assert operator.how(operator.read[0]) is (ReadVia.BASE if permanent else ReadVia.SNAPSHOT)
