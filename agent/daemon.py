@@ -132,7 +132,8 @@ class Agent:
             lambda owner: is_alive(self.cfg.storage.catalog, owner))
         report = sweep(self.cloud, self.catalog, self.cfg.storage.catalog, self.cfg.proxy.vm_id)
         event("agent.started", owner=self.lease.owner, recovered_jobs=recovered,
-              swept=list(report.removed), sweep_failed=list(report.failed))
+              swept=list(report.removed), sweep_failed=list(report.failed),
+              sweep_kept=list(report.kept))
 
     def shutdown(self, workers: list[threading.Thread]) -> None:
         self.stopping.set()
