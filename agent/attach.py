@@ -6,8 +6,8 @@ the rule that an object is recorded in the catalog journal *before* the call
 that creates it, its removal on success and on failure, and the sweeps that
 remove what a crashed run left behind (`sweep`) or anything named
 `oneback-tmp-` that no live run owns (`cleanup`) — except a disk snapshot
-oned will never delete, which is reported as kept, not as a failure. Must not: read or write
-disk data, or decide which disks to back up.
+oned will never delete, which is reported as kept, not as a failure. Must
+not: read or write disk data, or decide which disks to back up.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ catalog loses nothing. Disk operations run one disk after another, never in
 parallel (oned refuses concurrent disk-snapshot operations on a VM). A
 member oned will never delete (policy.permanent_snapshot) is only taken on
 request, and deleting or expiring its set keeps it, says so once and drops
-its expiry. A revert
-stops the VM the way the running oned allows (suspend up to 6.6.2, hard
-poweroff from 6.6.3 on), reverts disk by disk, and brings the VM back.
+its expiry. A revert stops the VM the way the running oned allows (suspend
+up to 6.6.2, hard poweroff from 6.6.3 on), reverts disk by disk, and brings
+the VM back.
 Must not: print, or decide which VMs to snapshot (the agent's policy does).
 """
 
