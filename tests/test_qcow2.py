@@ -251,3 +251,14 @@ def test_which_first_snapshot_is_permanent(attrs: dict[str, str], persistent: bo
     assert opted.how(opted.read[0]) is (ReadVia.BASE if permanent else ReadVia.SNAPSHOT)
     operator = plan_disks(running, qcow2_base=True)
     assert operator.how(operator.read[0]) is (ReadVia.BASE if permanent else ReadVia.SNAPSHOT)
+
+
+def test_a_wrong_qcow2_base_setting_is_one_line_naming_the_key(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    cloud.config.write_text(cloud.config.read_text() + '[backup]\nqcow2_base = "yes"\n')
+    r = cloud.run("backup", "1", capsys=capsys)
+    assert r.code == 3 and "backup.qcow2_base must be true or false" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    cloud.config.write_text(cloud.config.read_text().replace('qcow2_base = "yes"', "base = 1"))
+    r = cloud.run("backup", "1", capsys=capsys)
+    assert r.code == 3 and "unknown key backup.base" in r.err
