@@ -5,8 +5,9 @@ Owns: the names of everything oneback creates in the cloud (`oneback-...`),
 the rule that an object is recorded in the catalog journal *before* the call
 that creates it, its removal on success and on failure, and the sweeps that
 remove what a crashed run left behind (`sweep`) or anything named
-`oneback-tmp-` that no live run owns (`cleanup`). Must not: read or write
-disk data, or decide which disks to back up.
+`oneback-tmp-` that no live run owns (`cleanup`) — except a disk snapshot
+oned will never delete, which is reported as kept, not as a failure. Must
+not: read or write disk data, or decide which disks to back up.
 
 Every object is created under a name no one else uses,
 `oneback-tmp-<owner>-<random>-<what>`, and the journal holds that name. The
@@ -37,7 +38,9 @@ from agent.model import (
     DiskInfo,
     JournalEntry,
     JournalKind,
+    PermanentSnapshot,
 )
+from agent.policy import permanent_snapshot
 
 TEMP_PREFIX = OBJECT_PREFIX + "tmp-"
 SERIAL_MAX = 20  # virtio-blk truncates serials to 20 bytes
@@ -173,74 +176,95 @@ def is_temporary(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
 
-def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> bool:
+def _left(entry: JournalEntry, why: str) -> str:
+    one_id = f" (id {entry.one_id})" if entry.one_id is not None else ""
+    return f"{entry.kind.value} {entry.name}{one_id}: {why}"
+
+
+def _kept(p: PermanentSnapshot) -> str:
+    return (f"snapshot {p.name} (id {p.snapshot_id}) of VM {p.vm_id}: {p.reason}; it stays"
+            f" until the disk is deleted, and is not counted as a failure")
+
+
+_RENAMED = "renamed to its final name since, so committed: left alone"
+
+
+def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> list[str]:
     """Remove the cloud object a journal entry stands for. Images, templates
     and VMs are found by id when known and removed only if they still carry
     the entry's unique temporary name (renamed means committed); else by that
-    name among the objects of oneback's own user. Returns False when the
-    object was left alone because it is not provably a leftover (renamed, or
-    an entry whose name is not a temporary one). Idempotent: an object
-    already gone is fine."""
+    name among the objects of oneback's own user. A disk snapshot oned will
+    never delete is left alone. Returns why each object left alone was kept
+    (empty: nothing of the entry remains). Idempotent: an object already gone
+    is fine."""
     kind = entry.kind
     if kind is JournalKind.ATTACHMENT:
         vm_id = entry.vm_id if entry.vm_id is not None else proxy_vm_id
         try:
             vm = cloud.vm(vm_id)
         except NotFound:
-            return True
+            return []
         for disk in vm.disks:
             if disk.serial == entry.name or (
                     entry.one_id is not None and disk.disk_id == entry.one_id
                     and disk.serial.startswith(OBJECT_PREFIX)):
                 cloud.detach(vm_id, disk.disk_id)
-        return True
+        return []
     if kind is JournalKind.SNAPSHOT:
-        if entry.vm_id is None or not entry.name.startswith(OBJECT_PREFIX):
-            return entry.vm_id is None
+        if entry.vm_id is None:
+            return []
+        if not entry.name.startswith(OBJECT_PREFIX):
+            return [_left(entry, "not a name oneback makes: left alone")]
         try:
             vm = cloud.vm(entry.vm_id)
         except NotFound:
-            return True
+            return []
+        kept = []
         for snap in vm.snapshots:
             if snap.name == entry.name and (entry.disk_id is None or snap.disk_id == entry.disk_id):
-                cloud.snapshot_delete(entry.vm_id, snap.disk_id, snap.snapshot_id)
-        return True
+                permanent = permanent_snapshot(vm, snap.disk_id, snap.snapshot_id, snap.name)
+                if permanent is not None:
+                    kept.append(_kept(permanent))
+                else:
+                    cloud.snapshot_delete(entry.vm_id, snap.disk_id, snap.snapshot_id)
+        return kept
     if not is_temporary(entry.name):
-        return False  # an entry of an older oneback under a user's name: never match it
+        # an entry of an older oneback under a user's name: never match it
+        return [_left(entry, "not a temporary name: left alone")]
     me = cloud.user_id()
     if kind is JournalKind.IMAGE:
         if entry.one_id is not None:
             try:
                 image = cloud.image(entry.one_id)
             except NotFound:
-                return True
+                return []
             if image.name != entry.name:
-                return False
+                return [_left(entry, _RENAMED)]
             cloud.image_delete(image.id)
-            return True
+            return []
         for image in cloud.images():
             if image.name == entry.name and image.uid == me:
                 cloud.image_delete(image.id)
-        return True
+        return []
     if kind is JournalKind.TEMPLATE:
         for template_id, name, uid in cloud.templates():
             if (template_id == entry.one_id if entry.one_id is not None
                     else uid == me) and name == entry.name:
                 cloud.template_delete(template_id)
-        return True
+        return []
     if entry.one_id is not None:  # a VM
         try:
             vm = cloud.vm(entry.one_id)
         except NotFound:
-            return True
+            return []
         if vm.name != entry.name:
-            return False
+            return [_left(entry, _RENAMED)]
         cloud.terminate(vm.id)
-        return True
+        return []
     for vm in cloud.vms():
         if vm.name == entry.name and vm.uid == me:
             cloud.terminate(vm.id)
-    return True
+    return []
 
 
 # Attachments go before images (an attached image cannot be deleted); VMs
@@ -254,7 +278,8 @@ class SweepReport:
     removed: tuple[str, ...]
     failed: tuple[str, ...]
     skipped_live: int
-    kept: tuple[str, ...] = ()   # journaled, but renamed to a final name: left alone
+    kept: tuple[str, ...] = ()   # left alone, with why: renamed (committed) objects,
+                                 # snapshots oned will never delete
 
 
 def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) -> SweepReport:
@@ -270,16 +295,15 @@ def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) 
             live += 1
             continue
         try:
-            gone = remove_entry(cloud, entry, proxy_vm_id)
+            left = remove_entry(cloud, entry, proxy_vm_id)
         except (OnebackError, OSError) as e:
             failed.append(f"{entry.kind.value} {entry.name}: {e}")
             continue
-        journal.journal_done(entry.id)
-        what = f"{entry.kind.value} {entry.name}"
-        if gone:
-            removed.append(what)
+        journal.journal_done(entry.id)   # kept objects: nothing more can be done
+        if left:
+            kept.extend(left)
         else:
-            kept.append(what + (f" (id {entry.one_id})" if entry.one_id is not None else ""))
+            removed.append(f"{entry.kind.value} {entry.name}")
     return SweepReport(tuple(removed), tuple(failed), live, tuple(kept))
 
 
@@ -290,7 +314,7 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
     proxy attachments, disk snapshots on any VM, and the images, VM
     templates and VMs of oneback's own user."""
     first = sweep(cloud, journal, catalog_path, proxy_vm_id)
-    removed, failed = list(first.removed), list(first.failed)
+    removed, failed, kept = list(first.removed), list(first.failed), list(first.kept)
     live_names = {e.name for e in journal.journal_pending() if is_alive(catalog_path, e.job)}
 
     def owned_by_live(name: str) -> bool:
@@ -334,7 +358,12 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
     for vm in vms:
         for snap in vm.snapshots:
             if snap.name.startswith(TEMP_PREFIX) and not owned_by_live(snap.name):
+                permanent = permanent_snapshot(vm, snap.disk_id, snap.snapshot_id, snap.name)
+                if permanent is not None:   # reported once, never tried
+                    if _kept(permanent) not in kept:
+                        kept.append(_kept(permanent))
+                    continue
                 attempt(f"snapshot {snap.name} of VM {vm.id}",
                         partial(cloud.snapshot_delete, vm.id, snap.disk_id, snap.snapshot_id))
-    return SweepReport(tuple(removed), tuple(failed), first.skipped_live, first.kept)
+    return SweepReport(tuple(removed), tuple(failed), first.skipped_live, tuple(kept))
 

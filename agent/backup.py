@@ -1,8 +1,10 @@
 """The backup use case: one VM, every chosen disk, into the repository.
 
-Owns: the order of a backup — read the VM, plan its disks, snapshot each,
-then per disk save the snapshot as an image, attach it to the proxy VM, scan
-the block device against the previous backup's checksums, detach, delete the
+Owns: the order of a backup — read the VM, plan its disks, snapshot each
+(or not: a stopped VM's disk whose snapshot oned would never delete is
+saved as it is; with the opt-in, such a disk's first snapshot is the kept
+`oneback-base`), then per disk save the snapshot as an image, attach it to
+the proxy VM, scan the block device against the previous backup's checksums, detach, delete the
 image and the snapshot — and the rule that a backup becomes visible (one
 catalog transaction) only after all its chunks are durable. Must not: print,
 or talk to pyone, SQL or /dev directly (it uses cloud, catalog, devices).
@@ -33,8 +35,9 @@ from agent.model import (
     BlockRecord,
     DiskBackup,
     DiskInfo,
+    ReadVia,
 )
-from agent.policy import plan_disks
+from agent.policy import BASE_SNAPSHOT, plan_disks
 from agent.progress import Progress, Quiet
 from agent.store import ChunkStore
 
@@ -78,12 +81,14 @@ class Settings:
     device_timeout: float
     block_size: int
     workers: int
+    qcow2_base: bool = False   # the operator's opt-in to `oneback-base` snapshots
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
         return cls(proxy_vm_id=cfg.proxy.vm_id, dev_root=cfg.proxy.dev_root,
                    device_timeout=cfg.proxy.device_timeout,
-                   block_size=cfg.storage.block_size, workers=cfg.storage.workers)
+                   block_size=cfg.storage.block_size, workers=cfg.storage.workers,
+                   qcow2_base=cfg.backup.qcow2_base)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class BackupResult:
                            # operations (snapshot, save-as, attach, detach, deletes)
     scan_seconds: float    # spent reading, hashing and storing
     leftovers: tuple[str, ...]
+    refused: tuple[str, ...] = ()   # disks not read, so no snapshot stays forever, and why
 
 
 BACKUP_STATES = "RUNNING, POWEROFF or SUSPENDED"
@@ -117,9 +123,9 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
             or vm.state in (VM_POWEROFF, VM_SUSPENDED)):
         raise StateError(
             f"VM {vm_id} is {vm.state_name}; a backup needs it {BACKUP_STATES}")
-    plan = plan_disks(vm, options.exclude)
+    plan = plan_disks(vm, options.exclude, qcow2_base=settings.qcow2_base)
     image_documents: dict[int, str] = {}
-    for disk in (*plan.read, *plan.excluded, *plan.skipped):
+    for disk in (*plan.read, *plan.excluded, *plan.skipped, *plan.refused):
         if disk.image_id is not None and disk.image_id not in image_documents:
             try:
                 image_documents[disk.image_id] = cloud.image(disk.image_id).document
@@ -137,10 +143,18 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
         snaps: dict[int, int] = {}
         for disk in plan.read:
             _check_cancel(cancel)
-            progress.phase(disk.disk_id, "snapshot")
             stack = everything.enter_context(ExitStack())
-            snaps[disk.disk_id] = stack.enter_context(workspace.snapshot(vm_id, disk.disk_id))
             per_disk[disk.disk_id] = stack
+            how = plan.how(disk)
+            if how is ReadVia.DIRECT:       # a stopped VM: the disk itself is saved
+                snaps[disk.disk_id] = -1
+                continue
+            progress.phase(disk.disk_id, "snapshot")
+            if how is ReadVia.BASE:         # kept on purpose: never removed
+                snaps[disk.disk_id] = cloud.snapshot_create(vm_id, disk.disk_id, BASE_SNAPSHOT)
+            else:
+                snaps[disk.disk_id] = stack.enter_context(
+                    workspace.snapshot(vm_id, disk.disk_id))
 
         for disk in plan.read:
             with per_disk[disk.disk_id]:
@@ -156,11 +170,12 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
                 chunk_sizes.update(scan.chunk_sizes)
             progress.phase(disk.disk_id, "done")
 
-    for disk in (*plan.excluded, *plan.volatile, *plan.skipped):
-        disks.append(DiskBackup(
+    for disk in (*plan.excluded, *plan.volatile, *plan.skipped, *plan.refused):
+        disks.append(DiskBackup(   # a refused disk is restored empty, like an excluded one
             disk_id=disk.disk_id, size=disk.size_bytes, block_size=settings.block_size,
             image_id=disk.image_id, volatile=disk.volatile,
-            excluded=disk in plan.excluded, attributes=dict(disk.attributes)))
+            excluded=disk in plan.excluded or disk in plan.refused,
+            attributes=dict(disk.attributes)))
     disks.sort(key=lambda d: d.disk_id)
     cloud_seconds = time.monotonic() - t_start - scan_seconds
     record = catalog.commit_backup(
@@ -168,7 +183,8 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
         started=started, finished=time.time(), vm_document=vm.document,
         image_documents=image_documents, disks=disks, blocks=blocks,
         warnings=[*plan.warnings, *workspace.leftovers], chunk_sizes=chunk_sizes)
-    return BackupResult(record, cloud_seconds, scan_seconds, tuple(workspace.leftovers))
+    return BackupResult(record, cloud_seconds, scan_seconds, tuple(workspace.leftovers),
+                        plan.refusals)
 
 
 def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions, *,

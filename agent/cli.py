@@ -30,7 +30,14 @@ from agent.backup import BackupOptions, BackupResult, Settings, backup_vm, exclu
 from agent.catalog import Catalog
 from agent.cloud import Cloud
 from agent.daemon import Agent
-from agent.errors import EXIT_CODES, InternalError, Interrupted, OnebackError, UsageError
+from agent.errors import (
+    EXIT_CODES,
+    CloudError,
+    InternalError,
+    Interrupted,
+    OnebackError,
+    UsageError,
+)
 from agent.hookdefs import DEFAULT_COMMAND, HOOKS
 from agent.lease import Lease
 from agent.policy import parse_duration
@@ -38,6 +45,7 @@ from agent.render import (
     JsonLogFormatter,
     ProgressBar,
     backup_json,
+    delete_json,
     disk_restore_json,
     emit_json,
     human_bytes,
@@ -48,6 +56,7 @@ from agent.render import (
 )
 from agent.restore import export_disk, restore_disk, restore_vm
 from agent.snapshots import (
+    DeleteResult,
     create_set,
     delete_set,
     expire_sets,
@@ -241,7 +250,7 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
         for r in report.removed:
             click.echo(f"removed {r}")
         for k in report.kept:
-            click.echo(f"kept {k}: it was given its final name, so it is not a leftover")
+            click.echo(f"kept {k}")
         for f in report.failed:
             click.echo(f"not removed: {f}", err=True)
         if not report.removed and not report.failed and not report.kept:
@@ -348,16 +357,20 @@ def snapshot() -> None:
 @click.argument("vm_id", type=click.IntRange(min=0))
 @click.option("--name", default=None, help="Name of the set (default: snap-DATE-TIME).")
 @click.option("--ttl", default=None, help="Expire the set after this long (30m, 48h, 7d).")
+@click.option("--allow-permanent", is_flag=True,
+              help="Take the set even if a member can never be deleted (snapshot 0 of a"
+                   " persistent qcow2 disk, see README).")
 @config_option
 @json_option
-def snapshot_create(vm_id: int, name: str | None, ttl: str | None, config_file: str | None,
-                    as_json: bool) -> None:
+def snapshot_create(vm_id: int, name: str | None, ttl: str | None, allow_permanent: bool,
+                    config_file: str | None, as_json: bool) -> None:
     """Snapshot every disk of VM_ID, one after another."""
     seconds = parse_duration(ttl, "--ttl") if ttl else None
     cancel = threading.Event()
     with runtime(config_file) as rt, interruptible(cancel):
         sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
-        result = create_set(rt.cloud, rt.catalog, rt.lease.owner, vm_id, name, seconds)
+        result = create_set(rt.cloud, rt.catalog, rt.lease.owner, vm_id, name, seconds,
+                            allow_permanent=allow_permanent)
     if as_json:
         doc = set_json(result.set)
         doc["skipped"] = list(result.skipped)
@@ -417,11 +430,13 @@ def snapshot_revert(vm_id: int, name: str, config_file: str | None, as_json: boo
 def snapshot_delete(vm_id: int, name: str, config_file: str | None, as_json: bool) -> None:
     """Delete the snapshot set NAME of VM_ID."""
     with runtime(config_file) as rt:
-        deleted = delete_set(rt.cloud, vm_id, name)
+        result = delete_set(rt.cloud, vm_id, name)
     if as_json:
-        emit_json(set_json(deleted))
+        emit_json(delete_json(result))
     else:
-        click.echo(f"deleted snapshot set {name!r} of VM {vm_id}")
+        _render_delete(result, "deleted")
+    if result.failed:
+        raise SystemExit(CloudError.exit_code)
 
 
 @snapshot.command("expire")
@@ -432,12 +447,27 @@ def snapshot_expire(config_file: str | None, as_json: bool) -> None:
     with runtime(config_file) as rt:
         expired = expire_sets(rt.cloud)
     if as_json:
-        emit_json([set_json(s) for s in expired])
+        emit_json([delete_json(r) for r in expired])
     else:
-        for s in expired:
-            click.echo(f"expired snapshot set {s.name!r} of VM {s.vm_id}")
+        for r in expired:
+            _render_delete(r, "expired")
         if not expired:
             click.echo("no snapshot set has expired")
+    if any(r.failed for r in expired):
+        raise SystemExit(CloudError.exit_code)
+
+
+def _render_delete(result: DeleteResult, verb: str) -> None:
+    s = result.set
+    if not result.kept and not result.failed:
+        click.echo(f"{verb} snapshot set {s.name!r} of VM {s.vm_id}")
+        return
+    done = ", ".join(str(d.disk_id) for d in result.deleted) or "none"
+    click.echo(f"{verb} snapshot set {s.name!r} of VM {s.vm_id} in part: disks deleted: {done}")
+    for k in result.kept:
+        click.echo(f"  kept for good: disk {k.disk_id} snapshot {k.snapshot_id}: {k.reason}")
+    for f in result.failed:
+        click.echo(f"  not deleted: {f}", err=True)
 
 
 @cli.command("agent")

@@ -42,6 +42,7 @@ from agent.model import (
     VM_POWEROFF,
     DatastoreInfo,
     DiskInfo,
+    DiskSnapshots,
     ImageInfo,
     SnapshotInfo,
     VmInfo,
@@ -128,8 +129,11 @@ def parse_vm(xml: str) -> VmInfo:
             attributes=attrs,
         ))
     snapshots = []
+    trees = {}
     for s in root.findall("SNAPSHOTS"):
         disk_id = _int(s, "DISK_ID", -1)
+        trees[disk_id] = DiskSnapshots(disk_id, _text(s, "ALLOW_ORPHANS", "NO").upper(),
+                                       _int(s, "NEXT_SNAPSHOT"))
         for snap in s.findall("SNAPSHOT"):
             snapshots.append(SnapshotInfo(
                 disk_id=disk_id,
@@ -156,6 +160,7 @@ def parse_vm(xml: str) -> VmInfo:
         error=user_template.get("ERROR", ""),
         document=xml if isinstance(xml, str) else etree.tostring(root, encoding="unicode"),
         running_end=_int(history[-1], "RETIME") if history else 0,
+        snapshot_trees=trees,
     )
 
 
@@ -350,6 +355,11 @@ class Cloud:
                 raise CloudError(
                     f"OpenNebula failed to delete snapshot {snap_id} of VM {vm_id} disk"
                     f" {disk_id}{self._new_error(before, after)}", transient=True)
+
+    def snapshot_rename(self, vm_id: int, disk_id: int, snap_id: int, name: str) -> None:
+        """Rename a disk snapshot (oned does it at once, in any state)."""
+        with self._vm_lock(vm_id):
+            self.call("vm.disksnapshotrename", vm_id, disk_id, snap_id, name)
 
     def snapshot_revert(self, vm_id: int, disk_id: int, snap_id: int) -> None:
         """Revert one disk to a snapshot (the VM must be stopped) and wait."""

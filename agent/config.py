@@ -111,12 +111,19 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    qcow2_base: bool = False   # keep a permanent oneback-base snapshot where the first
+                               # snapshot of a disk could never be deleted (README)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     opennebula: OpenNebulaConfig
     proxy: ProxyConfig
     storage: StorageConfig
     agent: AgentConfig
+    backup: BackupConfig = BackupConfig()
 
 
 def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -192,6 +199,12 @@ class _Section:
     def raw(self, key: str) -> Any:
         return self._get(key, _REQUIRED)
 
+    def flag(self, key: str, default: bool) -> bool:
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            raise self._bad(key, "true or false")
+        return v
+
     def check_known(self, known: set[str]) -> None:
         unknown = sorted(set(self.data) - known)
         if unknown:
@@ -206,7 +219,7 @@ _REQUIRED = object()
 
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document (see `load`)."""
-    unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent"})
+    unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent", "backup"})
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
 
@@ -279,8 +292,11 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         max_attempts=ag.integer("max_attempts", 5),
         shutdown_grace=ag.number("shutdown_grace", 60.0),
     )
+    bk = _Section({"backup": data.get("backup", {})}, "backup", path)
+    bk.check_known({"qcow2_base"})
+    backup = BackupConfig(qcow2_base=bk.flag("qcow2_base", False))
     return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
-                  agent=agent)
+                  agent=agent, backup=backup)
 
 
 _VMID = re.compile(r"""^\s*(?:export\s+)?VMID\s*=\s*["']?(\d+)["']?\s*$""", re.M)

@@ -132,7 +132,8 @@ class Agent:
             lambda owner: is_alive(self.cfg.storage.catalog, owner))
         report = sweep(self.cloud, self.catalog, self.cfg.storage.catalog, self.cfg.proxy.vm_id)
         event("agent.started", owner=self.lease.owner, recovered_jobs=recovered,
-              swept=list(report.removed), sweep_failed=list(report.failed))
+              swept=list(report.removed), sweep_failed=list(report.failed),
+              sweep_kept=list(report.kept))
 
     def shutdown(self, workers: list[threading.Thread]) -> None:
         self.stopping.set()
@@ -305,7 +306,8 @@ class Agent:
                                cancel=self.cancel)
         rec = result.record
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.finished))
-        self._set_status(self.cloud.vm(vm.id), "ok",
+        status = "ok" if not result.refused else "warning: " + " | ".join(result.refused)
+        self._set_status(self.cloud.vm(vm.id), status[:1000],
                          {LAST_BACKUP: f"{when} backup {rec.id} ({rec.kind})"})
         return json.dumps({"backup_id": rec.id, "kind": rec.kind})
 

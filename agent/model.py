@@ -89,6 +89,17 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class DiskSnapshots:
+    """The header of one disk's /VM/SNAPSHOTS: how oned links its snapshots
+    (ALLOW_ORPHANS as oned resolved it: YES, NO, MIXED or LINEAR) and the id
+    the next snapshot gets. oned keeps it, emptied, once the snapshots are gone."""
+
+    disk_id: int
+    allow_orphans: str
+    next_snapshot: int
+
+
+@dataclass(frozen=True)
 class DiskInfo:
     """One DISK of a VM. `attributes` is the whole DISK vector as oned shows it
     (strings), kept so a restore can rebuild the disk definition."""
@@ -131,6 +142,7 @@ class VmInfo:
     error: str
     document: str
     running_end: int = 0   # RETIME of the last HISTORY record: when it last stopped running
+    snapshot_trees: Mapping[int, DiskSnapshots] = field(default_factory=dict)  # by disk id
 
     @property
     def state_name(self) -> str:
@@ -166,6 +178,27 @@ class DatastoreInfo:
     name: str
     type: int  # 0 image, 1 system, 2 file, 3 backup
     free_mb: int
+
+
+class ReadVia(StrEnum):
+    """How a backup reads one disk (decided by policy.plan_disks)."""
+
+    SNAPSHOT = "snapshot"  # a temporary snapshot, saved as an image, then deleted
+    DIRECT = "direct"      # the stopped VM's disk itself is saved (no snapshot)
+    BASE = "base"          # a permanent `oneback-base` snapshot is taken and kept
+
+
+@dataclass(frozen=True)
+class PermanentSnapshot:
+    """A disk snapshot oned will never delete, and why (recognised from the
+    VM document: Snapshots::test_delete refuses snapshot 0 of a persistent
+    disk whose snapshots allow no orphans)."""
+
+    vm_id: int
+    disk_id: int
+    snapshot_id: int
+    name: str
+    reason: str
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Pure decisions: which disks of a VM a backup reads, skips or excludes.
 
 Owns: the interpretation of exclusion flags and of the VM's
-`ONEBACK_EXCLUDE_DISKS` attribute, and the rules for disks that cannot be
-saved as images. Must not: do I/O. Everything here is a function of the VM
+`ONEBACK_EXCLUDE_DISKS` attribute, the rules for disks that cannot be
+saved as images, and which disk snapshots oned will never delete (and so
+how such a disk is read). Must not: do I/O. Everything here is a function of the VM
 document and the request, so it can be re-decided from a fresh `one.vm.info`.
 """
 
@@ -10,10 +11,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.errors import UsageError
-from agent.model import DiskInfo, VmInfo
+from agent.model import (
+    VM_POWEROFF,
+    VM_SUSPENDED,
+    DiskInfo,
+    PermanentSnapshot,
+    ReadVia,
+    VmInfo,
+)
 
 EXCLUDE_ATTRIBUTE = "ONEBACK_EXCLUDE_DISKS"
 
@@ -36,6 +44,74 @@ def is_readonly(attributes: Mapping[str, str]) -> bool:
             or attributes.get("TYPE", "").upper() in ("CDROM", "RBD_CDROM", "FILESYSTEM"))
 
 
+# ---------------------------------------------------------------------------
+# Snapshots oned will never delete (Snapshots::test_delete): snapshot 0 of a
+# persistent disk whose snapshots form a tree or a line (ALLOW_ORPHANS NO or
+# LINEAR). The TM's ALLOW_ORPHANS="FORMAT" is NO for every format but raw
+# (VirtualMachineDisk::allow_orphans): every persistent qcow2 image on the
+# shared, qcow2 and local TMs, and every persistent disk on the dummy TM.
+
+BASE_SNAPSHOT = "oneback-base"
+QCOW2_BASE_ATTRIBUTE = "ONEBACK_QCOW2_BASE"
+_NO_ORPHANS = ("NO", "LINEAR")
+
+
+def snapshot_mode(vm: VmInfo, disk: DiskInfo) -> str:
+    """How oned links `disk`'s snapshots: its SNAPSHOTS' ALLOW_ORPHANS when
+    it has one, else what oned will pick for the first snapshot from the
+    DISK's ALLOW_ORPHANS and FORMAT (VirtualMachineDisk::allow_orphans)."""
+    tree = vm.snapshot_trees.get(disk.disk_id)
+    if tree is not None:
+        return tree.allow_orphans.upper()
+    mode = disk.attributes.get("ALLOW_ORPHANS", "NO").upper()
+    if mode == "FORMAT":
+        return "YES" if disk.attributes.get("FORMAT", "").lower() == "raw" else "NO"
+    return mode if mode in ("YES", "NO", "MIXED", "LINEAR") else "NO"
+
+
+def next_snapshot_id(vm: VmInfo, disk: DiskInfo) -> int:
+    tree = vm.snapshot_trees.get(disk.disk_id)
+    return tree.next_snapshot if tree is not None else 0
+
+
+def permanent_reason(vm: VmInfo, disk: DiskInfo) -> str:
+    """Why snapshot 0 of `disk` can never be deleted (empty if it can)."""
+    mode = snapshot_mode(vm, disk)
+    if not disk.persistent or mode not in _NO_ORPHANS:
+        return ""
+    fmt = disk.attributes.get("FORMAT", "") or "unknown-format"
+    tm = disk.attributes.get("TM_MAD", "") or "its"
+    return (f"disk {disk.disk_id} is a persistent {fmt} image on the {tm} TM whose snapshots"
+            f" allow no orphans (ALLOW_ORPHANS {mode}): OpenNebula never deletes its"
+            f" snapshot 0")
+
+
+def first_snapshot_permanent(vm: VmInfo, disk: DiskInfo) -> str:
+    """The reason the next snapshot of `disk` could never be deleted (it
+    would be snapshot 0 of a disk as in `permanent_reason`), or ""."""
+    if next_snapshot_id(vm, disk) != 0:
+        return ""
+    return permanent_reason(vm, disk)
+
+
+def permanent_snapshot(vm: VmInfo, disk_id: int, snapshot_id: int, name: str = "",
+                       ) -> PermanentSnapshot | None:
+    """The existing snapshot, if oned will refuse to delete it."""
+    disk = vm.disk(disk_id)
+    if disk is None or snapshot_id != 0:
+        return None
+    reason = permanent_reason(vm, disk)
+    if not reason:
+        return None
+    return PermanentSnapshot(vm.id, disk_id, snapshot_id, name, reason)
+
+
+def wants_qcow2_base(vm: VmInfo) -> bool:
+    """The owner's opt-in: ONEBACK_QCOW2_BASE="yes" in the VM's user template."""
+    return vm.user_template.get(QCOW2_BASE_ATTRIBUTE, "").strip().lower() in (
+        "yes", "true", "1", "on")
+
+
 @dataclass(frozen=True)
 class DiskPlan:
     read: tuple[DiskInfo, ...]       # saved and read through the proxy VM
@@ -43,10 +119,23 @@ class DiskPlan:
     volatile: tuple[DiskInfo, ...]   # no image: definition kept, data not saved
     skipped: tuple[DiskInfo, ...]    # read-only/CD-ROM disks: the image itself is kept
     warnings: tuple[str, ...]
+    via: Mapping[int, ReadVia] = field(default_factory=dict)  # how each read disk is read
+    refused: tuple[DiskInfo, ...] = ()  # reading them would leave a snapshot forever
+    refusals: tuple[str, ...] = ()      # why, and how to opt in (also in `warnings`)
+
+    def how(self, disk: DiskInfo) -> ReadVia:
+        return self.via.get(disk.disk_id, ReadVia.SNAPSHOT)
 
 
-def plan_disks(vm: VmInfo, exclude: Iterable[int] = ()) -> DiskPlan:
-    """Split `vm`'s disks by what a backup does with each."""
+def plan_disks(vm: VmInfo, exclude: Iterable[int] = (), *, qcow2_base: bool = False,
+               ) -> DiskPlan:
+    """Split `vm`'s disks by what a backup does with each, and decide how
+    each read disk is read. A disk whose first snapshot would be permanent
+    (`first_snapshot_permanent`) is saved directly when the VM is stopped
+    (POWEROFF, SUSPENDED: oned's set_saveas_state accepts both), read
+    through a kept `oneback-base` snapshot when the owner
+    (ONEBACK_QCOW2_BASE) or the operator (`qcow2_base`) opted in, and
+    otherwise refused with a warning that says why and how to opt in."""
     excluded_ids = set(exclude) | set(
         parse_disk_ids(vm.user_template.get(EXCLUDE_ATTRIBUTE, ""),
                        f"VM {vm.id}'s {EXCLUDE_ATTRIBUTE}"))
@@ -54,7 +143,11 @@ def plan_disks(vm: VmInfo, exclude: Iterable[int] = ()) -> DiskPlan:
     known = {d.disk_id for d in vm.disks}
     for missing in sorted(excluded_ids - known):
         warnings.append(f"disk {missing} was excluded but VM {vm.id} has no such disk")
-    read, excluded, volatile, skipped = [], [], [], []
+    read, excluded, volatile, skipped, refused = [], [], [], [], []
+    refusals: list[str] = []
+    via: dict[int, ReadVia] = {}
+    stopped = vm.state in (VM_POWEROFF, VM_SUSPENDED)
+    base_ok = qcow2_base or wants_qcow2_base(vm)
     for disk in vm.disks:
         if disk.disk_id in excluded_ids:
             excluded.append(disk)
@@ -68,10 +161,26 @@ def plan_disks(vm: VmInfo, exclude: Iterable[int] = ()) -> DiskPlan:
             warnings.append(
                 f"disk {disk.disk_id} is read-only ({disk.type}): not backed up; a restore"
                 f" uses image {disk.image_id} as it is")
-        else:
+        elif not (why := first_snapshot_permanent(vm, disk)):
             read.append(disk)
+        elif stopped:
+            read.append(disk)
+            via[disk.disk_id] = ReadVia.DIRECT
+        elif base_ok:
+            read.append(disk)
+            via[disk.disk_id] = ReadVia.BASE
+        else:
+            refused.append(disk)
+            refusals.append(
+                f"disk {disk.disk_id} was not backed up (a restore recreates it empty): {why},"
+                f" so a backup snapshot of it would stay forever. Either back it up while"
+                f" VM {vm.id} is powered off (it is then saved without a snapshot), or opt in"
+                f" to a permanent"
+                f" {BASE_SNAPSHOT!r} snapshot that later backups build on: set"
+                f" {QCOW2_BASE_ATTRIBUTE}=\"yes\" on the VM, or qcow2_base = true in the"
+                f" [backup] section of the configuration (README: storage drivers)")
     return DiskPlan(tuple(read), tuple(excluded), tuple(volatile), tuple(skipped),
-                    tuple(warnings))
+                    (*warnings, *refusals), via, tuple(refused), tuple(refusals))
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")

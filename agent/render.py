@@ -15,7 +15,7 @@ import click
 
 from agent.model import BackupRecord, Job
 from agent.restore import DiskRestoreResult, RestoreResult
-from agent.snapshots import SnapshotSet
+from agent.snapshots import DeleteResult, SnapshotSet
 
 
 def emit_json(doc: Any) -> None:
@@ -119,6 +119,14 @@ def set_json(s: SnapshotSet) -> dict[str, Any]:
             "size_mb": s.size_mb,
             "disks": [{"disk_id": d.disk_id, "snapshot_id": d.snapshot_id,
                        "size_mb": d.size_mb} for d in s.disks]}
+
+
+def delete_json(r: DeleteResult) -> dict[str, Any]:
+    """A deleted (or expired) set; `kept` members oned will never delete."""
+    return {**set_json(r.set), "deleted": [d.disk_id for d in r.deleted],
+            "kept": [{"disk_id": k.disk_id, "snapshot_id": k.snapshot_id, "reason": k.reason}
+                     for k in r.kept],
+            "failed": list(r.failed)}
 
 
 class JsonLogFormatter(logging.Formatter):

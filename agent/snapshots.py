@@ -4,9 +4,12 @@ Owns: creating, listing, reverting, deleting and expiring sets. A set is
 found again from the VM document alone: each of its snapshots is named
 `oneback-set:NAME` (plus `;expires=EPOCH` when it has a TTL), so a lost
 catalog loses nothing. Disk operations run one disk after another, never in
-parallel (oned refuses concurrent disk-snapshot operations on a VM). A revert
-stops the VM the way the running oned allows (suspend up to 6.6.2, hard
-poweroff from 6.6.3 on), reverts disk by disk, and brings the VM back.
+parallel (oned refuses concurrent disk-snapshot operations on a VM). A
+member oned will never delete (policy.permanent_snapshot) is only taken on
+request, and deleting or expiring its set keeps it, says so once and drops
+its expiry. A revert stops the VM the way the running oned allows (suspend
+up to 6.6.2, hard poweroff from 6.6.3 on), reverts disk by disk, and brings
+the VM back.
 Must not: print, or decide which VMs to snapshot (the agent's policy does).
 """
 
@@ -26,8 +29,10 @@ from agent.model import (
     VM_POWEROFF,
     VM_SUSPENDED,
     JournalKind,
+    PermanentSnapshot,
     VmInfo,
 )
+from agent.policy import first_snapshot_permanent, permanent_snapshot
 
 SET_PREFIX = OBJECT_PREFIX + "set:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -105,11 +110,14 @@ def find_set(vm: VmInfo, name: str) -> SnapshotSet:
 
 
 def create_set(cloud: Cloud, journal: Journal, owner: str, vm_id: int, name: str | None = None,
-               ttl: int | None = None, now: float | None = None) -> CreateResult:
+               ttl: int | None = None, now: float | None = None,
+               allow_permanent: bool = False) -> CreateResult:
     """Snapshot every disk that can have one, one after another. All or
     nothing: if one disk fails, the snapshots already taken are deleted and
     the error names the disk. Each snapshot is journaled before it is taken,
-    so a crash mid-way is undone by the next sweep."""
+    so a crash mid-way is undone by the next sweep. A member oned could never
+    delete (snapshot 0 of a persistent qcow2 disk ...) is refused before
+    anything is taken unless `allow_permanent`."""
     now = time.time() if now is None else now
     name = check_name(name or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime(now)))
     vm = cloud.wait_settled(vm_id)
@@ -121,6 +129,14 @@ def create_set(cloud: Cloud, journal: Journal, owner: str, vm_id: int, name: str
         raise UsageError(f"VM {vm_id} already has a snapshot set named {name!r}:"
                          f" choose another --name or delete it first")
     snap_name = snapshot_name(name, int(now + ttl) if ttl else None)
+    permanent = [why for disk in vm.disks if not disk.volatile
+                 and disk.attributes.get("READONLY", "").upper() != "YES"
+                 and (why := first_snapshot_permanent(vm, disk))]
+    if permanent and not allow_permanent:
+        raise UsageError(
+            f"snapshot set {name!r} of VM {vm_id} would have a permanent member: "
+            + "; ".join(permanent) + ". Deleting or expiring the set would leave that"
+            " snapshot behind; pass --allow-permanent to take the set anyway")
     skipped: list[str] = []
     taken: list[tuple[int, int, int]] = []  # (journal entry, disk, snapshot)
     try:
@@ -159,25 +175,73 @@ def list_sets(cloud: Cloud, vm_id: int) -> list[SnapshotSet]:
     return sets_of(cloud.vm(vm_id))
 
 
-def delete_set(cloud: Cloud, vm_id: int, name: str) -> SnapshotSet:
+@dataclass(frozen=True)
+class DeleteResult:
+    """What deleting a set did: every member is deleted, kept (oned will
+    never delete it: reported, and a kept member's expiry is dropped so that
+    expiry does not try it again), or failed (reported; tried again later)."""
+
+    set: SnapshotSet
+    deleted: tuple[SetDisk, ...]
+    kept: tuple[PermanentSnapshot, ...]
+    failed: tuple[str, ...]
+
+    @property
+    def vm_id(self) -> int:
+        return self.set.vm_id
+
+    @property
+    def name(self) -> str:
+        return self.set.name
+
+
+def delete_set(cloud: Cloud, vm_id: int, name: str) -> DeleteResult:
     """Delete every snapshot of the set that still exists (disks detached
-    since are simply absent). Idempotent per disk."""
-    target = find_set(cloud.wait_settled(vm_id), name)
+    since are simply absent), one after another; a member that fails does
+    not stop the others. Idempotent per disk. Never raises for a member."""
+    vm = cloud.wait_settled(vm_id)
+    target = find_set(vm, name)
+    full_name = snapshot_name(name, target.expires)
+    deleted: list[SetDisk] = []
+    kept: list[PermanentSnapshot] = []
+    failed: list[str] = []
     for d in target.disks:
-        cloud.snapshot_delete(vm_id, d.disk_id, d.snapshot_id)
-    return target
+        permanent = permanent_snapshot(vm, d.disk_id, d.snapshot_id, full_name)
+        if permanent is not None:
+            kept.append(permanent)
+            continue
+        try:
+            cloud.snapshot_delete(vm_id, d.disk_id, d.snapshot_id)
+        except OnebackError as e:
+            failed.append(f"disk {d.disk_id} snapshot {d.snapshot_id}: {e}")
+        else:
+            deleted.append(d)
+    if target.expires is not None:
+        for k in kept:   # it stays: so that expiry reports it once, not at every pass
+            try:
+                cloud.snapshot_rename(vm_id, k.disk_id, k.snapshot_id, snapshot_name(name, None))
+            except OnebackError as e:
+                failed.append(f"disk {k.disk_id} snapshot {k.snapshot_id}: keeping it"
+                              f" without its expiry failed: {e}")
+    return DeleteResult(target, tuple(deleted), tuple(kept), tuple(failed))
 
 
 def expire_sets(cloud: Cloud, now: float | None = None,
-                vms: list[VmInfo] | None = None) -> list[SnapshotSet]:
-    """Delete every set on every VM (`vms`, else the whole pool) whose TTL has passed."""
+                vms: list[VmInfo] | None = None) -> list[DeleteResult]:
+    """Delete every set on every VM (`vms`, else the whole pool) whose TTL
+    has passed: what can be deleted is, the rest is reported in the results.
+    A set whose delete fails for one VM does not stop the others."""
     now = time.time() if now is None else now
     expired = []
     for vm in cloud.vms() if vms is None else vms:
         for s in sets_of(vm):
             if s.expires is not None and s.expires <= now:
-                delete_set(cloud, vm.id, s.name)
-                expired.append(s)
+                try:
+                    expired.append(delete_set(cloud, vm.id, s.name))
+                except NotFound:
+                    continue   # gone meanwhile
+                except OnebackError as e:
+                    expired.append(DeleteResult(s, (), (), (f"VM {vm.id}: {e}",)))
     return expired
 
 

@@ -156,17 +156,41 @@ workers = 2
     return cfg
 
 
+# Datastore setups (one.datastore.update of the system DS 0 and the image DS 1
+# before anything is created; oned applies the TM_MAD_CONF of the default
+# oned.conf): the TM, the image format it gives, and the oneback config lines.
+STORAGES: dict[str, tuple[str, str, str]] = {
+    # fresh onesim: TM local everywhere, images raw (snapshots without a tree)
+    "local": ("local", "local", ""),
+    # raw images on the shared TM: ALLOW_ORPHANS FORMAT -> YES, any snapshot deletable
+    "shared-raw": ("shared", "shared", ""),
+    # qcow2 images (DRIVER qcow2) on the qcow2 TM: FORMAT -> NO, snapshots form a
+    # tree and snapshot 0 of a persistent disk is never deleted; the operator
+    # opted in to a kept oneback-base snapshot for such disks
+    "qcow2": ("shared", "qcow2", "[backup]\nqcow2_base = true\n"),
+    # the same without the opt-in: oneback's default
+    "qcow2-plain": ("shared", "qcow2", ""),
+}
+
+
 @contextmanager
-def make_cloud(tmp_path: Path, version: str = "7.4.0") -> Iterator[Cloud]:
-    """A simulated cloud (reporting `version`) with a RUNNING proxy VM, and a
-    oneback config for it; stopped on exit."""
+def make_cloud(tmp_path: Path, version: str = "7.4.0", storage: str = "local",
+               ) -> Iterator[Cloud]:
+    """A simulated cloud (reporting `version`, datastores set up as
+    STORAGES[`storage`]) with a RUNNING proxy VM, and a oneback config for
+    it; stopped on exit."""
+    system_tm, image_tm, extra = STORAGES[storage]
     sim = Simulator.start(tmp_path / "onesim", delay=FAST, version=version)
     try:
         one = client(sim)
+        if system_tm != "local":
+            one.datastore.update(0, f'TM_MAD="{system_tm}"', 1)
+        if image_tm != "local":
+            one.datastore.update(1, f'TM_MAD="{image_tm}"', 1)
         proxy = create_proxy_vm(one, sim)
         work = tmp_path / "oneback"
         work.mkdir()
-        yield Cloud(sim, one, proxy, write_config(work, sim, proxy), work)
+        yield Cloud(sim, one, proxy, write_config(work, sim, proxy, extra=extra), work)
     finally:
         sim.stop()
 
@@ -176,6 +200,18 @@ def cloud(tmp_path: Path) -> Iterator[Cloud]:
     """A simulated 7.4 cloud with a RUNNING proxy VM, and a oneback config for it."""
     with make_cloud(tmp_path) as c:
         yield c
+
+
+def _cloud_per_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cloud]:
+    with make_cloud(tmp_path, storage=request.param) as c:
+        yield c
+
+
+# `from tests.agentkit import cloud_per_storage` in a test module runs its
+# `cloud` tests once per datastore setup: raw on the shared TM, qcow2 on the
+# qcow2 TM (the backup, snapshot and restore suites).
+cloud_per_storage = pytest.fixture(params=["shared-raw", "qcow2"], name="cloud")(
+    _cloud_per_storage)
 
 
 def pattern(size: int, seed: int) -> bytes:

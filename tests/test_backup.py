@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import BLOCK, Cloud, MiB, pattern
+from tests.agentkit import (  # noqa: F401  (cloud_per_storage: the `cloud` fixture)
+    BLOCK,
+    Cloud,
+    MiB,
+    cloud_per_storage,
+    pattern,
+)
 from tests.onesim.testing import wait_until
 
 DISK = 2 * MiB  # 32 blocks of 64 KiB
@@ -166,8 +172,10 @@ def test_bad_input_gets_one_line_errors(cloud: Cloud, capsys: pytest.CaptureFixt
 
 def test_a_vm_in_a_state_without_snapshots_is_refused(
         cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
-    vm = cloud.vm("held", [cloud.image("held-os", pattern(DISK, 10))], wait_running=False)
-    cloud.one.vm.action("hold", vm)
+    image = cloud.image("held-os", pattern(DISK, 10))
+    template = cloud.one.template.allocate(f'NAME="held"\nMEMORY="64"\nCPU="0.1"\n'
+                                           f'DISK=[IMAGE_ID="{image}"]')
+    vm = cloud.one.template.instantiate(template, "held", True, "", False)   # on hold: no race
     r = cloud.run("backup", str(vm), capsys=capsys)
     assert r.code == 7 and "HOLD" in r.err
     assert cloud.leftovers() == []

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import BLOCK, Cloud, MiB, pattern
+from tests.agentkit import (  # noqa: F401  (cloud_per_storage: the `cloud` fixture)
+    BLOCK,
+    Cloud,
+    MiB,
+    cloud_per_storage,
+    pattern,
+)
 from tests.test_backup import write_blocks
 
 DISK = 2 * MiB

@@ -1,5 +1,6 @@
 """Snapshot sets end to end through onesim, on 7.x and 6.8 (revert in
-POWEROFF) and 6.6.2 (revert in SUSPENDED: oned refuses that from 6.6.3 on)."""
+POWEROFF) and 6.6.2 (revert in SUSPENDED: oned refuses that from 6.6.3 on),
+with raw images on the shared TM and qcow2 images on the qcow2 TM."""
 
 from __future__ import annotations
 
@@ -9,16 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import Cloud, MiB, make_cloud, pattern
+from tests.agentkit import (  # noqa: F401  (cloud_per_storage: the `cloud` fixture)
+    Cloud,
+    MiB,
+    cloud_per_storage,
+    make_cloud,
+    pattern,
+)
 from tests.onesim.testing import wait_vm
 from tests.test_backup import write_blocks
 
 DISK = 1 * MiB
 
 
-@pytest.fixture(params=["7.4.0", "6.8.0", "6.6.2"])
+@pytest.fixture(params=[("7.4.0", "shared-raw"), ("7.4.0", "qcow2"), ("6.8.0", "qcow2"),
+                        ("6.6.2", "shared-raw")], ids=lambda p: "-".join(p))
 def versioned(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cloud]:
-    with make_cloud(tmp_path, request.param) as c:
+    with make_cloud(tmp_path, *request.param) as c:
         yield c
 
 

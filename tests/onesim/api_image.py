@@ -14,7 +14,14 @@ from pathlib import Path
 
 from tests.onesim import auth
 from tests.onesim.auth import CREATE, MANAGE, USE, Check, authorize, of
-from tests.onesim.constants import DatastoreType, ErrorCode, ImageState, ImageType
+from tests.onesim.constants import (
+    TM_MAD_CONF,
+    DatastoreType,
+    ErrorCode,
+    ImageState,
+    ImageType,
+)
+from tests.onesim.disks import ds_driver
 from tests.onesim.dispatch import Ctx, method
 from tests.onesim.documents import datastore_xml, image_xml, pool_xml
 from tests.onesim.model import Datastore, Image, now
@@ -90,7 +97,9 @@ def image_allocate(core: Oned, ctx: Ctx, text: str, ds_id: int, skip_check: bool
         if not fmt:
             raise OneError(ErrorCode.ALLOCATE, "SOURCE needs FORMAT to be set.")
     elif not path and itype in (ImageType.DATABLOCK, ImageType.OS):
-        fmt = (tmpl.get("FORMAT") or "raw").lower()
+        # Image::insert, an mkfs image: the datastore's driver (TM_MAD_CONF
+        # DRIVER, then the DS template's) is forced, else FORMAT, else raw.
+        fmt = ds_driver(ds) or (tmpl.get("FORMAT") or "raw").lower()
     c = ctx.caller
     img = Image(core.store.next_id("images"), c.uid, c.gid, c.uname, c.gname, name, itype,
                 ds.id, ds.name, perms=core.new_perms(c), disk_type=ds.disk_type,
@@ -99,6 +108,9 @@ def image_allocate(core: Oned, ctx: Ctx, text: str, ds_id: int, skip_check: bool
     for attr in ("NAME", "TYPE", "PERSISTENT", "SIZE", "FS", "DRIVER", "PATH", "SOURCE",
                  "FORMAT", "TM_MAD"):
         tmpl.erase(attr)
+    if not path and not source and itype in (ImageType.DATABLOCK, ImageType.OS) \
+            and ds_driver(ds):
+        tmpl.add("DRIVER", ds_driver(ds))
     if itype in (ImageType.OS, ImageType.DATABLOCK) and not tmpl.get("DEV_PREFIX"):
         tmpl.add("DEV_PREFIX", "sd")
     elif itype not in (ImageType.OS, ImageType.DATABLOCK):
@@ -259,14 +271,53 @@ def image_chown(core: Oned, ctx: Ctx, iid: int, uid: int, gid: int) -> int:
 # Datastores
 # ---------------------------------------------------------------------------
 
-_TM_DEFAULTS = {
-    # TM_MAD_CONF of the default oned.conf: LN_TARGET, CLONE_TARGET, ALLOW_ORPHANS, SHARED
-    "local": ("SYSTEM", "SYSTEM", "FORMAT", "NO"),
-    "ssh": ("SYSTEM", "SYSTEM", "YES", "NO"),
-    "shared": ("NONE", "SYSTEM", "FORMAT", "YES"),
-    "qcow2": ("NONE", "SYSTEM", "FORMAT", "YES"),
-    "dummy": ("NONE", "SYSTEM", "NO", "YES"),
-}
+def set_tm_mad(ds: Datastore, tm_mad: str) -> None:
+    """Datastore::set_tm_mad: copy the driver's TM_MAD_CONF into the
+    datastore template (replacing what the template said: ALLOW_ORPHANS,
+    LN_TARGET, CLONE_TARGET, DRIVER, DISK_TYPE, SHARED ...). Raises oned's
+    error; the caller rolls back."""
+    if ds.type == DatastoreType.BACKUP_DS:
+        return
+    if not tm_mad:
+        raise OneError(ErrorCode.INTERNAL, "No TM_MAD in template.")
+    conf = TM_MAD_CONF.get(tm_mad)
+    if conf is None:
+        raise OneError(ErrorCode.INTERNAL, f'TM_MAD named "{tm_mad}" is not defined in oned.conf')
+    bad = OneError(ErrorCode.INTERNAL, "Attribute shared, ln_target or clone_target in "
+                   f"TM_MAD_CONF for {tm_mad} is missing or has wrong value in oned.conf")
+    t = ds.template
+    if ds.type == DatastoreType.SYSTEM_DS:
+        if "SHARED" not in conf:
+            raise bad
+        t.replace("SHARED", conf["SHARED"])
+        t.replace("DS_MIGRATE", conf.get("DS_MIGRATE", "YES"))
+        t.replace("DS_LIVE_MIGRATE", conf.get("DS_LIVE_MIGRATE", "NO"))
+        t.replace("DS_MIGRATE_SNAP", conf.get("DS_MIGRATE_SNAP", "NO"))
+        t.erase("LN_TARGET")
+        t.erase("CLONE_TARGET")
+    else:
+        system = conf.get("TM_MAD_SYSTEM", "")
+        if system:
+            t.replace("TM_MAD_SYSTEM", system)
+            for mode in (m.strip().upper() for m in system.split(",") if m.strip()):
+                for attr in (f"LN_TARGET_{mode}", f"CLONE_TARGET_{mode}"):
+                    if conf.get(attr, "").upper() not in ("NONE", "SELF", "SYSTEM"):
+                        raise bad
+                    t.replace(attr, conf[attr])
+                if not conf.get(f"DISK_TYPE_{mode}"):
+                    raise bad
+                t.replace(f"DISK_TYPE_{mode}", conf[f"DISK_TYPE_{mode}"])
+        for attr in ("LN_TARGET", "CLONE_TARGET"):
+            if conf.get(attr, "").upper() not in ("NONE", "SELF", "SYSTEM"):
+                raise bad
+            t.replace(attr, conf[attr])
+        for attr in ("DRIVER", "DISK_TYPE"):
+            if conf.get(attr):
+                t.replace(attr, conf[attr])
+        t.erase("SHARED")
+    t.replace("ALLOW_ORPHANS", conf.get("ALLOW_ORPHANS", "NO"))
+    ps = (conf.get("PERSISTENT_SNAPSHOTS") or "YES").upper() in ("YES", "TRUE", "1")
+    t.replace("PERSISTENT_SNAPSHOTS", "YES" if ps else "NO")
 
 
 @method("one.datastore.allocate", "si", 1, obj="DATASTORE")
@@ -286,30 +337,79 @@ def datastore_allocate(core: Oned, ctx: Ctx, text: str, cluster_id: int = -1) ->
         raise OneError(ErrorCode.ALLOCATE, f"NAME is already taken by DATASTORE {other}.")
     if not ds_mad:
         raise OneError(ErrorCode.ALLOCATE, "No DS_MAD in template.")
-    if not tm_mad:
-        raise OneError(ErrorCode.ALLOCATE, "No TM_MAD in template.")
+    tmpl.erase("NAME")
+    ds = Datastore(-1, name, DatastoreType[kind], ds_mad, tm_mad, "",
+                   total_mb=core.config.datastore_mb)
+    ds.template = tmpl
+    if kind != "BACKUP_DS":
+        try:
+            set_tm_mad(ds, tm_mad)      # Datastore::insert
+        except OneError as exc:
+            raise OneError(ErrorCode.ALLOCATE, exc.message) from exc
     did = core.store.next_id("datastores")
     base = core.ds_path(did)
     base.mkdir(parents=True, exist_ok=True)
-    ds = Datastore(did, name, DatastoreType[kind], ds_mad, tm_mad, str(base),
-                   total_mb=core.config.datastore_mb)
-    ln, clone, orphans, shared = _TM_DEFAULTS.get(tm_mad, ("SYSTEM", "SYSTEM", "NO", "NO"))
-    tmpl.erase("NAME")
-    defaults = {"ALLOW_ORPHANS": orphans, "DISK_TYPE": "FILE", "PERSISTENT_SNAPSHOTS": "YES",
-                "RESTRICTED_DIRS": "/", "SAFE_DIRS": f"/var/tmp /tmp {core.root}",
-                "TM_MAD": tm_mad, "TYPE": kind}
+    ds.id, ds.base_path = did, str(base)
+    defaults = {"DISK_TYPE": "FILE", "RESTRICTED_DIRS": "/",
+                "SAFE_DIRS": f"/var/tmp /tmp {core.root}", "TM_MAD": tm_mad, "TYPE": kind}
     if kind != "SYSTEM_DS":
-        defaults.update(CLONE_TARGET=clone, LN_TARGET=ln, DS_MAD=ds_mad)
-    else:
-        defaults.update(SHARED=shared, DS_MIGRATE="YES", DS_LIVE_MIGRATE="YES",
-                        DS_MIGRATE_SNAP="YES")
+        defaults.update(DS_MAD=ds_mad)
     for key, value in defaults.items():
         if not tmpl.has(key):
             tmpl.add(key, value)
-    ds.template = tmpl
     core.store.datastores[did] = ds
     ctx.extra_xml = datastore_xml(ds, 0)
     return did
+
+
+@method("one.datastore.update", "isi", 2, obj="DATASTORE")
+def datastore_update(core: Oned, ctx: Ctx, ds_id: int, text: str, mode: int = 0) -> int:
+    """SharedAPI::update -> PoolObjectSQL::replace_template (0) or
+    append_template (1) -> Datastore::post_update_template: TYPE and DS_MAD
+    kept when missing, a TM_MAD applies its TM_MAD_CONF (set_tm_mad) and is
+    used by every disk set up from then on; disks already on VMs keep theirs.
+    Any failure restores the old template."""
+    ds = core.datastore(ds_id)
+    authorize(ctx.caller, of(ds, "DATASTORE", MANAGE))
+    if mode not in (0, 1):
+        raise OneError(ErrorCode.RPC_API, "Wrong update type")
+    new = _parse(text)
+    old_template, old_tm = ds.template, ds.tm_mad
+    if mode == 1:
+        merged = ds.template.copy()
+        merged.merge(new)
+        new = merged
+    old_type = ds.type
+    ds.template = new
+    try:
+        current = DatastoreType(ds.type)
+        wanted = (new.get("TYPE") or "").upper()
+        if ds.id == 0:
+            kind = DatastoreType.SYSTEM_DS
+        elif current == DatastoreType.BACKUP_DS or not wanted:
+            kind = current
+        else:   # Datastore::str_to_type: anything unknown is an IMAGE_DS
+            kind = DatastoreType[wanted] if wanted in DatastoreType.__members__ \
+                else DatastoreType.IMAGE_DS
+        ds.type = kind
+        new.replace("TYPE", kind.name)
+        tm_mad = new.get("TM_MAD") or ""
+        if tm_mad and kind != DatastoreType.BACKUP_DS:
+            set_tm_mad(ds, tm_mad)
+            ds.tm_mad = tm_mad
+        else:
+            new.replace("TM_MAD", ds.tm_mad)
+        if kind == DatastoreType.SYSTEM_DS:
+            ds.ds_mad = "-"
+            new.erase("DS_MAD")
+        elif new.get("DS_MAD"):
+            ds.ds_mad = new.get("DS_MAD") or ds.ds_mad
+        else:
+            new.replace("DS_MAD", ds.ds_mad)
+    except OneError as exc:
+        ds.template, ds.tm_mad, ds.type = old_template, old_tm, old_type
+        raise OneError(ErrorCode.INTERNAL, f"Cannot update template. {exc.message}") from exc
+    return ds_id
 
 
 @method("one.datastore.info", "ib", 1, obj="DATASTORE", info=True)

@@ -244,3 +244,56 @@ def lcm_state_name(lcm: int) -> str:
 def state_str(state: int, lcm: int) -> str:
     """VirtualMachine::state_str: the LCM name while ACTIVE, else the STATE name."""
     return lcm_state_name(lcm) if state == VmState.ACTIVE else vm_state_name(state)
+
+
+# TM_MAD_CONF of the default oned.conf (share/etc/oned.conf), the attributes
+# Datastore::set_tm_mad copies into a datastore's template. ALLOW_ORPHANS
+# missing means "NO" (set_tm_mad's default); DRIVER, when set, is forced as
+# the FORMAT of every new empty image (Image::insert) and the conversion target
+# of the fs driver's cp (Datastore::get_ds_driver).
+TM_MAD_CONF: dict[str, dict[str, str]] = {
+    "dummy": {"LN_TARGET": "NONE", "CLONE_TARGET": "SYSTEM", "SHARED": "YES",
+              "DS_MIGRATE": "YES", "DS_LIVE_MIGRATE": "YES", "DS_MIGRATE_SNAP": "YES"},
+    "shared": {"LN_TARGET": "NONE", "CLONE_TARGET": "SYSTEM", "SHARED": "YES",
+               "TM_MAD_SYSTEM": "ssh", "LN_TARGET_SSH": "SYSTEM", "CLONE_TARGET_SSH": "SYSTEM",
+               "DISK_TYPE_SSH": "FILE", "ALLOW_ORPHANS": "FORMAT", "DS_MIGRATE": "YES",
+               "DS_LIVE_MIGRATE": "YES", "DS_MIGRATE_SNAP": "YES"},
+    "lvm": {"LN_TARGET": "NONE", "CLONE_TARGET": "SELF", "SHARED": "YES", "DRIVER": "raw",
+            "DISK_TYPE": "BLOCK", "ALLOW_ORPHANS": "YES", "DS_MIGRATE": "YES",
+            "DS_LIVE_MIGRATE": "NO", "DS_MIGRATE_SNAP": "NO"},
+    "fs_lvm": {"LN_TARGET": "SYSTEM", "CLONE_TARGET": "SYSTEM", "SHARED": "YES",
+               "DRIVER": "raw", "DISK_TYPE": "BLOCK", "DS_MIGRATE": "YES",
+               "DS_LIVE_MIGRATE": "NO", "DS_MIGRATE_SNAP": "NO"},
+    "fs_lvm_ssh": {"LN_TARGET": "SYSTEM", "CLONE_TARGET": "SYSTEM", "SHARED": "YES",
+                   "DRIVER": "raw", "DISK_TYPE": "BLOCK", "PERSISTENT_SNAPSHOTS": "NO",
+                   "ALLOW_ORPHANS": "YES", "DS_MIGRATE": "YES", "DS_LIVE_MIGRATE": "YES",
+                   "DS_MIGRATE_SNAP": "NO"},
+    "qcow2": {"LN_TARGET": "NONE", "CLONE_TARGET": "SYSTEM", "SHARED": "YES",
+              "TM_MAD_SYSTEM": "ssh", "LN_TARGET_SSH": "SYSTEM", "CLONE_TARGET_SSH": "SYSTEM",
+              "DISK_TYPE_SSH": "FILE", "DRIVER": "qcow2", "ALLOW_ORPHANS": "FORMAT",
+              "DS_MIGRATE": "YES", "DS_LIVE_MIGRATE": "YES", "DS_MIGRATE_SNAP": "YES"},
+    "ssh": {"LN_TARGET": "SYSTEM", "CLONE_TARGET": "SYSTEM", "SHARED": "NO",
+            "ALLOW_ORPHANS": "YES", "DS_MIGRATE": "YES", "DS_LIVE_MIGRATE": "YES",
+            "DS_MIGRATE_SNAP": "YES"},
+    "local": {"LN_TARGET": "SYSTEM", "CLONE_TARGET": "SYSTEM", "SHARED": "NO",
+              "ALLOW_ORPHANS": "FORMAT", "DS_MIGRATE": "YES", "DS_LIVE_MIGRATE": "YES",
+              "DS_MIGRATE_SNAP": "YES"},
+    "ceph": {"LN_TARGET": "NONE", "CLONE_TARGET": "SELF", "SHARED": "YES", "DRIVER": "raw",
+             "ALLOW_ORPHANS": "mixed", "TM_MAD_SYSTEM": "ssh", "LN_TARGET_SSH": "SYSTEM",
+             "CLONE_TARGET_SSH": "SYSTEM", "DISK_TYPE_SSH": "FILE", "DS_MIGRATE": "NO",
+             "DS_LIVE_MIGRATE": "NO", "DS_MIGRATE_SNAP": "NO"},
+    "iscsi_libvirt": {"LN_TARGET": "NONE", "CLONE_TARGET": "SELF", "SHARED": "YES",
+                      "DRIVER": "raw", "DS_MIGRATE": "NO", "DS_LIVE_MIGRATE": "NO",
+                      "DS_MIGRATE_SNAP": "NO"},
+    "dev": {"LN_TARGET": "NONE", "CLONE_TARGET": "NONE", "SHARED": "YES", "DRIVER": "raw",
+            "DS_MIGRATE": "NO", "DS_LIVE_MIGRATE": "NO", "DS_MIGRATE_SNAP": "NO"},
+    "netapp": {"LN_TARGET": "NONE", "CLONE_TARGET": "SELF", "SHARED": "YES", "DRIVER": "raw",
+               "DISK_TYPE": "BLOCK", "ALLOW_ORPHANS": "LINEAR", "DS_MIGRATE": "NO",
+               "DS_LIVE_MIGRATE": "NO", "DS_MIGRATE_SNAP": "NO"},
+    "purefa": {"LN_TARGET": "NONE", "CLONE_TARGET": "SELF", "SHARED": "YES", "DRIVER": "raw",
+               "DISK_TYPE": "BLOCK", "ALLOW_ORPHANS": "YES", "DS_MIGRATE": "NO",
+               "DS_LIVE_MIGRATE": "NO", "DS_MIGRATE_SNAP": "NO"},
+    "virtiofs": {"LN_TARGET": "NONE", "CLONE_TARGET": "NONE", "SHARED": "YES",
+                 "DRIVER": "virtiofs", "DISK_TYPE": "filesystem", "DS_MIGRATE": "NO",
+                 "DS_LIVE_MIGRATE": "NO", "DS_MIGRATE_SNAP": "NO"},
+}

@@ -11,8 +11,8 @@ Must not: change VM states or create files.
 
 from __future__ import annotations
 
-from tests.onesim.constants import DatastoreType, ImageType
-from tests.onesim.model import Image, Snapshots, Vm
+from tests.onesim.constants import TM_MAD_CONF, DatastoreType, ImageType
+from tests.onesim.model import Datastore, Image, Snapshots, Vm
 from tests.onesim.oned import Oned, OneError
 
 DEFAULT_DEV_PREFIX = "sd"  # oned.conf DEFAULT_DEVICE_PREFIX
@@ -21,6 +21,11 @@ INHERIT_DS_ATTRS = ("DISK_TYPE", "ALLOW_ORPHANS", "PERSISTENT_SNAPSHOTS")
 
 class DiskError(Exception):
     """A disk oned cannot set up; str(e) is oned's reason."""
+
+
+def ds_driver(ds: Datastore) -> str:
+    """Datastore::get_ds_driver: TM_MAD_CONF's DRIVER, else the template's."""
+    return TM_MAD_CONF.get(ds.tm_mad, {}).get("DRIVER") or ds.template.get("DRIVER") or ""
 
 
 def is_volatile(disk: dict[str, str]) -> bool:
@@ -168,7 +173,9 @@ def datastore_disk_attribute(core: Oned, ds_id: int, disk: dict[str, str]) -> No
         if not disk.get("DISK_TYPE"):
             disk["DISK_TYPE"] = "FILE"
         if disk.get("TYPE", "").upper() == "FS":
-            if disk.get("FORMAT"):
+            if ds_driver(ds):   # TM_MAD_CONF / system DS DRIVER first
+                disk["DRIVER"] = disk["FORMAT"] = ds_driver(ds)
+            elif disk.get("FORMAT"):
                 disk["DRIVER"] = disk["FORMAT"]
             else:
                 disk["DRIVER"] = disk["FORMAT"] = "raw"

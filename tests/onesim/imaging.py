@@ -15,7 +15,8 @@ from typing import Any
 
 from tests.onesim import dataplane
 from tests.onesim.api_template import disk_lock_success
-from tests.onesim.constants import ImageState
+from tests.onesim.constants import DatastoreType, ImageState, ImageType
+from tests.onesim.disks import ds_driver
 from tests.onesim.hotplug import unlock
 from tests.onesim.model import Datastore, Image
 from tests.onesim.oned import Oned
@@ -30,6 +31,24 @@ def restricted(ds: Datastore | None, path: str) -> bool:
         if real.startswith(safe):
             return False
     return any(real.startswith(r) for r in (ds.template.get("RESTRICTED_DIRS") or "").split())
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def copied_format(ds: Datastore | None, img: Image, copy: Path) -> str:
+    """The FORMAT the fs driver's cp reports: the datastore's DRIVER when it
+    converts (DRIVER qcow2 or raw, CONVERT not "no", not a CDROM, not a files
+    datastore), else what `qemu-img info` says (qcow2 magic, or raw). onesim
+    does not convert the bytes: its disk files always hold the guest's view."""
+    if ds is not None:
+        driver = ds_driver(ds)
+        convert = (ds.template.get("CONVERT") or "yes").lower() != "no"
+        if (driver in ("qcow2", "raw") and convert and img.type != ImageType.CDROM
+                and ds.type != DatastoreType.FILE_DS):
+            return driver
+    with open(copy, "rb") as fh:
+        return "qcow2" if fh.read(4) == QCOW2_MAGIC else "raw"
 
 
 class Imaging:
@@ -60,7 +79,8 @@ class Imaging:
             try:
                 if path:
                     dataplane.sparse_copy(Path(path), source)
-                    img.format = img.format or "raw"
+                    img.format = copied_format(
+                        self.core.store.datastores.get(img.datastore_id), img, source)
                 else:
                     dataplane.make_sparse(source, img.size)
             except OSError as exc:
