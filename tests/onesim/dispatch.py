@@ -146,8 +146,7 @@ class Dispatcher:
             deferred = core.end_request()
             if spec.published:
                 publish_api(core.bus, spec.name, params, bool(result[0]), out, ctx.extra_xml)
-            for fn in deferred:
-                fn()
+            core.run_deferred(deferred)
             if not spec.info:
                 core.save()
         return result
