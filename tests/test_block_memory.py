@@ -4,9 +4,10 @@ block, so the README's bound holds for a 10 TiB disk (2.6 M blocks of 4 MiB).
 Measured with tracemalloc on a real scan of a sparse file (small blocks, so
 many fit in a small file) with the in-memory store, and on a real SQLite
 catalog committing and reading back the map of a 300,000-block disk. The
-bounds asserted here are the ones the README states: 56 bytes per changed block in a scan's result (BLOCK_RECORD_BYTES),
-48 per block in the previous map (PREVIOUS_BYTES_PER_BLOCK), and a commit
-that streams (about one byte per block)."""
+bounds asserted are the README's: 56 bytes per changed block in a scan's
+result (BLOCK_RECORD_BYTES), 48 per block in the previous map
+(PREVIOUS_BYTES_PER_BLOCK), and a commit that streams (about a byte per
+block)."""
 
 from __future__ import annotations
 
