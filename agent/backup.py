@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +60,7 @@ class BackupCatalog(Journal, Protocol):
 
     def commit_backup(self, *, vm_id: int, vm_name: str, kind: str, started: float,
                       finished: float, vm_document: str, image_documents: Mapping[int, str],
-                      disks: list[DiskBackup], blocks: Mapping[int, list[BlockRecord]],
+                      disks: list[DiskBackup], blocks: Mapping[int, Sequence[BlockRecord]],
                       warnings: list[str], chunk_sizes: Mapping[bytes, int] | None = None,
                       ) -> BackupRecord: ...
 
@@ -133,8 +133,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
                 pass
 
     disks: list[DiskBackup] = []
-    blocks: dict[int, list[BlockRecord]] = {}
-    chunk_sizes: dict[bytes, int] = {}
+    blocks: dict[int, Sequence[BlockRecord]] = {}  # packed BlockLists, with stored sizes
     full = options.full
     with ExitStack() as everything:
         # Snapshot every disk first, one after another, so all disks are
@@ -167,7 +166,6 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
                 full = full or previous_missing
                 disks.append(disk_backup)
                 blocks[disk.disk_id] = scan.blocks
-                chunk_sizes.update(scan.chunk_sizes)
             progress.phase(disk.disk_id, "done")
 
     for disk in (*plan.excluded, *plan.volatile, *plan.skipped, *plan.refused):
@@ -182,7 +180,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
         vm_id=vm_id, vm_name=vm.name, kind="full" if full or not plan.read else "incremental",
         started=started, finished=time.time(), vm_document=vm.document,
         image_documents=image_documents, disks=disks, blocks=blocks,
-        warnings=[*plan.warnings, *workspace.leftovers], chunk_sizes=chunk_sizes)
+        warnings=[*plan.warnings, *workspace.leftovers])
     return BackupResult(record, cloud_seconds, scan_seconds, tuple(workspace.leftovers),
                         plan.refusals)
 

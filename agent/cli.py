@@ -40,6 +40,7 @@ from agent.errors import (
 )
 from agent.hookdefs import DEFAULT_COMMAND, HOOKS
 from agent.lease import Lease
+from agent.model import ONE_ID_MAX
 from agent.policy import parse_duration
 from agent.render import (
     JsonLogFormatter,
@@ -135,6 +136,37 @@ def interruptible(cancel: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
+# -- ids ---------------------------------------------------------------------------
+
+
+class IdType(click.ParamType[int]):
+    """A whole number in [minimum, maximum]: OpenNebula ids (VMs, disks,
+    datastores) are C ints, 0 .. 2^31-1; backup ids are the catalog's SQLite
+    rowids, 1 .. 2^63-1. Anything else is refused before any work (exit 2)."""
+
+    name = "id"
+
+    def __init__(self, what: str, minimum: int, maximum: int) -> None:
+        self.what, self.minimum, self.maximum = what, minimum, maximum
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number: int | None = value
+        else:
+            text = str(value).strip()
+            number = int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
+        if number is None or not self.minimum <= number <= self.maximum:
+            shown = str(value) if len(str(value)) <= 24 else str(value)[:21] + "..."
+            self.fail(f"{shown!r} is not {self.what}: use a whole number from {self.minimum}"
+                      f" to {self.maximum}", param, ctx)
+        return number
+
+
+ONE_ID = IdType("an OpenNebula id", 0, ONE_ID_MAX)
+BACKUP_ID = IdType("a backup id", 1, 2**63 - 1)
+
+
 # -- commands --------------------------------------------------------------------
 
 json_option = click.option("--json", "as_json", is_flag=True,
@@ -151,9 +183,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("vm_id", type=click.IntRange(min=0))
+@click.argument("vm_id", type=ONE_ID)
 @click.option("--full", is_flag=True, help="Ignore earlier checksums and read every block.")
-@click.option("--exclude-disk", "exclude", type=click.IntRange(min=0), multiple=True,
+@click.option("--exclude-disk", "exclude", type=ONE_ID, multiple=True,
               help="Disk id to leave out (repeatable); adds to ONEBACK_EXCLUDE_DISKS.")
 @config_option
 @json_option
@@ -194,7 +226,7 @@ def backup(vm_id: int, full: bool, exclude: tuple[int, ...], config_file: str | 
 
 
 @cli.command("list")
-@click.argument("vm_id", type=click.IntRange(min=0), required=False)
+@click.argument("vm_id", type=ONE_ID, required=False)
 @config_option
 @json_option
 def list_(vm_id: int | None, config_file: str | None, as_json: bool) -> None:
@@ -217,7 +249,7 @@ def list_(vm_id: int | None, config_file: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("backup_id", type=click.IntRange(min=1))
+@click.argument("backup_id", type=BACKUP_ID)
 @config_option
 @json_option
 def show(backup_id: int, config_file: str | None, as_json: bool) -> None:
@@ -260,10 +292,10 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("backup_id", type=click.IntRange(min=1))
-@click.option("--image-ds", type=click.IntRange(min=0), default=None,
+@click.argument("backup_id", type=BACKUP_ID)
+@click.option("--image-ds", type=ONE_ID, default=None,
               help="IMAGE datastore for the restored disks (default: each image's own).")
-@click.option("--system-ds", type=click.IntRange(min=0), default=None,
+@click.option("--system-ds", type=ONE_ID, default=None,
               help="SYSTEM datastore to deploy the VM into (default: the scheduler's choice).")
 @click.option("--name", default=None, help="Name of the new VM (default: NAME-restored-ID).")
 @config_option
@@ -295,9 +327,9 @@ def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: s
 
 
 @cli.command("restore-disk")
-@click.argument("backup_id", type=click.IntRange(min=1))
-@click.argument("disk_id", type=click.IntRange(min=0))
-@click.option("--image-ds", type=click.IntRange(min=0), default=None,
+@click.argument("backup_id", type=BACKUP_ID)
+@click.argument("disk_id", type=ONE_ID)
+@click.option("--image-ds", type=ONE_ID, default=None,
               help="IMAGE datastore for the new image (default: the original image's).")
 @click.option("--name", default=None, help="Name of the new image.")
 @config_option
@@ -327,8 +359,8 @@ def restore_disk_(backup_id: int, disk_id: int, image_ds: int | None, name: str 
 
 
 @cli.command("export")
-@click.argument("backup_id", type=click.IntRange(min=1))
-@click.argument("disk_id", type=click.IntRange(min=0))
+@click.argument("backup_id", type=BACKUP_ID)
+@click.argument("disk_id", type=ONE_ID)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="The raw file to write (sparse).")
 @config_option
@@ -354,7 +386,7 @@ def snapshot() -> None:
 
 
 @snapshot.command("create")
-@click.argument("vm_id", type=click.IntRange(min=0))
+@click.argument("vm_id", type=ONE_ID)
 @click.option("--name", default=None, help="Name of the set (default: snap-DATE-TIME).")
 @click.option("--ttl", default=None, help="Expire the set after this long (30m, 48h, 7d).")
 @click.option("--allow-permanent", is_flag=True,
@@ -383,7 +415,7 @@ def snapshot_create(vm_id: int, name: str | None, ttl: str | None, allow_permane
 
 
 @snapshot.command("list")
-@click.argument("vm_id", type=click.IntRange(min=0))
+@click.argument("vm_id", type=ONE_ID)
 @config_option
 @json_option
 def snapshot_list(vm_id: int, config_file: str | None, as_json: bool) -> None:
@@ -406,7 +438,7 @@ def snapshot_list(vm_id: int, config_file: str | None, as_json: bool) -> None:
 
 
 @snapshot.command("revert")
-@click.argument("vm_id", type=click.IntRange(min=0))
+@click.argument("vm_id", type=ONE_ID)
 @click.argument("name")
 @config_option
 @json_option
@@ -423,7 +455,7 @@ def snapshot_revert(vm_id: int, name: str, config_file: str | None, as_json: boo
 
 
 @snapshot.command("delete")
-@click.argument("vm_id", type=click.IntRange(min=0))
+@click.argument("vm_id", type=ONE_ID)
 @click.argument("name")
 @config_option
 @json_option
@@ -578,7 +610,10 @@ def _main(argv: list[str] | None) -> NoReturn:
         click.echo("oneback: aborted", err=True)
         raise SystemExit(130) from None
     except click.ClickException as e:
-        e.show()
+        # one line that names the command and the argument, never click's usage block
+        where = e.ctx.command_path if isinstance(e, click.UsageError) and e.ctx else "oneback"
+        message = " ".join(e.format_message().split())
+        click.echo(f"{where}: {message}", err=True)
         raise SystemExit(UsageError.exit_code) from None
     except OnebackError as e:
         prefix = "oneback: internal error (please report): " if e.is_bug else "oneback: "

@@ -24,6 +24,7 @@ import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pyone
@@ -38,8 +39,14 @@ from agent.model import (
     IMAGE_LOCKED,
     LCM_RUNNING,
     VM_ACTIVE,
+    VM_CLONING,
     VM_DONE,
+    VM_HOLD,
+    VM_PENDING,
     VM_POWEROFF,
+    VM_STOPPED,
+    VM_SUSPENDED,
+    VM_UNDEPLOYED,
     DatastoreInfo,
     DiskInfo,
     DiskSnapshots,
@@ -66,6 +73,45 @@ TRANSIENT_LCM = (
     | {0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18, 19, 20, 21, 22, 23, 24, 25, 29, 30, 31,
        32, 35, 43, 45, 60, 62, 63, 64, 65, 66, 69, 70, 71}
 )
+
+
+@dataclass(frozen=True)
+class ActionTarget:
+    """Where a VM action ends: its STATE (and LCM_STATE when ACTIVE)."""
+
+    name: str
+    state: int
+    lcm_state: int | None = None
+    leave: bool = False  # reached once the VM is no longer in `state`
+
+    def reached(self, vm: VmInfo) -> bool:
+        if self.leave:
+            return vm.state != self.state
+        return vm.state == self.state and (self.lcm_state is None
+                                           or vm.lcm_state == self.lcm_state)
+
+
+_RUNNING = ActionTarget("RUNNING", VM_ACTIVE, LCM_RUNNING)
+# The state each action ends in (src/lcm/LifeCycleStates.cc: *_success).
+ACTION_TARGETS: dict[str, ActionTarget] = {
+    "poweroff": ActionTarget("POWEROFF", VM_POWEROFF),
+    "poweroff-hard": ActionTarget("POWEROFF", VM_POWEROFF),
+    "suspend": ActionTarget("SUSPENDED", VM_SUSPENDED),
+    "resume": _RUNNING,
+    "stop": ActionTarget("STOPPED", VM_STOPPED),
+    "undeploy": ActionTarget("UNDEPLOYED", VM_UNDEPLOYED),
+    "undeploy-hard": ActionTarget("UNDEPLOYED", VM_UNDEPLOYED),
+    "terminate": ActionTarget("DONE", VM_DONE),
+    "terminate-hard": ActionTarget("DONE", VM_DONE),
+    "hold": ActionTarget("HOLD", VM_HOLD),
+    "release": ActionTarget("released", VM_HOLD, leave=True),
+}
+
+
+def _in_progress(vm: VmInfo) -> bool:
+    """Still on its way: a transient LCM state, or waiting for the scheduler."""
+    return (vm.state == VM_ACTIVE and vm.lcm_state in TRANSIENT_LCM) or vm.state in (
+        VM_PENDING, VM_CLONING)
 
 
 class _TimeoutTransport(RequestsTransport):  # type: ignore[misc]
@@ -190,10 +236,12 @@ class Cloud:
     same VM are serialised (oned refuses concurrent ones with "wrong state")."""
 
     def __init__(self, endpoint: str, session: str, *, timeout: float = 30.0,
-                 operation_timeout: float = 900.0, poll_interval: float = 0.5) -> None:
+                 operation_timeout: float = 900.0, poll_interval: float = 0.5,
+                 start_timeout: float = 60.0) -> None:
         self.endpoint = endpoint
         self.operation_timeout = operation_timeout
         self.poll_interval = poll_interval
+        self.start_timeout = start_timeout  # seconds an accepted VM action may take to start
         self._server = pyone.OneServer(endpoint, session=session)
         transport = _TimeoutTransport(timeout)
         transport.set_https(endpoint.startswith("https"))
@@ -483,11 +531,51 @@ class Cloud:
 
     def action(self, action: str, vm_id: int) -> VmInfo:
         """Run a VM action (`poweroff-hard`, `suspend`, `resume` ...) and wait
-        until the VM settles; returns the VM as it then is."""
+        until it has *happened*: the VM is in the action's target state
+        (ACTION_TARGETS), returned as it then is. oned answers before the VM
+        moves (DispatchManager only queues the action for the LifeCycleManager),
+        so "settled" right after the answer means nothing. Raises CloudError
+        when the action failed: a new USER_TEMPLATE/ERROR, the VM back in a
+        settled state other than the target after it moved, or the VM still
+        where it was after `start_timeout` (a driver that failed at once and
+        left no message). Actions without a known target wait for "settled"."""
+        target = ACTION_TARGETS.get(action)
         with self._vm_lock(vm_id):
-            self.wait_settled(vm_id)
+            before = self.wait_settled(vm_id)
             self.call("vm.action", action, vm_id)
-            return self.wait_settled(vm_id)
+            if target is None:
+                return self.wait_settled(vm_id)
+            return self._wait_target(vm_id, action, target, before)
+
+    def _wait_target(self, vm_id: int, action: str, target: ActionTarget,
+                     before: VmInfo) -> VmInfo:
+        start_by = time.monotonic() + self.start_timeout
+        moved = False
+
+        def probe() -> VmInfo | None:
+            nonlocal moved
+            vm = self.vm(vm_id)
+            if target.reached(vm):
+                return vm
+            busy = _in_progress(vm)
+            if busy or (vm.state, vm.lcm_state) != (before.state, before.lcm_state):
+                moved = True
+            if busy:
+                return None
+            if vm.error and vm.error != before.error:
+                raise CloudError(f"OpenNebula failed to {action} VM {vm_id}: {vm.error};"
+                                 f" it is {vm.state_name}")
+            if moved:
+                raise CloudError(f"VM {vm_id} is {vm.state_name} after {action}, not"
+                                 f" {target.name}: OpenNebula could not carry it out"
+                                 f" (see its log for VM {vm_id})")
+            if time.monotonic() > start_by:
+                raise CloudError(f"VM {vm_id} is still {vm.state_name} {self.start_timeout:g} s"
+                                 f" after OpenNebula accepted {action}: the action failed"
+                                 f" or was dropped (see oned's log for VM {vm_id})")
+            return None
+        result: VmInfo = self._wait(f"{action} of VM {vm_id}", probe)
+        return result
 
     def update_user_template(self, vm_id: int, attributes: Mapping[str, str],
                              merge: bool = True) -> None:

@@ -20,11 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.model import ONE_ID_MAX
 
 DEFAULT_PATH = Path("/etc/oneback/oneback.toml")
 DEFAULT_CONTEXT_FILE = Path("/run/one-context/one_env")
 ENV_VAR = "ONEBACK_CONFIG"
 MiB = 1024 * 1024
+# storage.block_size: per block a backup holds a packed record (reader.py),
+# so 1 MiB blocks keep a 10 TiB disk's maps within the README's bound.
+MIN_BLOCK, MAX_BLOCK = 1 * MiB, 64 * MiB
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,9 @@ class _Section:
             raise self._bad(key, "true or false")
         return v
 
+    def raw_default(self, key: str, default: Any) -> Any:
+        return self._get(key, default)
+
     def check_known(self, known: set[str]) -> None:
         unknown = sorted(set(self.data) - known)
         if unknown:
@@ -252,11 +259,12 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     context_file = px.path_("context_file", str(DEFAULT_CONTEXT_FILE))
     if raw_id == "auto":
         vm_id = _vmid_from_context(context_file, path)
-    elif isinstance(raw_id, int) and not isinstance(raw_id, bool) and raw_id >= 0:
+    elif isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id <= ONE_ID_MAX:
         vm_id = raw_id
     else:
         raise ConfigError(
-            f"{path}: proxy.vm_id must be the proxy VM's id (an integer) or \"auto\""
+            f"{path}: proxy.vm_id must be the proxy VM's id (an integer from 0 to"
+            f" {ONE_ID_MAX}) or \"auto\""
         )
     proxy = ProxyConfig(
         vm_id=vm_id,
@@ -266,9 +274,12 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
 
     st = _Section(data, "storage", path)
     st.check_known({"repository", "catalog", "block_size", "workers"})
-    block_size = st.integer("block_size", 4 * MiB, minimum=4096)
-    if block_size % 4096:
-        raise ConfigError(f"{path}: storage.block_size must be a multiple of 4096")
+    block_size = st.raw_default("block_size", 4 * MiB)
+    if (isinstance(block_size, bool) or not isinstance(block_size, int)
+            or not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1)):
+        raise ConfigError(
+            f"{path}: storage.block_size must be a power of two from {MIN_BLOCK} (1 MiB) to"
+            f" {MAX_BLOCK} (64 MiB), e.g. {4 * MiB} (4 MiB); got {block_size!r}")
     storage = StorageConfig(
         repository=st.path_("repository", "/var/lib/oneback/repo"),
         catalog=st.path_("catalog", "/var/lib/oneback/catalog.sqlite"),
@@ -317,4 +328,7 @@ def _vmid_from_context(context_file: Path, path: Path) -> int:
             f"{path}: proxy.vm_id is \"auto\" but {context_file} has no VMID;"
             f" set proxy.vm_id to the proxy VM's id"
         )
+    if len(m.group(1)) > 10 or int(m.group(1)) > ONE_ID_MAX:
+        raise ConfigError(f"{path}: the VMID in {context_file} is not an OpenNebula id;"
+                          f" set proxy.vm_id to the proxy VM's id")
     return int(m.group(1))

@@ -8,9 +8,11 @@ package. Boundaries translate XML, pyone objects and SQL rows into these.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import overload
 
 # ---------------------------------------------------------------------------
 # OpenNebula state numbers (include/VirtualMachine.h, include/Image.h).
@@ -295,14 +297,15 @@ def block_length(size: int, block_size: int, index: int) -> int:
 class PreviousMap:
     """The logical block map of one disk at one committed backup, packed so a
     1 TiB disk at 4 MiB blocks costs 12 MiB, not 262144 objects: `checksums`
-    holds 16 bytes per block, `chunks` 32 bytes per block (zeros for a hole)."""
+    holds 16 bytes per block, `chunks` 32 bytes per block (zeros for a hole):
+    PREVIOUS_BYTES_PER_BLOCK in all. Treat the buffers as read-only."""
 
     backup_id: int
     disk_id: int
     size: int
     block_size: int
-    checksums: bytes
-    chunks: bytes
+    checksums: bytes | bytearray
+    chunks: bytes | bytearray
 
     @property
     def count(self) -> int:
@@ -312,17 +315,97 @@ class PreviousMap:
         """xxh3-128 of block `index`, None past the end."""
         if not 0 <= index < self.count:
             return None
-        return self.checksums[index * CHECKSUM_SIZE : (index + 1) * CHECKSUM_SIZE]
+        return bytes(self.checksums[index * CHECKSUM_SIZE : (index + 1) * CHECKSUM_SIZE])
 
     def chunk(self, index: int) -> bytes | None:
         """SHA-256 of block `index`; None for a hole or past the end."""
         if not 0 <= index < self.count:
             return None
-        chunk = self.chunks[index * CHUNK_ID_SIZE:(index + 1) * CHUNK_ID_SIZE]
+        chunk = bytes(self.chunks[index * CHUNK_ID_SIZE:(index + 1) * CHUNK_ID_SIZE])
         return None if chunk == _NO_CHUNK else chunk
 
     def block_length(self, index: int) -> int:
         return block_length(self.size, self.block_size, index)
+
+
+PREVIOUS_BYTES_PER_BLOCK = CHECKSUM_SIZE + CHUNK_ID_SIZE  # 48
+
+
+class BlockList(Sequence[BlockRecord]):
+    """Block records of one disk, packed in one bytearray in the order they
+    were appended (a scan appends in index order): per block a 4-byte index,
+    the 16-byte checksum, the 32-byte chunk id (zeros for a hole) and the
+    4-byte stored size of a chunk the scan wrote (0 otherwise) --
+    BLOCK_RECORD_BYTES, where a BlockRecord object costs about 200. Reading
+    it gives BlockRecord values made on the fly."""
+
+    _RECORD = struct.Struct("<I16s32sI")
+
+    def __init__(self, records: Iterable[BlockRecord] = ()) -> None:
+        self._data = bytearray()
+        for r in records:
+            self.append(r)
+
+    def append(self, record: BlockRecord, stored: int = 0) -> None:
+        """Add a record; `stored` is the size the store gave the chunk when
+        this scan wrote it (0: not written by this scan)."""
+        if len(record.checksum) != CHECKSUM_SIZE or (
+                record.chunk is not None and len(record.chunk) != CHUNK_ID_SIZE):
+            raise ValueError(f"block {record.index}: malformed checksum or chunk id")
+        self._data += self._RECORD.pack(record.index, record.checksum,
+                                        _NO_CHUNK if record.chunk is None else record.chunk,
+                                        stored)
+
+    def __len__(self) -> int:
+        return len(self._data) // self._RECORD.size
+
+    @overload
+    def __getitem__(self, i: int) -> BlockRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[BlockRecord]: ...
+
+    def __getitem__(self, i: int | slice) -> BlockRecord | list[BlockRecord]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("block list index out of range")
+        return self._unpack(i)[0]
+
+    def __iter__(self) -> Iterator[BlockRecord]:
+        for record, _ in self.with_stored():
+            yield record
+
+    def with_stored(self) -> Iterator[tuple[BlockRecord, int]]:
+        """(record, stored size) pairs, in order."""
+        for i in range(len(self)):
+            yield self._unpack(i)
+
+    def _unpack(self, i: int) -> tuple[BlockRecord, int]:
+        index, checksum, chunk, stored = self._RECORD.unpack_from(self._data,
+                                                                  i * self._RECORD.size)
+        return BlockRecord(index, checksum, None if chunk == _NO_CHUNK else chunk), stored
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same records (a list of BlockRecord too)."""
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes | bytearray):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"BlockList({list(self)!r})"
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._data)
+
+
+BLOCK_RECORD_BYTES = struct.calcsize("<I16s32sI")  # 56
 
 
 @dataclass(frozen=True)

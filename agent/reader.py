@@ -18,9 +18,9 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -28,7 +28,7 @@ import xxhash
 
 from agent import devices
 from agent.errors import DeviceError, InternalError, Interrupted
-from agent.model import BlockRecord, block_count, block_length
+from agent.model import BlockList, BlockRecord, block_count, block_length
 from agent.model import PreviousMap as PreviousMap  # re-exported: what `scan` diffs against
 from agent.store import ChunkStore
 
@@ -48,19 +48,50 @@ class Previous(Protocol):
     def checksum(self, index: int) -> bytes | None: ...
 
 
+class StoredSizes(Mapping[bytes, int]):
+    """chunk id -> stored size of each chunk a scan wrote: a view of its
+    BlockList (no copy; a lookup walks the list, so read it whole)."""
+
+    def __init__(self, blocks: BlockList) -> None:
+        self._blocks = blocks
+
+    def _pairs(self) -> Iterator[tuple[bytes, int]]:
+        seen: set[bytes] = set()
+        for record, stored in self._blocks.with_stored():
+            if stored and record.chunk is not None and record.chunk not in seen:
+                seen.add(record.chunk)
+                yield record.chunk, stored
+
+    def __getitem__(self, chunk: bytes) -> int:
+        for c, stored in self._pairs():
+            if c == chunk:
+                return stored
+        raise KeyError(chunk)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (c for c, _ in self._pairs())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._pairs())
+
+
 @dataclass(frozen=True)
 class ScanResult:
     """What one scan found. `blocks` holds only the blocks that differ from
     the previous backup (every block when full or without one), in index
-    order; `chunk_sizes` the stored size of each chunk this scan wrote."""
+    order, packed (BLOCK_RECORD_BYTES each, with the stored size of each
+    chunk this scan wrote); `chunk_sizes` shows those sizes by chunk id."""
 
     size: int
     block_size: int
-    blocks: list[BlockRecord]
+    blocks: BlockList
     bytes_read: int
     bytes_changed: int
     bytes_stored: int
-    chunk_sizes: dict[bytes, int] = field(default_factory=dict)
+
+    @property
+    def chunk_sizes(self) -> Mapping[bytes, int]:
+        return StoredSizes(self.blocks)
 
 
 def checksum(data: bytes | bytearray | memoryview) -> bytes:
@@ -134,9 +165,14 @@ class _Scanner:
         self.next_index = 0
         self.stop = threading.Event()
         self.done: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self.records: list[BlockRecord] = []
-        self.chunk_sizes: dict[bytes, int] = {}
-        self.bytes_read = self.stored = 0
+        # Records leave in index order: a block finished before an earlier
+        # one waits in `waiting` (at most a few per worker); `finished` has
+        # one byte per block.
+        self.records = BlockList()
+        self.finished = bytearray(self.count)
+        self.waiting: dict[int, tuple[BlockRecord, int]] = {}
+        self.next_out = 0
+        self.bytes_changed = self.bytes_read = self.stored = 0
 
     def run(self, workers: int, progress: Callable[[int], None] | None,
             cancel: threading.Event | None) -> ScanResult:
@@ -164,10 +200,10 @@ class _Scanner:
             f.result()  # the first worker error, if any
         if cancel is not None and cancel.is_set():
             raise Interrupted(f"the scan of {self.label} was stopped")
-        self.records.sort(key=lambda r: r.index)
-        changed = sum(block_length(self.size, self.block_size, r.index) for r in self.records)
-        return ScanResult(self.size, self.block_size, self.records, self.bytes_read, changed,
-                          self.stored, self.chunk_sizes)
+        if self.next_out != self.count or self.waiting:
+            raise InternalError(f"the scan of {self.label} lost track of its blocks")
+        return ScanResult(self.size, self.block_size, self.records, self.bytes_read,
+                          self.bytes_changed, self.stored)
 
     def _worker(self) -> None:
         buf = mmap.mmap(-1, self.block_size)  # page aligned, for O_DIRECT
@@ -205,12 +241,16 @@ class _Scanner:
                 record = BlockRecord(index, digest, chunk_id)
         with self.lock:
             self.bytes_read += length
+            self.stored += written
             if record is not None:
-                self.records.append(record)
-            if written:
-                assert record is not None and record.chunk is not None
-                self.stored += written
-                self.chunk_sizes[record.chunk] = written
+                self.bytes_changed += length
+                self.waiting[index] = (record, written)
+            self.finished[index] = 1
+            while self.next_out < self.count and self.finished[self.next_out]:
+                done = self.waiting.pop(self.next_out, None)
+                if done is not None:
+                    self.records.append(*done)
+                self.next_out += 1
         self.done.put(length)
 
     def _is_zero(self, digest: bytes, view: memoryview, length: int) -> bool:

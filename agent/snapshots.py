@@ -252,6 +252,20 @@ class RevertResult:
     final_state: str
 
 
+def _bring_back(cloud: Cloud, vm_id: int, stop: str, failure: CloudError | None) -> VmInfo:
+    """Resume a VM the revert stopped (waiting until it is RUNNING again);
+    a resume that fails is raised with how to finish by hand."""
+    if not stop:
+        return cloud.vm(vm_id)
+    try:
+        return cloud.action("resume", vm_id)
+    except OnebackError as e:
+        before = f"{failure}; and then " if failure is not None else ""
+        raise CloudError(
+            f"{before}VM {vm_id} could not be resumed after the revert: {e}; resume it with"
+            f" 'onevm resume {vm_id}'") from e
+
+
 def revert_set(cloud: Cloud, vm_id: int, name: str) -> RevertResult:
     """Stop the VM as this oned requires, revert each disk of the set in
     turn (each waited for), then bring the VM back to the state it was in.
@@ -275,8 +289,14 @@ def revert_set(cloud: Cloud, vm_id: int, name: str) -> RevertResult:
             f" resume it or power it off first")
     present = {d.disk_id for d in vm.disks}
     if stop:
-        cloud.action(stop, vm_id)
+        try:
+            cloud.action(stop, vm_id)   # waits until the VM *is* POWEROFF / SUSPENDED
+        except OnebackError as e:
+            raise CloudError(
+                f"reverting VM {vm_id} to snapshot set {name!r}: could not stop it with"
+                f" {stop}: {e}; nothing was reverted") from e
     reverted: list[int] = []
+    failure: CloudError | None = None
     try:
         for d in target.disks:
             if d.disk_id not in present:
@@ -285,13 +305,14 @@ def revert_set(cloud: Cloud, vm_id: int, name: str) -> RevertResult:
                 cloud.snapshot_revert(vm_id, d.disk_id, d.snapshot_id)
             except OnebackError as e:
                 done = ", ".join(map(str, reverted)) or "none"
-                raise CloudError(
+                failure = CloudError(
                     f"reverting VM {vm_id} to snapshot set {name!r} failed at disk"
-                    f" {d.disk_id}: {e}; disks already reverted: {done}") from e
+                    f" {d.disk_id}: {e}; disks already reverted: {done}")
+                failure.__cause__ = e
+                break
             reverted.append(d.disk_id)
     finally:
-        if stop:
-            final = cloud.action("resume", vm_id)
-        else:
-            final = cloud.vm(vm_id)
+        final = _bring_back(cloud, vm_id, stop, failure)
+    if failure is not None:
+        raise failure
     return RevertResult(target, stop, final.state_name)

@@ -34,7 +34,7 @@ from tests.onesim.testing import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCK = 64 * 1024   # small blocks keep test disks small
+BLOCK = 1024 * 1024   # the smallest storage.block_size oneback accepts
 MiB = 1024 * 1024
 
 

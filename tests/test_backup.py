@@ -20,7 +20,7 @@ from tests.agentkit import (  # noqa: F401  (cloud_per_storage: the `cloud` fixt
 )
 from tests.onesim.testing import wait_until
 
-DISK = 2 * MiB  # 32 blocks of 64 KiB
+DISK = 2 * MiB  # two 1 MiB blocks; the guest writes 64 KiB units (write_blocks)
 
 
 def export(c: Cloud, capsys: pytest.CaptureFixture[str], backup_id: int, disk_id: int) -> bytes:
@@ -42,15 +42,17 @@ def spawn_until(c: Cloud, vm: int, leftover: str, *args: str) -> subprocess.Pope
     return proc
 
 
-def write_blocks(path: Path, indexes: list[int], seed: int) -> None:
+def write_blocks(path: Path, indexes: list[int], seed: int, unit: int = 64 * 1024) -> None:
+    """The guest writes `unit` bytes at each index * unit."""
     with open(path, "r+b") as f:
         for i in indexes:
-            f.seek(i * BLOCK)
-            f.write(pattern(BLOCK, seed * 1000 + i))
+            f.seek(i * unit)
+            f.write(pattern(unit, seed * 1000 + i))
 
 
 def test_full_then_incremental_stores_only_changed_blocks(
         cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    DISK = 32 * BLOCK  # noqa: N806 - this test counts backup blocks
     data = bytearray(pattern(DISK, 1))
     data[10 * BLOCK:14 * BLOCK] = bytes(4 * BLOCK)   # a hole
     vm = cloud.vm("web", [cloud.image("web-os", bytes(data))])
@@ -64,7 +66,7 @@ def test_full_then_incremental_stores_only_changed_blocks(
     assert 0 < doc["disks"][0]["bytes_stored"] < DISK
     at_full = cloud.disk_path(vm, 0).read_bytes()
 
-    write_blocks(cloud.disk_path(vm, 0), [1, 5, 11, 31], seed=2)   # 11 fills the hole
+    write_blocks(cloud.disk_path(vm, 0), [1, 5, 11, 31], seed=2, unit=BLOCK)  # 11: the hole
     inc = cloud.run("backup", str(vm), "--json", capsys=capsys)
     assert inc.code == 0, inc.err
     d = inc.json()["disks"][0]

@@ -36,6 +36,7 @@ from agent.model import (
     CHECKSUM_SIZE,
     CHUNK_ID_SIZE,
     BackupRecord,
+    BlockList,
     BlockRecord,
     DiskBackup,
     JournalEntry,
@@ -202,7 +203,8 @@ class Catalog(JobQueue):
         every block when there is none or its block size differs, and always
         the blocks past its end. More is fine (a --full scan gives all).
         Excluded and volatile disks have no blocks. `chunk_sizes` gives the
-        stored size of chunks new to the store (`ScanResult.chunk_sizes`).
+        stored size of chunks new to the store; a BlockList carries its own.
+        Memory stays flat: blocks are written as they are read from `blocks`.
         Raises InternalError if the blocks break that contract; nothing is
         written then. The VM must not be backed up concurrently (its previous
         map must still be the latest when this commits)."""
@@ -251,13 +253,7 @@ class Catalog(JobQueue):
                      disk.bytes_changed, disk.bytes_stored,
                      json.dumps(dict(disk.attributes), sort_keys=True)),
                 )
-                refs = _chunk_refs(conn, records, sizes)
-                conn.executemany(
-                    "INSERT INTO blocks (lineage, idx, backup, checksum, chunk) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    ((lineage, r.index, backup_id, r.checksum,
-                      None if r.chunk is None else refs[r.chunk]) for r in records),
-                )
+                _insert_blocks(conn, lineage, backup_id, records, sizes)
         return BackupRecord(
             id=backup_id, vm_id=vm_id, vm_name=vm_name, kind=kind, started=started,
             finished=finished, disks=tuple(disks), warnings=tuple(warnings), vm_gone=False,
@@ -372,7 +368,7 @@ class Catalog(JobQueue):
                 f"catalog {self.path}: block map of backup {backup_id} disk {disk_id} has "
                 f"{found} of {n} blocks; run a full backup of VM {vm_id}"
             )
-        return PreviousMap(backup_id, disk_id, size, bsize, bytes(checksums), bytes(chunks))
+        return PreviousMap(backup_id, disk_id, size, bsize, checksums, chunks)  # no copies
 
     def blocks(self, backup_id: int, disk_id: int) -> Iterator[BlockRecord]:
         """The whole logical block map of a disk at a backup, in index order
@@ -475,14 +471,14 @@ def _check_blocks(vm_id: int, disk: DiskBackup, records: Sequence[BlockRecord],
     if disk.block_size <= 0 or disk.size < 0:
         raise InternalError(f"{where}: size {disk.size}, block size {disk.block_size}")
     n = block_count(disk.size, disk.block_size)
-    seen: set[int] = set()
+    seen = bytearray(n)  # one byte per block, not a set of ints
     for r in records:
-        if not 0 <= r.index < n or r.index in seen:
+        if not 0 <= r.index < n or seen[r.index]:
             raise InternalError(f"{where}: block {r.index} out of range or repeated")
         if len(r.checksum) != CHECKSUM_SIZE or (r.chunk is not None
                                                 and len(r.chunk) != CHUNK_ID_SIZE):
             raise InternalError(f"{where}: block {r.index} has a malformed checksum or chunk")
-        seen.add(r.index)
+        seen[r.index] = 1
     if base is None or base[1] != disk.block_size:
         required: Iterator[int] = iter(range(n))
     else:
@@ -494,7 +490,7 @@ def _check_blocks(vm_id: int, disk: DiskBackup, records: Sequence[BlockRecord],
             and block_length(old_size, bsize, i) != block_length(disk.size, bsize, i)
         ]
         required = iter([*edges, *range(min(old_n, n), n)])
-    missing = next((i for i in required if i not in seen), None)
+    missing = next((i for i in required if not seen[i]), None)
     if missing is not None:
         raise InternalError(
             f"{where}: block {missing} is missing; a full backup, or blocks past "
@@ -502,21 +498,32 @@ def _check_blocks(vm_id: int, disk: DiskBackup, records: Sequence[BlockRecord],
         )
 
 
-def _chunk_refs(conn: sqlite3.Connection, records: Sequence[BlockRecord],
-                sizes: Mapping[bytes, int]) -> dict[bytes, int]:
-    """Upsert the chunks the records reference, adding to their refcounts;
-    returns sha256 -> chunks.id."""
-    counts: dict[bytes, int] = {}
-    for r in records:
+_UPSERT_CHUNK = (
+    "INSERT INTO chunks (sha256, size, refs) VALUES (?, ?, 1) "
+    "ON CONFLICT (sha256) DO UPDATE SET refs = refs + 1, "
+    "size = coalesce(size, excluded.size) RETURNING id"
+)
+_INSERT_BLOCK = "INSERT INTO blocks (lineage, idx, backup, checksum, chunk) VALUES (?, ?, ?, ?, ?)"
+
+
+def _insert_blocks(conn: sqlite3.Connection, lineage: int, backup_id: int,
+                   records: Sequence[BlockRecord], sizes: Mapping[bytes, int]) -> None:
+    """Write the block rows, adding one reference per block to its chunk
+    (upserted, with its stored size). Streams `records` in batches: no
+    per-block Python object outlives its batch, whatever the disk size."""
+    packed = isinstance(records, BlockList)   # it carries the stored sizes itself
+    pairs: Iterator[tuple[BlockRecord, int]] = (
+        records.with_stored() if isinstance(records, BlockList)
+        else ((r, 0) for r in records))
+    batch: list[tuple[int, int, int, bytes, int | None]] = []
+    for r, stored in pairs:
+        chunk_row = None
         if r.chunk is not None:
-            counts[r.chunk] = counts.get(r.chunk, 0) + 1
-    ids: dict[bytes, int] = {}
-    for sha, n in counts.items():
-        row = conn.execute(
-            "INSERT INTO chunks (sha256, size, refs) VALUES (?, ?, ?) "
-            "ON CONFLICT (sha256) DO UPDATE SET refs = refs + excluded.refs, "
-            "size = coalesce(size, excluded.size) RETURNING id",
-            (sha, sizes.get(sha), n),
-        ).fetchone()
-        ids[sha] = int(row[0])
-    return ids
+            size = stored if packed else sizes.get(r.chunk)
+            chunk_row = int(conn.execute(_UPSERT_CHUNK, (r.chunk, size or None)).fetchone()[0])
+        batch.append((lineage, r.index, backup_id, r.checksum, chunk_row))
+        if len(batch) >= 4096:
+            conn.executemany(_INSERT_BLOCK, batch)
+            batch.clear()
+    if batch:
+        conn.executemany(_INSERT_BLOCK, batch)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from tests.onesim.oned import ONEGATE_ENDPOINT
 from tests.onesim.simulator import Simulator
 
 
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds each driver phase takes")
     serve.add_argument("--sched-delay", type=float, default=None,
                        help="seconds a VM stays PENDING (default: --delay)")
+    serve.add_argument("--lcm-delay", type=float, default=None,
+                       help="seconds between vm.action's answer and the VM starting to move"
+                            " (default: --delay)")
+    serve.add_argument("--onegate-endpoint", default=ONEGATE_ENDPOINT,
+                       help="oned.conf's ONEGATE_ENDPOINT ('' : unset, TOKEN=YES is refused)")
     serve.add_argument("--loop", action="store_true",
                        help="attach guest disks as real loop devices (root only)")
     args = parser.parse_args(argv)
@@ -43,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     sim = Simulator.start(args.root, host=args.host, port=args.port,
                           events_port=args.events_port, version=args.version,
-                          delay=args.delay, sched_delay=args.sched_delay, loop=args.loop)
+                          delay=args.delay, sched_delay=args.sched_delay, loop=args.loop,
+                          lcm_delay=args.lcm_delay, onegate_endpoint=args.onegate_endpoint)
     try:
         sys.stdout.write(json.dumps(sim.info()) + "\n")
         sys.stdout.flush()

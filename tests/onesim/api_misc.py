@@ -29,7 +29,9 @@ def system_config(core: Oned, ctx: Ctx) -> str:
     return ("<OPENNEBULA_CONFIGURATION><DATASTORE_CAPACITY_CHECK><![CDATA[yes]]>"
             "</DATASTORE_CAPACITY_CHECK><DEFAULT_DEVICE_PREFIX><![CDATA[sd]]>"
             "</DEFAULT_DEVICE_PREFIX><DEFAULT_UMASK><![CDATA[177]]></DEFAULT_UMASK>"
-            f"<VERSION><![CDATA[{core.config.version}]]></VERSION></OPENNEBULA_CONFIGURATION>")
+            + (f"<ONEGATE_ENDPOINT><![CDATA[{core.config.onegate_endpoint}]]></ONEGATE_ENDPOINT>"
+               if core.config.onegate_endpoint else "")
+            + f"<VERSION><![CDATA[{core.config.version}]]></VERSION></OPENNEBULA_CONFIGURATION>")
 
 
 @method("one.user.allocate", "sss", 3, obj="USER")

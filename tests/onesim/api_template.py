@@ -23,7 +23,7 @@ from tests.onesim.disks import DiskError, acquire_disk, assign_target
 from tests.onesim.dispatch import Ctx, method
 from tests.onesim.documents import pool_xml, vmtemplate_xml
 from tests.onesim.model import Vm, VmTemplate, now
-from tests.onesim.oned import ONEGATE_ENDPOINT, Caller, Oned, OneError, no_exists
+from tests.onesim.oned import Caller, Oned, OneError, no_exists
 from tests.onesim.templates import Template, TemplateError, parse_str_or_xml
 
 TEMPLATE_ATTRS = {
@@ -140,7 +140,12 @@ def template_instantiate(core: Oned, ctx: Ctx, tid: int, name: str, hold: bool =
 def vm_allocate(core: Oned, ctx: Ctx, text: str, hold: bool = False) -> int:
     tmpl = _parse(text)
     authorize(ctx.caller, Check(CREATE, "VM"), *_image_checks(core, tmpl, ctx.caller))
-    return create_vm(core, ctx, tmpl, hold).id
+    try:
+        return create_vm(core, ctx, tmpl, hold).id
+    except OneError as err:
+        if err.code == ErrorCode.ALLOCATE:  # pool_allocate: rc < 0 -> INTERNAL
+            raise OneError(ErrorCode.INTERNAL, err.message) from err
+        raise
 
 
 def _image_checks(core: Oned, tmpl: Template, caller: Caller) -> list[Check]:
@@ -153,10 +158,27 @@ def _image_checks(core: Oned, tmpl: Template, caller: Caller) -> list[Check]:
     return checks
 
 
+class InsertError(Exception):
+    """VirtualMachine::insert failed (its error_str)."""
+
+
 def create_vm(core: Oned, ctx: Ctx, tmpl: Template, hold: bool) -> Vm:
-    """VirtualMachinePool::allocate + VirtualMachine::insert."""
-    c = ctx.caller
+    """VirtualMachinePool::allocate -> PoolSQL::allocate: the id is taken
+    before VirtualMachine::insert runs; a failed insert puts last_oid back to
+    max(id - 1, 0), so a refused *first* VM (id 0) consumes its id. A refused
+    insert is ALLOCATE here; vm.allocate answers it as INTERNAL
+    (VirtualMachineAllocateAPI::pool_allocate)."""
     vid = core.store.next_ids["vms"]
+    try:
+        return _insert_vm(core, ctx, tmpl, hold, vid)
+    except InsertError as exc:
+        if vid == 0:
+            core.store.next_ids["vms"] = 1
+        raise OneError(ErrorCode.ALLOCATE, str(exc)) from exc
+
+
+def _insert_vm(core: Oned, ctx: Ctx, tmpl: Template, hold: bool, vid: int) -> Vm:
+    c = ctx.caller
     vm = Vm(vid, c.uid, c.gid, c.uname, c.gname, "", perms=core.new_perms(c),
             state=VmState.HOLD if hold else VmState.PENDING, stime=now())
     vm.prev_state = vm.state
@@ -174,7 +196,7 @@ def create_vm(core: Oned, ctx: Ctx, tmpl: Template, hold: bool) -> Vm:
     vm.name = name or f"{prefix}-{vid}"
     err = _check_numbers(user)
     if err:
-        raise OneError(ErrorCode.ALLOCATE, err)
+        raise InsertError(err)
     for attr, value in list(user.attrs):
         if attr in TEMPLATE_ATTRS:
             vm.template.add(attr, value)
@@ -193,8 +215,14 @@ def create_vm(core: Oned, ctx: Ctx, tmpl: Template, hold: bool) -> Vm:
     try:
         _get_disk_images(core, vm)
     except DiskError as exc:
-        raise OneError(ErrorCode.ALLOCATE, str(exc)) from exc
-    _parse_context(core, vm)
+        raise InsertError(str(exc)) from exc
+    try:
+        _parse_context(core, vm)
+    except InsertError:  # error_context: release_disk_images
+        for disk in vm.disks():
+            if "IMAGE_ID" in disk:
+                core.release_image(vid, int(disk["IMAGE_ID"]))
+        raise
     for key, value in (("AUTOMATIC_DS_REQUIREMENTS", '("CLUSTERS/ID" @> 0)'),
                        ("AUTOMATIC_NIC_REQUIREMENTS", '("CLUSTERS/ID" @> 0)'),
                        ("AUTOMATIC_REQUIREMENTS", "(CLUSTER_ID = 0) & !(PIN_POLICY = PINNED)")):
@@ -315,7 +343,11 @@ def _parse_context(core: Oned, vm: Vm) -> None:
             ctx[key] = _VARIABLE.sub(subst, value)
     ctx.pop("FILES_DS", None)
     if ctx.get("TOKEN", "").upper() in ("YES", "TRUE"):
-        ctx["ONEGATE_ENDPOINT"] = ONEGATE_ENDPOINT
+        # VirtualMachine::generate_token_context (src/vm/VirtualMachineContext.cc)
+        endpoint = core.config.onegate_endpoint
+        if not endpoint:
+            raise InsertError("TOKEN set, but onegate endpoint was not defined in oned.conf.")
+        ctx["ONEGATE_ENDPOINT"] = endpoint
         ctx["VMID"] = str(vm.id)
         vm.template.replace("CREATED_BY", str(vm.uid))
 

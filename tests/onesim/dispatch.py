@@ -167,8 +167,7 @@ class Dispatcher:
             deferred = core.end_request()
             core.bus.release(spec.name, api_event(spec.name, params, bool(result[0]), out,
                                                   ctx.extra_xml) if spec.published else None)
-            for fn in deferred:
-                fn()
+            core.run_deferred(deferred)
             if not spec.info:
                 core.save()
         return result

@@ -2,7 +2,9 @@
 
 Owns: `Engine`, a timer thread that runs named operations (the simulated
 drivers' answers) when they are due, under the store lock, persisting them
-in the store so a restart resumes them; and `Scheduler`, the simulated
+in the store so a restart resumes them; the LifeCycleManager's queue
+(`call_later`: work a request queued for the LCM thread, run after the
+answer, in memory only, as oned's queue); and `Scheduler`, the simulated
 mm_sched that deploys PENDING VMs on host 0 after its interval.
 Must not: decide what an operation does (handlers are registered by name).
 """
@@ -54,6 +56,12 @@ class Engine:
         self.core.store.pending.append(op)
         self._push(op)
 
+    def call_later(self, fn: Callable[[], None], delay: float) -> None:
+        """Run `fn` under the store lock `delay` seconds from now, in order with
+        every other due operation. Not persisted: a queued LCM action is lost
+        when oned stops, as in oned (LifeCycleManager's action queue)."""
+        self._push({"op": "", "call": fn, "due": time.time() + max(delay, 0.0)})
+
     def _push(self, op: Op) -> None:
         with self._cond:
             heapq.heappush(self._heap, (op["due"], next(self._seq), op))
@@ -73,10 +81,14 @@ class Engine:
                 with self.core.store.lock:
                     if op in self.core.store.pending:
                         self.core.store.pending.remove(op)
+                    call = op.get("call")
                     handler = self.handlers.get(op["op"])
-                    if handler is not None:
+                    if call is not None or handler is not None:
                         try:
-                            handler(op)
+                            if call is not None:
+                                call()
+                            elif handler is not None:
+                                handler(op)
                         except Exception:  # a bug must not stop time
                             traceback.print_exc(file=sys.stderr)
                     self.core.save()

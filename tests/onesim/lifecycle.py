@@ -3,7 +3,10 @@
 Owns: what DispatchManager, LifeCycleManager and the VMM/TM drivers do for
 the VM-level actions (src/dm/DispatchManagerActions.cc,
 src/lcm/LifeCycleActions.cc / LifeCycleStates.cc): the synchronous state
-checks with oned's messages, the transient LCM states, the driver phases
+checks with oned's messages; the LCM triggers, which DispatchManager only
+queues (`core.defer`: they run on the LCM thread after the request was
+answered, so the first look after a poweroff, suspend, resume, terminate,
+undeploy, stop or deploy still shows the old state); the transient LCM states, the driver phases
 (`vm.prolog`, `vm.boot`, `vm.save`, `vm.shutdown`, `vm.epilog` engine
 operations, each `delay` long and subject to faults), history records
 (add/cp/close_cp_history), disk files at PROLOG/EPILOG, the guest's devices
@@ -313,11 +316,18 @@ class Lifecycle:
             self.core.defer(lambda: self._trigger_boot_from(vm.id, VmState.POWEROFF,
                                                             Lcm.BOOT_POWEROFF, caller))
         elif vm.state == VmState.ACTIVE and vm.lcm == Lcm.UNKNOWN:
-            self._set(vm, lcm=Lcm.BOOT_UNKNOWN)
-            self.core.update_vm(vm)
-            self._driver("vm.boot", vm, "resume")
+            self.core.defer(lambda: self._trigger_boot_unknown(vm.id))
         else:
             raise _not_available(vm)
+
+    def _trigger_boot_unknown(self, vid: int) -> None:
+        """LifeCycleManager::trigger_restart from UNKNOWN."""
+        vm = self.core.store.vms.get(vid)
+        if vm is None or not (vm.state == VmState.ACTIVE and vm.lcm == Lcm.UNKNOWN):
+            return
+        self._set(vm, lcm=Lcm.BOOT_UNKNOWN)
+        self.core.update_vm(vm)
+        self._driver("vm.boot", vm, "resume")
 
     def _trigger_boot_from(self, vid: int, state: int, boot: int, caller: Caller) -> None:
         """LifeCycleManager::trigger_restore / trigger_restart."""

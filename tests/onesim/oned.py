@@ -78,10 +78,17 @@ class Config:
     loop: bool = False
     datastore_mb: int = 102400
     host: str = "127.0.0.1"
+    lcm_delay: float | None = None
+    onegate_endpoint: str | None = ONEGATE_ENDPOINT
 
     @property
     def scheduler_interval(self) -> float:
         return self.delay if self.sched_delay is None else self.sched_delay
+
+    @property
+    def lcm_interval(self) -> float:
+        """How long after its answer the LCM thread takes up an action."""
+        return self.delay if self.lcm_delay is None else self.lcm_delay
 
     def version_tuple(self) -> tuple[int, ...]:
         parts = []
@@ -125,8 +132,9 @@ class Oned:
 
     # -- deferred work: what oned's LCM does after the request returned ------
     def defer(self, fn: Callable[[], None]) -> None:
-        """Run `fn` after the current request's API event (like an action
-        queued to the LCM thread), or now outside a request."""
+        """Queue `fn` for the LCM thread: it runs `config.lcm_interval` after
+        the current request was answered (so the caller's next look still
+        shows the old state, as on oned), or now outside a request."""
         queue = getattr(self._tls, "deferred", None)
         if queue is None:
             fn()
@@ -140,6 +148,13 @@ class Oned:
         queue: list[Callable[[], None]] = getattr(self._tls, "deferred", None) or []
         self._tls.deferred = None
         return queue
+
+    def run_deferred(self, queue: list[Callable[[], None]]) -> None:
+        """Hand what a request queued to the LCM thread (DispatchManager's
+        lcm->trigger_*: LifeCycleManager::trigger pushes onto its queue and
+        the request answers at once)."""
+        for fn in queue:
+            self.engine.call_later(fn, self.config.lcm_interval)
 
     def schedule(self, op: dict[str, Any], delay: float) -> None:
         self.engine.schedule(op, delay)

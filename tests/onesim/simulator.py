@@ -32,7 +32,7 @@ from tests.onesim.hotplug import Hotplug
 from tests.onesim.imaging import Imaging
 from tests.onesim.lifecycle import Lifecycle
 from tests.onesim.model import Store
-from tests.onesim.oned import Config, Oned
+from tests.onesim.oned import ONEGATE_ENDPOINT, Config, Oned
 from tests.onesim.server import RpcServer
 
 
@@ -52,14 +52,18 @@ class Simulator:
     def start(cls, root: str | Path, *, host: str = "127.0.0.1", port: int = 0,
               events_port: int = 0, version: str = "7.4.0", delay: float = 0.05,
               sched_delay: float | None = None, loop: bool = False,
-              datastore_mb: int = 102400) -> Simulator:
+              datastore_mb: int = 102400, lcm_delay: float | None = None,
+              onegate_endpoint: str | None = ONEGATE_ENDPOINT) -> Simulator:
         """Boot a fresh OpenNebula in `root`, or resume the one persisted there.
         `delay` is how long each driver phase takes; `sched_delay` how long a
-        VM stays PENDING before the scheduler deploys it (default `delay`)."""
+        VM stays PENDING before the scheduler deploys it (default `delay`);
+        `lcm_delay` how long after its answer a queued VM action starts
+        (default `delay`); `onegate_endpoint` is oned.conf's ONEGATE_ENDPOINT
+        (None: not set, so CONTEXT=[TOKEN="YES"] is refused)."""
         if loop and not dataplane.loop_supported():
             raise RuntimeError("--loop needs root and losetup")
         config = Config(Path(root).resolve(), version, delay, sched_delay, loop, datastore_mb,
-                        host)
+                        host, lcm_delay=lcm_delay, onegate_endpoint=onegate_endpoint or None)
         sim = cls(config, port, events_port)
         sim._boot()
         return sim
