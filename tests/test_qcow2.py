@@ -18,7 +18,7 @@ from tests.onesim.testing import wait_until, wait_vm
 from tests.test_agent import AgentProcess, agent  # noqa: F401  (the `agent` fixture)
 from tests.test_backup import export, write_blocks
 
-DISK = 1 * MiB
+DISK = 4 * MiB
 TMP = "oneback-tmp-0badc0de"   # an owner that is not running
 
 
@@ -84,13 +84,13 @@ def test_opt_in_keeps_one_base_and_later_backups_leave_nothing_else(
     assert snapshots(cloud, vm)[0] == [(0, "oneback-base")]
 
     for round_ in (1, 2):
-        write_blocks(cloud.disk_path(vm, 0), [round_, 9], seed=round_)
+        write_blocks(cloud.disk_path(vm, 0), [round_, 3], seed=round_, unit=MiB)
         r = cloud.run("backup", str(vm), "--json", capsys=capsys)
         assert r.code == 0, r.err
         assert r.json()["kind"] == "incremental"
         assert r.json()["warnings"] == []
         d0 = next(d for d in r.json()["disks"] if d["disk_id"] == 0)
-        assert d0["bytes_changed"] == 2 * 64 * 1024
+        assert d0["bytes_changed"] == 2 * MiB
         assert export(cloud, capsys, r.json()["backup_id"], 0) == \
             cloud.disk_path(vm, 0).read_bytes()
         # snapshot N > 0 was taken (a child of the base) and deleted again
