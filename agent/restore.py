@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent import devices, policy, vmtemplate, writer, xmldoc
+from agent import policy, vmtemplate, writer, xmldoc
 from agent.attach import Journal, Workspace
 from agent.backup import Settings
 from agent.cloud import IMAGE_TYPES, Cloud
@@ -132,9 +132,8 @@ class _Restorer:
                     {"NAME": tmp_name, "TYPE": "DATABLOCK", "SIZE": str(size_mb)}, ds),
                 self.cloud.image_delete) as tmp_id:
             self.progress.phase(disk.disk_id, "attach")
-            with self.workspace.attached(tmp_id) as proxy_disk:
-                path = devices.wait_for_serial(self.settings.dev_root, proxy_disk.serial,
-                                               self.settings.device_timeout)
+            with self.workspace.attached(tmp_id, gone=self.settings.device_gone) as proxy_disk:
+                path = self.settings.device(proxy_disk, self.cancel)
                 self.progress.disk_size(disk.disk_id, disk.size)
                 self.progress.phase(disk.disk_id, "write")
                 written = writer.write_disk(
