@@ -99,12 +99,12 @@ def test_two_backup_commands_at_once_both_succeed(cloud: Cloud) -> None:
     vms = {name: cloud.vm(name, [cloud.image(f"{name}-disk", content)])
            for name, content in data.items()}
     # Both attach calls wait 2 s at oned's door, so both are in flight at once,
-    # and each keeps the proxy VM in HOTPLUG for 1 s.
+    # and each keeps the proxy VM in HOTPLUG for 0.5 s more.
     # The repository and catalog exist before: creating them at once is
     # another race than the one this test is about.
     assert cloud.call("list").code == 0
     cloud.sim.faults.delay_call("one.vm.attach", 2.0)
-    cloud.sim.faults.slow_driver("attach", 1.0, count=None, vm_id=cloud.proxy_id)
+    cloud.sim.faults.slow_driver("attach", 0.5, count=None, vm_id=cloud.proxy_id)
     procs = {name: cloud.spawn("backup", str(vm), "--json") for name, vm in vms.items()}
     results = {name: p.communicate(timeout=120) for name, p in procs.items()}
     for name, p in procs.items():
@@ -122,7 +122,7 @@ def test_a_hot_plug_waits_for_another_process_holding_the_proxy(cloud: Cloud) ->
     catalog = Path(cloud.tmp / "catalog.sqlite")
     with hotplug_lock(catalog, cloud.proxy_id, timeout=5):
         proc = cloud.spawn("backup", str(vm), "--json")
-        time.sleep(3)   # snapshot and save-as take a fraction of that
+        time.sleep(2)   # snapshot and save-as take a fraction of that
         assert proc.poll() is None
         assert proxy_disks(cloud) == 1, "the backup attached while the lock was held"
     out, err = proc.communicate(timeout=60)
@@ -206,3 +206,26 @@ def test_cleanup_spares_a_live_runs_attachment_and_removes_a_dead_ones(
     assert r.code == 0, r.err
     assert any(serials[0] in x for x in r.json()["removed"]), r.json()
     assert cloud.leftovers() == []
+
+
+def test_a_disk_the_guest_still_shows_after_its_detach_is_waited_for_and_reported(
+        cloud: Cloud) -> None:
+    """After the detach, the backup waits until the serial is gone from the
+    proxy VM (device_timeout); if it does not go, the backup says so."""
+    vm = cloud.vm("lingering", [cloud.image("lingering-disk", pattern(DISK, 71))])
+    cloud.config.write_text(cloud.config.read_text().replace("device_timeout = 5",
+                                                             "device_timeout = 2.5"))
+    cloud.sim.faults.slow_driver("unplug", 1.0, count=1, vm_id=cloud.proxy_id)
+    r = cloud.call("backup", str(vm), "--json")
+    assert r.code == 0, r.err
+    assert r.json()["warnings"] == []
+    # It waited: the guest's by-id link, 1 s late, was gone before the backup ended.
+    assert cloud.leftovers() == []
+
+    cloud.sim.faults.slow_driver("unplug", 5.0, count=1, vm_id=cloud.proxy_id)
+    r = cloud.call("backup", str(vm), "--json")
+    assert r.code == 0, r.err
+    warnings = r.json()["warnings"]
+    assert len(warnings) == 1 and "was detached, but" in warnings[0], warnings
+    assert "still present in the proxy VM" in warnings[0]
+    assert export(cloud, r.json()["backup_id"]) == pattern(DISK, 71)

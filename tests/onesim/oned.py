@@ -132,6 +132,7 @@ class Oned:
     def engine(self, engine: Any) -> None:
         self._engine = engine
         engine.register("guest.plug", self._plug_later)
+        engine.register("guest.unplug", self._unplug_later)
 
     # -- deferred work: what oned's LCM does after the request returned ------
     def defer(self, fn: Callable[[], None]) -> None:
@@ -386,10 +387,33 @@ class Oned:
                            disk.get("SERIAL"), path, self.config.loop)
 
     def unplug_disk(self, vm: Vm, disk: dict[str, str]) -> None:
+        """The disk leaves the guest: at once, or `seconds` after oned's detach
+        finished with the fault `slow_driver("unplug", seconds)` (the guest's
+        udev has not yet processed the remove event)."""
         target = disk.get("TARGET")
-        if target:
-            dataplane.unplug(self.root, vm.id, target, disk.get("DEV_PREFIX", "sd"),
-                             disk.get("SERIAL"))
+        if not target:
+            return
+        prefix, serial = disk.get("DEV_PREFIX", "sd"), disk.get("SERIAL")
+        delay = self.faults.driver_delay("unplug", vm.id, int(disk["DISK_ID"]))
+        if delay > 0:
+            self.schedule({"op": "guest.unplug", "vm": vm.id, "target": target,
+                           "prefix": prefix, "serial": serial}, delay)
+            return
+        dataplane.unplug(self.root, vm.id, target, prefix, serial)
+
+    def _unplug_later(self, op: dict[str, Any]) -> None:
+        vm = self.store.vms.get(op["vm"])
+        target, prefix, serial = op["target"], op["prefix"], op["serial"]
+        holder = next((d for d in vm.disks() if d.get("TARGET") == target), None) \
+            if vm is not None else None
+        if vm is not None and holder is not None:
+            # The target went to a disk attached since; its plug replaced the
+            # node and the kernel's entry: only the old disk's link claim goes.
+            if serial and holder.get("SERIAL") != serial:
+                dataplane.udev_release(self.root, vm.id, dataplane.by_id_name(prefix, serial),
+                                       target)
+            return
+        dataplane.unplug(self.root, op["vm"], target, prefix, serial)
 
     def save(self) -> None:
         self.store.save()

@@ -132,3 +132,33 @@ def test_a_disk_detached_before_the_guest_saw_it_never_appears(one: Any,
     time.sleep(0.7)
     assert not os.path.lexists(by_id(onesim, proxy))
     assert not (sys_block(onesim, proxy) / "vdb").exists()
+
+
+def test_a_slow_guest_still_shows_a_disk_after_oned_finished_the_detach(
+        one: Any, onesim: Simulator) -> None:
+    proxy = create_proxy_vm(one, onesim)
+    image = create_image(one, onesim, "data", b"z" * 5000)
+    disk_id = attach(one, proxy, image)
+    onesim.faults.slow_driver("unplug", 0.5, vm_id=proxy)
+    detach(one, proxy, disk_id)
+    block = sys_block(onesim, proxy) / "vdb"
+    assert (block / "serial").read_text() == SERIAL + "\n"   # oned is done, the guest not
+    wait_until(lambda: not block.exists(), timeout=5)
+    assert not os.path.lexists(by_id(onesim, proxy))
+    assert not os.path.lexists(guest_dev_dir(onesim, proxy) / "vdb")
+
+
+def test_a_late_unplug_leaves_a_disk_attached_since_on_its_target_alone(
+        one: Any, onesim: Simulator) -> None:
+    proxy = create_proxy_vm(one, onesim)
+    first = create_image(one, onesim, "first", b"first disk " * 1000)
+    second = create_image(one, onesim, "second", b"second disk " * 1000)
+    d_first = attach(one, proxy, first, serial="first-serial")
+    onesim.faults.slow_driver("unplug", 0.5, vm_id=proxy)
+    detach(one, proxy, d_first)
+    attach(one, proxy, second, serial="second-serial")  # oned gives it vdb again
+    time.sleep(0.8)
+    block = sys_block(onesim, proxy) / "vdb"
+    assert (block / "serial").read_text() == "second-serial\n"
+    assert by_id(onesim, proxy, "second-serial").read_bytes().startswith(b"second disk")
+    assert not os.path.lexists(by_id(onesim, proxy, "first-serial"))
