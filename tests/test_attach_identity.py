@@ -21,6 +21,8 @@ import pytest
 from agent.lease import hotplug_lock
 from tests.agentkit import Cloud, MiB, pattern
 from tests.onesim.constants import ErrorCode
+from tests.onesim.dataplane import guest_dir
+from tests.onesim.testing import wait_until
 from tests.test_agent import AgentProcess, agent_config, wait_backups
 
 DISK = 1 * MiB  # the same size for both VMs: only the serial tells the disks apart
@@ -229,3 +231,36 @@ def test_a_disk_the_guest_still_shows_after_its_detach_is_waited_for_and_reporte
     assert len(warnings) == 1 and "was detached, but" in warnings[0], warnings
     assert "still present in the proxy VM" in warnings[0]
     assert export(cloud, r.json()["backup_id"]) == pattern(DISK, 71)
+
+
+@pytest.mark.parametrize("impostor", ["second disk", "wrong size"])
+def test_a_device_that_may_not_be_the_attached_disk_is_never_read(
+        cloud: Cloud, impostor: str) -> None:
+    """The guest shows another device with the attached disk's serial: the
+    kernel knows it (its node not made yet) when the attached disk appears,
+    so two devices carry the serial; or it is the only one, and its size is
+    not the image's. The backup reads nothing and fails with one clear line."""
+    vm = cloud.vm("target", [cloud.image("target-disk", pattern(DISK, 81))])
+    delay = 2.0 if impostor == "second disk" else 30.0
+    cloud.sim.faults.slow_driver("plug", delay, count=1, vm_id=cloud.proxy_id)
+    proc = cloud.spawn("backup", str(vm))
+    deadline = time.monotonic() + 30
+    while not (serials := attached_serials(cloud)):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    guest = guest_dir(Path(cloud.sim.root), cloud.proxy_id)
+    if impostor == "wrong size":
+        (guest / "dev" / "vdz").write_bytes(bytes(3 * DISK))
+    (guest / "sys" / "block" / "vdz").mkdir(parents=True)
+    (guest / "sys" / "block" / "vdz" / "serial").write_text(serials[0] + "\n")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 10, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert serials[0] in err
+    if impostor == "second disk":
+        assert "2 devices carry serial" in err and "vdz" in err and "oneback cleanup" in err
+    else:
+        assert f"holds {3 * DISK} bytes, but the image attached with that serial has 1 MiB" \
+            in err
+    assert cloud.call("list", "--json").json() == []
+    wait_until(lambda: cloud.leftovers() == [], timeout=10)
