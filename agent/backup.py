@@ -78,7 +78,7 @@ class Settings:
     device_timeout: float
     block_size: int
     workers: int
-    sys_root: Path = Path("/sys")
+    sys_root: Path
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:

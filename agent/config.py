@@ -69,7 +69,7 @@ class ProxyConfig:
     vm_id: int
     dev_root: Path
     device_timeout: float  # seconds to wait for an attached disk to appear
-    sys_root: Path = Path("/sys")  # where the kernel shows block devices and their serials
+    sys_root: Path         # where the kernel shows block devices and their serials
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,11 @@ def test_two_jobs_of_one_agent_each_back_up_their_own_disk(
     done = threading.Event()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    # The first disk attached appears in the guest 2.5 s after oned is done.
-    cloud.sim.faults.slow_driver("plug", 2.5, count=1, vm_id=cloud.proxy_id)
+    # The first disk attached appears in the guest 4 s after oned is done:
+    # time for the other job to attach its disk (even on a loaded machine).
+    cloud.config.write_text(cloud.config.read_text().replace("device_timeout = 5",
+                                                             "device_timeout = 15"))
+    cloud.sim.faults.slow_driver("plug", 4.0, count=1, vm_id=cloud.proxy_id)
     a = agent(reconcile=60, extra="max_jobs = 2\nmax_attached = 2")
     found = {name: wait_backups(cloud, vm, 1, timeout=60) for name, vm in vms.items()}
     done.set()
