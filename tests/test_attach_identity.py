@@ -83,6 +83,9 @@ def test_two_jobs_of_one_agent_each_back_up_their_own_disk(
     cloud.config.write_text(cloud.config.read_text().replace("device_timeout = 5",
                                                              "device_timeout = 15"))
     cloud.sim.faults.slow_driver("plug", 4.0, count=1, vm_id=cloud.proxy_id)
+    # The other job's disk then stays in the guest for a second at least (its
+    # detach is slow), so the first job's wait surely sees it if it may.
+    cloud.sim.faults.slow_driver("detach", 1.0, count=1, vm_id=cloud.proxy_id)
     a = agent(reconcile=60, extra="max_jobs = 2\nmax_attached = 2")
     found = {name: wait_backups(cloud, vm, 1, timeout=60) for name, vm in vms.items()}
     done.set()
