@@ -139,6 +139,20 @@ def test_a_hot_plug_waits_for_another_process_holding_the_proxy(cloud: Cloud) ->
     assert cloud.leftovers() == []
 
 
+def test_a_hot_plug_lock_held_too_long_is_a_clear_error(cloud: Cloud) -> None:
+    """The wait for the lock is bounded by opennebula.operation_timeout."""
+    vm = cloud.vm("stuck", [cloud.image("stuck-disk", pattern(DISK, 32))])
+    cloud.config.write_text(cloud.config.read_text().replace("operation_timeout = 30",
+                                                             "operation_timeout = 1.5"))
+    catalog = Path(cloud.tmp / "catalog.sqlite")
+    with hotplug_lock(catalog, cloud.proxy_id, timeout=5):
+        r = cloud.call("backup", str(vm))
+    assert r.code == 4, r.err
+    assert r.err.strip() == (f"oneback: another oneback process has been attaching or detaching"
+                             f" a disk of VM {cloud.proxy_id} for 1.5s; try again later")
+    assert cloud.leftovers() == []
+
+
 def test_a_wrong_state_refusal_of_an_attach_is_retried(cloud: Cloud) -> None:
     """Something oneback does not know of (a user, another agent) runs on the
     proxy VM: oned refuses the attach and the detach with "wrong state"; both
