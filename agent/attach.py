@@ -311,6 +311,7 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
         proxy = cloud.vm(proxy_vm_id)
     except NotFound:
         proxy = None
+
     def detach(disk_id: int) -> None:
         with hotplug(cloud, catalog_path, proxy_vm_id):
             cloud.detach(proxy_vm_id, disk_id)

@@ -493,13 +493,12 @@ class Cloud:
                 self.call(method, *params)
                 return before
             except CloudError as e:
-                refusals += 1
-                if not (e.code == ACTION and "wrong state" in e.message) \
-                        or refusals > HOTPLUG_RETRIES or time.monotonic() + backoff > deadline:
-                    if refusals > 1:
-                        raise CloudError(f"{e.message} (still refused after {refusals} tries"
-                                         f" {what})", code=e.code, transient=True) from e
+                if not (e.code == ACTION and "wrong state" in e.message):
                     raise
+                refusals += 1
+                if refusals > HOTPLUG_RETRIES or time.monotonic() + backoff > deadline:
+                    raise CloudError(f"{e.message} (refused {refusals} times while {what})",
+                                     code=e.code, transient=True) from e
             time.sleep(backoff)
             backoff = min(backoff * 2, HOTPLUG_BACKOFF_MAX)
 

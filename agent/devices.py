@@ -6,8 +6,9 @@ carrying the serial is counted (`SYS_ROOT/block/*/serial`, as the kernel shows
 it, and the `DEV_ROOT/disk/by-id/virtio-SERIAL` links udev makes, which name
 only the latest of several disks with one serial), there must be exactly one,
 and its size must be the attached image's; waiting a bounded time for it to
-appear or go; sizing a device or file, opening one for sequential reading or for writing, and
-making a range of one read as zeros without writing them (punching holes).
+appear or go; sizing a device or file, opening one for sequential reading or
+for writing, and making a range of one read as zeros without writing them
+(punching holes).
 Roots are parameters, so tests use a temporary tree with real files and loop
 devices. Must not: read or diff blocks (that is `reader.py`), or talk to the
 cloud.

@@ -284,3 +284,15 @@ def test_a_device_that_may_not_be_the_attached_disk_is_never_read(
             in err
     assert cloud.call("list", "--json").json() == []
     wait_until(lambda: cloud.leftovers() == [], timeout=10)
+
+
+def test_a_refusal_that_does_not_end_is_retried_a_bounded_number_of_times(
+        cloud: Cloud) -> None:
+    vm = cloud.vm("forever", [cloud.image("forever-disk", pattern(DISK, 42))])
+    cloud.sim.faults.fail_call("one.vm.attach", "Could not attach disk, wrong state HOTPLUG.",
+                               code=ErrorCode.ACTION, count=None)
+    r = cloud.call("backup", str(vm))
+    assert r.code == 4, r.err
+    assert "wrong state HOTPLUG. (refused 9 times while attaching image" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert cloud.leftovers() == []
