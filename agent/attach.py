@@ -23,14 +23,14 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 from agent.cloud import Cloud
-from agent.errors import NotFound, OnebackError, StateError
-from agent.lease import is_alive
+from agent.errors import CloudError, DeviceError, NotFound, OnebackError, StateError
+from agent.lease import HotplugBusy, hotplug_lock, is_alive
 from agent.model import (
     LCM_RUNNING,
     OBJECT_PREFIX,
@@ -46,6 +46,30 @@ TEMP_PREFIX = OBJECT_PREFIX + "tmp-"
 SERIAL_MAX = 20  # virtio-blk truncates serials to 20 bytes
 
 
+def new_serial() -> str:
+    """A SERIAL for one attachment, unique across jobs, processes and agents
+    (48 random bits), and whole within virtio-blk's 20 bytes: two disks with
+    one serial make udev point the by-id name at the latest, and a backup
+    would read another VM's disk."""
+    serial = OBJECT_PREFIX + secrets.token_hex((SERIAL_MAX - len(OBJECT_PREFIX)) // 2)
+    assert len(serial) <= SERIAL_MAX
+    return serial
+
+
+@contextmanager
+def hotplug(cloud: Cloud, catalog_path: Path, vm_id: int) -> Iterator[None]:
+    """Hold VM `vm_id`'s hot-plug lock (every oneback process sharing the
+    catalog) around one attach or detach: oned refuses a hot-plug while
+    another runs ("wrong state HOTPLUG")."""
+    try:
+        with hotplug_lock(catalog_path, vm_id, cloud.operation_timeout):
+            yield
+    except HotplugBusy:
+        raise CloudError(f"another oneback process has been attaching or detaching a disk"
+                         f" of VM {vm_id} for {cloud.operation_timeout:g}s; try again later",
+                         transient=True) from None
+
+
 class Journal(Protocol):
     """The part of the catalog this module needs."""
 
@@ -54,6 +78,9 @@ class Journal(Protocol):
     def journal_created(self, entry_id: int, one_id: int) -> None: ...
     def journal_done(self, entry_id: int) -> None: ...
     def journal_pending(self) -> list[JournalEntry]: ...
+    @property
+    def path(self) -> Path:
+        """The catalog file; the locks its processes share live beside it."""
 
 
 @dataclass
@@ -69,7 +96,6 @@ class Workspace:
     proxy_vm_id: int
     leftovers: list[str] = field(default_factory=list)
     attach_slots: threading.Semaphore | None = None  # limits disks on the proxy at once
-    _serials: int = 0
 
     def name(self, what: str) -> str:
         """A name for a new object that no other object has:
@@ -84,7 +110,8 @@ class Workspace:
         try:
             one_id = create()
         except BaseException:
-            self._undo(entry, lambda: remove_entry(self.cloud, entry, self.proxy_vm_id))
+            self._undo(entry, lambda: remove_entry(self.cloud, entry, self.proxy_vm_id,
+                                                   self.journal.path))
             raise
         self.journal.journal_created(entry.id, one_id)
         return entry, one_id
@@ -144,29 +171,45 @@ class Workspace:
             self.cloud.image_delete, vm_id=vm_id, disk_id=disk_id)
 
     @contextmanager
-    def attached(self, image_id: int) -> Iterator[DiskInfo]:
-        """The image attached to the proxy VM with a fresh SERIAL, detached on exit."""
-        with self.attach_slots or nullcontext(), self._attached(image_id) as disk:
+    def attached(self, image_id: int,
+                 gone: Callable[[str], None] | None = None) -> Iterator[DiskInfo]:
+        """The image attached to the proxy VM with a SERIAL of its own
+        (`new_serial`, journaled before the attach), detached on exit; then
+        `gone(serial)` waits until the proxy VM no longer shows it (a
+        DeviceError from it is reported in `leftovers`). The yielded disk's
+        `size_mb` is the image's size."""
+        with self.attach_slots or nullcontext(), self._attached(image_id, gone) as disk:
             yield disk
 
     @contextmanager
-    def _attached(self, image_id: int) -> Iterator[DiskInfo]:
+    def _attached(self, image_id: int,
+                  gone: Callable[[str], None] | None) -> Iterator[DiskInfo]:
         proxy = self.cloud.wait_settled(self.proxy_vm_id)
         if not (proxy.state == VM_ACTIVE and proxy.lcm_state == LCM_RUNNING):
             raise StateError(
                 f"the proxy VM {self.proxy_vm_id} is {proxy.state_name}: it must be RUNNING"
                 f" for oneback to read disks through it (check proxy.vm_id)")
-        self._serials += 1
-        serial = f"{OBJECT_PREFIX}{self.owner}-{self._serials}"[:SERIAL_MAX]
+        serial = new_serial()
         disks: dict[int, DiskInfo] = {}
 
         def create() -> int:
-            disk = self.cloud.attach(self.proxy_vm_id, image_id, serial)
+            with hotplug(self.cloud, self.journal.path, self.proxy_vm_id):
+                disk = self.cloud.attach(self.proxy_vm_id, image_id, serial)
+            if disk.size_mb <= 0:  # oned copies the image's SIZE into the DISK
+                disk = replace(disk, size_mb=self.cloud.image(image_id).size_mb)
             disks[disk.disk_id] = disk
             return disk.disk_id
 
-        with self._journaled(JournalKind.ATTACHMENT, serial, create,
-                             lambda disk_id: self.cloud.detach(self.proxy_vm_id, disk_id),
+        def remove(disk_id: int) -> None:
+            with hotplug(self.cloud, self.journal.path, self.proxy_vm_id):
+                self.cloud.detach(self.proxy_vm_id, disk_id)
+            if gone is not None:
+                try:
+                    gone(serial)
+                except DeviceError as e:
+                    self.leftovers.append(f"attachment {serial} was detached, but {e}")
+
+        with self._journaled(JournalKind.ATTACHMENT, serial, create, remove,
                              vm_id=self.proxy_vm_id) as disk_id:
             yield disks[disk_id]
 
@@ -189,14 +232,16 @@ def _kept(p: PermanentSnapshot) -> str:
 _RENAMED = "renamed to its final name since, so committed: left alone"
 
 
-def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> list[str]:
+def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int,
+                 catalog_path: Path) -> list[str]:
     """Remove the cloud object a journal entry stands for. Images, templates
     and VMs are found by id when known and removed only if they still carry
     the entry's unique temporary name (renamed means committed); else by that
     name among the objects of oneback's own user. A disk snapshot oned will
     never delete is left alone. Returns why each object left alone was kept
-    (empty: nothing of the entry remains). Idempotent: an object already gone
-    is fine."""
+    (empty: nothing of the entry remains). An attachment is found by its
+    SERIAL only (unique; oned reuses a disk id for the next disk attached,
+    which may be another run's). Idempotent: an object already gone is fine."""
     kind = entry.kind
     if kind is JournalKind.ATTACHMENT:
         vm_id = entry.vm_id if entry.vm_id is not None else proxy_vm_id
@@ -205,10 +250,9 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int) -> list[st
         except NotFound:
             return []
         for disk in vm.disks:
-            if disk.serial == entry.name or (
-                    entry.one_id is not None and disk.disk_id == entry.one_id
-                    and disk.serial.startswith(OBJECT_PREFIX)):
-                cloud.detach(vm_id, disk.disk_id)
+            if disk.serial == entry.name:
+                with hotplug(cloud, catalog_path, vm_id):
+                    cloud.detach(vm_id, disk.disk_id)
         return []
     if kind is JournalKind.SNAPSHOT:
         if entry.vm_id is None:
@@ -295,7 +339,7 @@ def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) 
             live += 1
             continue
         try:
-            left = remove_entry(cloud, entry, proxy_vm_id)
+            left = remove_entry(cloud, entry, proxy_vm_id, catalog_path)
         except (OnebackError, OSError) as e:
             failed.append(f"{entry.kind.value} {entry.name}: {e}")
             continue
@@ -335,15 +379,22 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
         proxy = cloud.vm(proxy_vm_id)
     except NotFound:
         proxy = None
+
+    def detach(disk_id: int) -> None:
+        with hotplug(cloud, catalog_path, proxy_vm_id):
+            cloud.detach(proxy_vm_id, disk_id)
+
     if proxy is not None:
         for disk in proxy.disks:
+            # oneback's attachments: a random `oneback-` SERIAL, or an image
+            # named `oneback-tmp-<owner>-...`. Live while journaled by a live
+            # run, or while the image's owner runs (a serial names no owner).
             image_name = disk.attributes.get("IMAGE", "")
             if disk.serial.startswith(OBJECT_PREFIX) or image_name.startswith(TEMP_PREFIX):
-                serial_owner = disk.serial.removeprefix(OBJECT_PREFIX).split("-", 1)[0]
-                if disk.serial in live_names or is_alive(catalog_path, serial_owner):
+                if disk.serial in live_names or (
+                        image_name.startswith(TEMP_PREFIX) and owned_by_live(image_name)):
                     continue
-                attempt(f"attachment {disk.serial or image_name}",
-                        partial(cloud.detach, proxy_vm_id, disk.disk_id))
+                attempt(f"attachment {disk.serial or image_name}", partial(detach, disk.disk_id))
     me = cloud.user_id()
     vms = cloud.vms()
     for vm in vms:

@@ -81,6 +81,7 @@ class Settings:
     device_timeout: float
     block_size: int
     workers: int
+    sys_root: Path
     qcow2_base: bool = False   # the operator's opt-in to `oneback-base` snapshots
 
     @classmethod
@@ -88,7 +89,19 @@ class Settings:
         return cls(proxy_vm_id=cfg.proxy.vm_id, dev_root=cfg.proxy.dev_root,
                    device_timeout=cfg.proxy.device_timeout,
                    block_size=cfg.storage.block_size, workers=cfg.storage.workers,
-                   qcow2_base=cfg.backup.qcow2_base)
+                   sys_root=cfg.proxy.sys_root, qcow2_base=cfg.backup.qcow2_base)
+
+    def device(self, disk: DiskInfo, cancel: threading.Event | None = None) -> Path:
+        """The proxy VM's device for `disk` (just attached to it), once it is
+        provably that disk (`devices.wait_for_disk`)."""
+        return devices.wait_for_disk(disk.serial, disk.size_mb, dev_root=self.dev_root,
+                                     sys_root=self.sys_root, timeout=self.device_timeout,
+                                     cancel=cancel)
+
+    def device_gone(self, serial: str) -> None:
+        """Wait until no device in the proxy VM carries `serial` (after its detach)."""
+        devices.wait_serial_gone(serial, dev_root=self.dev_root, sys_root=self.sys_root,
+                                 timeout=self.device_timeout)
 
 
 @dataclass(frozen=True)
@@ -196,9 +209,8 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
     with workspace.saved_image(vm_id, disk.disk_id, snap_id) as image_id:
         _check_cancel(cancel)
         progress.phase(disk.disk_id, "attach")
-        with workspace.attached(image_id) as proxy_disk:
-            path = devices.wait_for_serial(settings.dev_root, proxy_disk.serial,
-                                           settings.device_timeout)
+        with workspace.attached(image_id, gone=settings.device_gone) as proxy_disk:
+            path = settings.device(proxy_disk, cancel)
             t1 = time.monotonic()
             size = devices.device_size(path)
             progress.disk_size(disk.disk_id, size)

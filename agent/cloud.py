@@ -73,6 +73,8 @@ TRANSIENT_LCM = (
     | {0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18, 19, 20, 21, 22, 23, 24, 25, 29, 30, 31,
        32, 35, 43, 45, 60, 62, 63, 64, 65, 66, 69, 70, 71}
 )
+HOTPLUG_RETRIES = 8        # "wrong state" refusals of one attach/detach retried
+HOTPLUG_BACKOFF_MAX = 5.0  # seconds between two tries, doubling from poll_interval
 
 
 @dataclass(frozen=True)
@@ -490,17 +492,15 @@ class Cloud:
     # -- attach / detach ---------------------------------------------------------
 
     def attach(self, vm_id: int, image_id: int, serial: str) -> DiskInfo:
-        """Attach an image to a VM with a SERIAL; returns the new disk once present."""
+        """Attach an image to a VM with a SERIAL; returns the new disk once
+        present. oned's "wrong state" refusal (another hot-plug, by another
+        process or agent, got in between) is retried (`_hotplug`)."""
         with self._vm_lock(vm_id):
-            before = self.wait_settled(vm_id)
-            if before.state not in (VM_ACTIVE, VM_POWEROFF) or (
-                    before.state == VM_ACTIVE and before.lcm_state != LCM_RUNNING):
-                raise StateError(
-                    f"VM {vm_id} is {before.state_name}; disks can only be attached to a"
-                    f" RUNNING or POWEROFF VM")
-            self.call("vm.attach", vm_id,
-                      f"DISK=[IMAGE_ID={quote(str(image_id))},SERIAL={quote(serial)},"
-                      f"DEV_PREFIX=\"vd\"]")
+            before = self._hotplug(
+                vm_id, "attach", f"attaching image {image_id} to VM {vm_id}", "vm.attach",
+                vm_id, f"DISK=[IMAGE_ID={quote(str(image_id))},SERIAL={quote(serial)},"
+                       f"DEV_PREFIX=\"vd\"]")
+            assert before is not None  # only a detach is skipped
             after = self.wait_vm(
                 vm_id, lambda v: v.lcm_state not in HOTPLUG_BUSY or v.state != VM_ACTIVE,
                 f"attaching image {image_id} to VM {vm_id}")
@@ -513,12 +513,13 @@ class Cloud:
             return disk
 
     def detach(self, vm_id: int, disk_id: int) -> None:
-        """Detach a disk and wait until it is gone. Idempotent."""
+        """Detach a disk and wait until it is gone. Idempotent; a "wrong
+        state" refusal is retried like attach's."""
         with self._vm_lock(vm_id):
-            before = self.wait_settled(vm_id)
-            if before.disk(disk_id) is None:
+            before = self._hotplug(vm_id, "detach", f"detaching disk {disk_id} from VM {vm_id}",
+                                   "vm.detach", vm_id, disk_id, skip_unless_disk=disk_id)
+            if before is None:
                 return
-            self.call("vm.detach", vm_id, disk_id)
             after = self.wait_vm(
                 vm_id, lambda v: v.lcm_state not in HOTPLUG_BUSY or v.state != VM_ACTIVE,
                 f"detaching disk {disk_id} from VM {vm_id}")
@@ -526,6 +527,40 @@ class Cloud:
                 raise CloudError(
                     f"OpenNebula failed to detach disk {disk_id} from VM {vm_id}"
                     f"{self._new_error(before, after)}", transient=True)
+
+    def _hotplug(self, vm_id: int, verb: str, what: str, method: str, *params: Any,
+                 skip_unless_disk: int | None = None) -> VmInfo | None:
+        """Wait until the VM settles, check it can take a hot-plug, and call
+        `method`; returns the VM as it was just before the accepted call, or
+        None when `skip_unless_disk` names a disk the VM no longer has.
+        oned refuses a hot-plug with "wrong state" while another operation
+        runs on the VM (DispatchManager::attach/detach check the LCM state
+        under the VM's lock): such a refusal is retried after a backoff, at
+        most HOTPLUG_RETRIES times and within operation_timeout."""
+        deadline = time.monotonic() + self.operation_timeout
+        backoff = max(self.poll_interval, 0.01)
+        refusals = 0
+        while True:
+            before = self.wait_settled(vm_id)
+            if skip_unless_disk is not None and before.disk(skip_unless_disk) is None:
+                return None
+            if before.state not in (VM_ACTIVE, VM_POWEROFF) or (
+                    before.state == VM_ACTIVE and before.lcm_state != LCM_RUNNING):
+                raise StateError(
+                    f"VM {vm_id} is {before.state_name}; disks can only be {verb}ed"
+                    f" {'to' if verb == 'attach' else 'from'} a RUNNING or POWEROFF VM")
+            try:
+                self.call(method, *params)
+                return before
+            except CloudError as e:
+                if not (e.code == ACTION and "wrong state" in e.message):
+                    raise
+                refusals += 1
+                if refusals > HOTPLUG_RETRIES or time.monotonic() + backoff > deadline:
+                    raise CloudError(f"{e.message} (refused {refusals} times while {what})",
+                                     code=e.code, transient=True) from e
+            time.sleep(backoff)
+            backoff = min(backoff * 2, HOTPLUG_BACKOFF_MAX)
 
     # -- VM actions -----------------------------------------------------------
 

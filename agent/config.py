@@ -73,6 +73,7 @@ class ProxyConfig:
     vm_id: int
     dev_root: Path
     device_timeout: float  # seconds to wait for an attached disk to appear
+    sys_root: Path         # where the kernel shows block devices and their serials
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     )
 
     px = _Section(data, "proxy", path)
-    px.check_known({"vm_id", "dev_root", "context_file", "device_timeout"})
+    px.check_known({"vm_id", "dev_root", "sys_root", "context_file", "device_timeout"})
     raw_id = px.raw("vm_id")
     context_file = px.path_("context_file", str(DEFAULT_CONTEXT_FILE))
     if raw_id == "auto":
@@ -270,6 +271,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         vm_id=vm_id,
         dev_root=px.path_("dev_root", "/dev"),
         device_timeout=px.number("device_timeout", 30.0),
+        sys_root=px.path_("sys_root", "/sys"),
     )
 
     st = _Section(data, "storage", path)

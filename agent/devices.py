@@ -1,10 +1,14 @@
 """Block devices of the proxy VM: the only module that touches /dev and /sys.
 
 Owns: finding a disk attached to the proxy VM by the SERIAL oneback gave it
-(`DEV_ROOT/disk/by-id/virtio-SERIAL`, falling back to `SYS_ROOT/block/*/serial`
-when udev made no link), waiting a bounded time for it to appear or go, sizing
-a device or file, opening one for sequential reading or for writing, and
-making a range of one read as zeros without writing them (punching holes).
+and proving it is that disk before anyone reads or writes it: every device
+carrying the serial is counted (`SYS_ROOT/block/*/serial`, as the kernel shows
+it, and the `DEV_ROOT/disk/by-id/virtio-SERIAL` links udev makes, which name
+only the latest of several disks with one serial), there must be exactly one,
+and its size must be the attached image's; waiting a bounded time for it to
+appear or go; sizing a device or file, opening one for sequential reading or
+for writing, and making a range of one read as zeros without writing them
+(punching holes).
 Roots are parameters, so tests use a temporary tree with real files and loop
 devices. Must not: read or diff blocks (that is `reader.py`), or talk to the
 cloud.
@@ -25,6 +29,7 @@ from agent.errors import DeviceError, Interrupted
 
 VIRTIO_SERIAL_MAX = 20
 """virtio-blk truncates serials to 20 bytes; by-id links and /sys show the cut."""
+MiB = 1024 * 1024
 
 
 def disk_links(serial: str) -> list[str]:
@@ -37,71 +42,112 @@ def disk_links(serial: str) -> list[str]:
     ]
 
 
-def lookup_disk(serial: str, dev_root: str | Path = "/dev",
-                sys_root: str | Path = "/sys") -> Path | None:
-    """The device of the disk with this serial now, or None. Resolves
-    symlinks (the by-id link goes away on detach; the device name stays)."""
+def carriers(serial: str, dev_root: str | Path = "/dev",
+             sys_root: str | Path = "/sys") -> dict[str, Path | None]:
+    """Every device that carries this serial now, as the kernel and udev show
+    it: each `SYS_ROOT/block/NAME` whose `serial` matches (the device
+    `DEV_ROOT/NAME`, or None while its node is missing) and the target of
+    each `disk/by-id` link for the serial. Keyed by the resolved device, so
+    a disk seen both ways counts once; two keys mean two disks."""
     if not serial:
         raise DeviceError("a disk serial must not be empty")
-    dev, by_id = Path(dev_root), Path(dev_root) / "disk" / "by-id"
-    for name in disk_links(serial):
-        link = by_id / name
-        if link.exists():  # follows the link: a dangling one does not count
-            return Path(os.path.realpath(link))
-    wanted = serial[:VIRTIO_SERIAL_MAX]
+    dev = Path(dev_root)
+    found: dict[str, Path | None] = {}
+    wanted = (serial, serial[:VIRTIO_SERIAL_MAX])
+    block = Path(sys_root) / "block"
     try:
-        with os.scandir(Path(sys_root) / "block") as entries:
+        with os.scandir(block) as entries:
             names = sorted(e.name for e in entries)
     except OSError:
-        return None
+        names = []
     for name in names:
         try:
-            found = (Path(sys_root) / "block" / name / "serial").read_text().strip()
+            shown = (block / name / "serial").read_text().strip()
         except OSError:
             continue
-        if found in (serial, wanted) and (dev / name).exists():
-            return dev / name
-    return None
+        if shown in wanted:
+            node = dev / name
+            if node.exists():
+                found[os.path.realpath(node)] = node
+            else:
+                found[f"{block / name} (no {node} yet)"] = None
+    for link_name in disk_links(serial):
+        link = dev / "disk" / "by-id" / link_name
+        if link.exists():  # follows the link: a dangling one does not count
+            target = os.path.realpath(link)
+            found.setdefault(target, Path(target))
+    return found
 
 
-def wait_for_serial(dev_root: str | Path, serial: str, timeout: float = 60.0, *,
-                    sys_root: str | Path = "/sys", interval: float = 0.2,
-                    cancel: threading.Event | None = None) -> Path:
-    """Wait up to `timeout` seconds for the disk with this serial to appear
-    and be openable; return its device path. Raises DeviceError on timeout,
-    Interrupted if `cancel` is set."""
+def wait_for_disk(serial: str, size_mb: int, *, dev_root: str | Path = "/dev",
+                  sys_root: str | Path = "/sys", timeout: float = 60.0,
+                  interval: float = 0.1, cancel: threading.Event | None = None) -> Path:
+    """The device of the disk oneback attached with this serial, once it is
+    provably that disk: exactly one device carries the serial, it can be
+    opened, and it holds the attached image's size (`size_mb`, OpenNebula's
+    SIZE: the byte size rounded up to MiB; 0 skips the check). Waits up to
+    `timeout` seconds for it to appear. Raises DeviceError at once when two
+    devices carry the serial or the size differs (another disk, which must
+    never be read or written), DeviceError on timeout, Interrupted if
+    `cancel` is set."""
     deadline = time.monotonic() + timeout
     while True:
-        path = lookup_disk(serial, dev_root, sys_root)
+        found = carriers(serial, dev_root, sys_root)
+        if len(found) > 1:
+            raise DeviceError(
+                f"{len(found)} devices carry serial {serial!r} in the proxy VM"
+                f" ({', '.join(sorted(found))}); oneback cannot tell which is the disk it"
+                f" attached and reads none: run 'oneback cleanup' and detach from the proxy"
+                f" VM any disk with that serial that oneback did not just attach")
+        path = next(iter(found.values()), None)
         if path is not None:
-            try:
-                os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            size = _ready_size(path)
+            if size:  # 0: the device is not ready yet
+                if size_mb > 0 and -(-size // MiB) != size_mb:
+                    raise DeviceError(
+                        f"the device {path} with serial {serial!r} holds {size} bytes, but"
+                        f" the image attached with that serial has {size_mb} MiB: it is not"
+                        f" the disk oneback attached, and is not used; check the proxy VM's"
+                        f" disks ('oneback cleanup' detaches oneback's leftovers)")
                 return path
-            except OSError:
-                pass  # the link can appear before the device is ready
         if time.monotonic() >= deadline:
             raise DeviceError(
                 f"no disk with serial {serial!r} appeared under {dev_root}/disk/by-id "
-                f"within {timeout:g}s; check that the attach to the proxy VM succeeded "
-                "and that udev runs in it"
-            )
+                f"or {sys_root}/block within {timeout:g}s; check that the attach to the"
+                f" proxy VM succeeded, that udev runs in it and proxy.dev_root/sys_root")
         if cancel is None:
             time.sleep(interval)
         elif cancel.wait(interval):
             raise Interrupted(f"stopped waiting for the disk with serial {serial!r}")
 
 
-def wait_serial_gone(dev_root: str | Path, serial: str, timeout: float = 60.0, *,
-                     sys_root: str | Path = "/sys", interval: float = 0.2) -> None:
-    """Wait up to `timeout` seconds until no disk with this serial is present
-    (after a detach). Raises DeviceError on timeout."""
+def _ready_size(path: Path) -> int:
+    """The device's size once it can be opened, else 0 (the link can appear
+    before the device is ready)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def wait_serial_gone(serial: str, *, dev_root: str | Path = "/dev",
+                     sys_root: str | Path = "/sys", timeout: float = 60.0,
+                     interval: float = 0.1) -> None:
+    """Wait up to `timeout` seconds until no device carries this serial
+    (after its detach). Raises DeviceError on timeout."""
     deadline = time.monotonic() + timeout
-    while lookup_disk(serial, dev_root, sys_root) is not None:
+    while found := carriers(serial, dev_root, sys_root):
         if time.monotonic() >= deadline:
             raise DeviceError(
-                f"the disk with serial {serial!r} is still present under {dev_root} "
-                f"{timeout:g}s after its detach; check the proxy VM's disks"
-            )
+                f"the disk with serial {serial!r} is still present in the proxy VM"
+                f" ({', '.join(sorted(found))}) {timeout:g}s after its detach; check the"
+                f" proxy VM's disks")
         time.sleep(interval)
 
 

@@ -2,7 +2,9 @@
 
 Owns: a lock file per running oneback process (an flock held for the
 process's lifetime) beside the catalog, and the question "is the owner of
-this journal entry still alive?". A sweep removes the cloud objects of dead
+this journal entry still alive?", and the locks all those processes share:
+one backup per VM (`vm_lock`), one hot-plug at a time on the proxy VM
+(`hotplug_lock`). A sweep removes the cloud objects of dead
 owners only, so a `oneback backup` run by hand never tears down what the
 agent is doing at the same moment. Must not: know about the cloud or SQL.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +85,36 @@ def vm_lock(catalog_path: Path, vm_id: int) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise VmBusy(vm_id) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class HotplugBusy(Exception):
+    """Another oneback process (or thread) held the VM's hot-plug lock too long."""
+
+
+@contextmanager
+def hotplug_lock(catalog_path: Path, vm_id: int, timeout: float,
+                 interval: float = 0.02) -> Iterator[None]:
+    """Exclusive, waiting up to `timeout` seconds: one hot-plug operation
+    (an attach or a detach, with its wait until oned is done) on VM `vm_id`
+    at a time across every oneback process sharing this catalog, and across
+    the threads of one process (each call opens its own file description,
+    and flocks on two descriptions exclude each other). Raises HotplugBusy."""
+    directory = owners_dir(catalog_path)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory / f"hotplug-{int(vm_id)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HotplugBusy(vm_id) from None
+                time.sleep(interval)
         yield
     finally:
         os.close(fd)

@@ -25,8 +25,8 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from agent import devices, policy, vmtemplate, writer, xmldoc
-from agent.attach import Journal, Workspace
+from agent import policy, vmtemplate, writer, xmldoc
+from agent.attach import Journal, Workspace, hotplug
 from agent.backup import Settings
 from agent.cloud import IMAGE_TYPES, Cloud
 from agent.errors import CloudError, NotFound, OnebackError, StateError, UsageError
@@ -193,6 +193,14 @@ class _Restorer:
                 {"NAME": name, "TYPE": "DATABLOCK", "SIZE": str(size_mb)}, ds),
             self.cloud.image_delete))
 
+    def _proxy_saveas(self, disk_id: int, name: str, image_type: str) -> int:
+        """Save a disk of the proxy VM as a new image, under the proxy's
+        hot-plug lock: the save-as holds the proxy VM in HOTPLUG_SAVEAS, in
+        which oned refuses every other process's attach and detach."""
+        with hotplug(self.cloud, self.workspace.journal.path, self.settings.proxy_vm_id):
+            return self.cloud.disk_saveas(self.settings.proxy_vm_id, disk_id, name, -1,
+                                          image_type)
+
     def data_image(self, stack: ExitStack, disk: DiskBackup, ds: int) -> RestoredImage:
         """Write the backup's blocks through the proxy VM into a new image,
         kept (under a temporary name) if the restore succeeds."""
@@ -207,9 +215,8 @@ class _Restorer:
                     {"NAME": tmp_name, "TYPE": "DATABLOCK", "SIZE": str(size_mb)}, ds),
                 self.cloud.image_delete) as tmp_id:
             self.progress.phase(disk.disk_id, "attach")
-            with self.workspace.attached(tmp_id) as proxy_disk:
-                path = devices.wait_for_serial(self.settings.dev_root, proxy_disk.serial,
-                                               self.settings.device_timeout)
+            with self.workspace.attached(tmp_id, gone=self.settings.device_gone) as proxy_disk:
+                path = self.settings.device(proxy_disk, self.cancel)
                 self.progress.disk_size(disk.disk_id, disk.size)
                 self.progress.phase(disk.disk_id, "write")
                 written = writer.write_disk(
@@ -220,8 +227,7 @@ class _Restorer:
                 self.progress.phase(disk.disk_id, "save-as")
                 image_id = stack.enter_context(self.workspace.provisional(
                     JournalKind.IMAGE, name,
-                    lambda: self.cloud.disk_saveas(self.settings.proxy_vm_id,
-                                                   proxy_disk.disk_id, name, -1, image_type),
+                    lambda: self._proxy_saveas(proxy_disk.disk_id, name, image_type),
                     self.cloud.image_delete))
                 self.progress.phase(disk.disk_id, "detach")
         if persistent:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.onesim.dataplane import guest_dir
 from tests.onesim.simulator import Simulator
 from tests.onesim.testing import (
     FAST,
@@ -146,6 +147,7 @@ poll_interval = 0.01
 [proxy]
 vm_id = {proxy_id}
 dev_root = "{guest_dev_dir(sim, proxy_id)}"
+sys_root = "{guest_dir(Path(sim.root), proxy_id) / 'sys'}"
 device_timeout = 5
 [storage]
 repository = "{tmp / 'repo'}"

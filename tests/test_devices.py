@@ -17,6 +17,7 @@ from agent import devices
 from agent.errors import DeviceError, Interrupted
 
 SERIAL = "oneback-42-1-0123456789abcdef"  # longer than virtio keeps
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -27,21 +28,34 @@ def roots(tmp_path: Path) -> tuple[Path, Path]:
     return dev, sys_
 
 
-def attach(dev: Path, name: str = "vdb", size: int = 1 << 20, serial: str = SERIAL) -> Path:
-    """What udev does for a virtio disk: the node, and a by-id link with the
-    serial cut to 20 characters."""
+def attach(dev: Path, name: str = "vdb", size: int = MiB, serial: str = SERIAL,
+           sys_: Path | None = None) -> Path:
+    """What the kernel and udev do for a virtio disk: the node, (with `sys_`)
+    /sys/block/NAME/serial, and a by-id link with the serial cut to 20
+    characters, replacing one another disk of that serial held."""
     node = dev / name
     with open(node, "wb") as f:
         f.truncate(size)
-    (dev / "disk" / "by-id" / f"virtio-{serial[:20]}").symlink_to(f"../../{name}")
+    if sys_ is not None:
+        (sys_ / "block" / name).mkdir()
+        (sys_ / "block" / name / "serial").write_text(serial[:20] + "\n")
+    link = dev / "disk" / "by-id" / f"virtio-{serial[:20]}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(f"../../{name}")
     return node
+
+
+def wait(dev: Path, sys_: Path, serial: str = SERIAL, size_mb: int = 1,
+         timeout: float = 1, cancel: threading.Event | None = None) -> Path:
+    return devices.wait_for_disk(serial, size_mb, dev_root=dev, sys_root=sys_,
+                                 timeout=timeout, interval=0.05, cancel=cancel)
 
 
 def test_finds_a_virtio_disk_by_its_truncated_serial(roots: tuple[Path, Path]) -> None:
     dev, sys_ = roots
-    node = attach(dev)
-    assert devices.wait_for_serial(dev, SERIAL, 1, sys_root=sys_) == node
-    assert devices.lookup_disk(SERIAL[:20], dev, sys_) == node
+    node = attach(dev, sys_=sys_)
+    assert wait(dev, sys_) == node
+    assert list(devices.carriers(SERIAL[:20], dev, sys_).values()) == [node]
 
 
 def test_waits_for_a_disk_that_appears_later(roots: tuple[Path, Path]) -> None:
@@ -50,7 +64,7 @@ def test_waits_for_a_disk_that_appears_later(roots: tuple[Path, Path]) -> None:
     timer.start()
     started = time.monotonic()
     try:
-        found = devices.wait_for_serial(dev, SERIAL, 5, sys_root=sys_, interval=0.05)
+        found = wait(dev, sys_, timeout=5)
     finally:
         timer.join()
     assert found == dev / "vdb"
@@ -59,17 +73,17 @@ def test_waits_for_a_disk_that_appears_later(roots: tuple[Path, Path]) -> None:
 
 def test_gives_up_after_the_timeout(roots: tuple[Path, Path]) -> None:
     dev, sys_ = roots
-    attach(dev, serial="someone-else")
+    attach(dev, serial="someone-else", sys_=sys_)
     started = time.monotonic()
     with pytest.raises(DeviceError, match=f"no disk with serial '{SERIAL}'.*0.3s"):
-        devices.wait_for_serial(dev, SERIAL, 0.3, sys_root=sys_, interval=0.05)
+        wait(dev, sys_, timeout=0.3)
     assert time.monotonic() - started < 2
 
 
 def test_a_dangling_link_is_not_a_disk(roots: tuple[Path, Path]) -> None:
     dev, sys_ = roots
     (dev / "disk" / "by-id" / f"virtio-{SERIAL[:20]}").symlink_to("../../vdz")
-    assert devices.lookup_disk(SERIAL, dev, sys_) is None
+    assert devices.carriers(SERIAL, dev, sys_) == {}
 
 
 def test_falls_back_to_sys_block_serial(roots: tuple[Path, Path]) -> None:
@@ -78,7 +92,54 @@ def test_falls_back_to_sys_block_serial(roots: tuple[Path, Path]) -> None:
     for name, serial in (("vda", "root-disk"), ("vdc", SERIAL[:20])):
         (sys_ / "block" / name).mkdir()
         (sys_ / "block" / name / "serial").write_text(serial + "\n")
-    assert devices.wait_for_serial(dev, SERIAL, 1, sys_root=sys_) == dev / "vdc"
+    assert wait(dev, sys_) == dev / "vdc"
+
+
+def test_a_kernel_disk_without_its_node_is_waited_for(roots: tuple[Path, Path]) -> None:
+    dev, sys_ = roots
+    (sys_ / "block" / "vdb").mkdir()
+    (sys_ / "block" / "vdb" / "serial").write_text(SERIAL[:20] + "\n")
+    with pytest.raises(DeviceError, match="no disk with serial"):
+        wait(dev, sys_, timeout=0.2)
+
+
+def test_two_disks_with_one_serial_are_refused(roots: tuple[Path, Path]) -> None:
+    """udev points the by-id link at the latest of two disks with one serial;
+    the kernel shows both. Neither may be read: it could be another VM's."""
+    dev, sys_ = roots
+    attach(dev, "vdb", sys_=sys_)
+    attach(dev, "vdc", sys_=sys_)  # the link now names vdc only
+    with pytest.raises(DeviceError, match=r"2 devices carry serial .*vdb.*vdc.*oneback cleanup"):
+        wait(dev, sys_)
+
+
+def test_a_stale_link_to_another_disk_counts_as_a_second_carrier(
+        roots: tuple[Path, Path]) -> None:
+    dev, sys_ = roots
+    attach(dev, "vdb", sys_=sys_)
+    (dev / "vdc").write_bytes(b"\0" * MiB)   # by-id names vdc, whose serial is not ours
+    link = dev / "disk" / "by-id" / f"virtio-{SERIAL[:20]}"
+    link.unlink()
+    link.symlink_to("../../vdc")
+    with pytest.raises(DeviceError, match="2 devices carry serial"):
+        wait(dev, sys_)
+
+
+def test_a_disk_of_another_size_is_refused(roots: tuple[Path, Path]) -> None:
+    dev, sys_ = roots
+    attach(dev, size=3 * MiB, sys_=sys_)
+    with pytest.raises(DeviceError, match=r"holds 3145728 bytes, but the image attached with"
+                                          r" that serial has 2 MiB"):
+        wait(dev, sys_, size_mb=2)
+    assert wait(dev, sys_, size_mb=3) == dev / "vdb"
+
+
+def test_the_size_is_compared_in_whole_mib_as_oned_rounds_it(roots: tuple[Path, Path]) -> None:
+    dev, sys_ = roots
+    attach(dev, size=MiB + 512, sys_=sys_)  # oned's SIZE: 2 (rounded up)
+    assert wait(dev, sys_, size_mb=2) == dev / "vdb"
+    with pytest.raises(DeviceError, match="holds 1049088 bytes"):
+        wait(dev, sys_, size_mb=1)
 
 
 def test_cancel_stops_the_wait(roots: tuple[Path, Path]) -> None:
@@ -86,16 +147,22 @@ def test_cancel_stops_the_wait(roots: tuple[Path, Path]) -> None:
     cancel = threading.Event()
     threading.Timer(0.1, cancel.set).start()
     with pytest.raises(Interrupted):
-        devices.wait_for_serial(dev, SERIAL, 30, sys_root=sys_, cancel=cancel)
+        wait(dev, sys_, timeout=30, cancel=cancel)
 
 
 def test_waits_for_a_detached_disk_to_go(roots: tuple[Path, Path]) -> None:
     dev, sys_ = roots
-    attach(dev)
+    attach(dev, sys_=sys_)
     with pytest.raises(DeviceError, match="still present"):
-        devices.wait_serial_gone(dev, SERIAL, 0.2, sys_root=sys_, interval=0.05)
-    threading.Timer(0.1, (dev / "disk" / "by-id" / f"virtio-{SERIAL[:20]}").unlink).start()
-    devices.wait_serial_gone(dev, SERIAL, 5, sys_root=sys_, interval=0.05)
+        devices.wait_serial_gone(SERIAL, dev_root=dev, sys_root=sys_, timeout=0.2,
+                                 interval=0.05)
+
+    def udev_remove() -> None:
+        (dev / "disk" / "by-id" / f"virtio-{SERIAL[:20]}").unlink()
+        shutil.rmtree(sys_ / "block" / "vdb")
+
+    threading.Timer(0.1, udev_remove).start()
+    devices.wait_serial_gone(SERIAL, dev_root=dev, sys_root=sys_, timeout=5, interval=0.05)
 
 
 def test_sizes_files_and_fds(tmp_path: Path) -> None:
@@ -175,7 +242,8 @@ def test_loop_device_is_found_sized_and_opened(tmp_path: Path, loop_device: Path
     dev = tmp_path / "dev"
     (dev / "disk" / "by-id").mkdir(parents=True)
     (dev / "disk" / "by-id" / f"virtio-{SERIAL[:20]}").symlink_to(loop_device)
-    found = devices.wait_for_serial(dev, SERIAL, 1, sys_root=tmp_path / "sys")
+    found = devices.wait_for_disk(SERIAL, 5, dev_root=dev, sys_root=tmp_path / "sys",
+                                  timeout=1)
     assert found == loop_device
     assert devices.device_size(found) == 5 * 1024 * 1024
     fd = devices.open_for_read(found, direct=True)

@@ -3,8 +3,11 @@
 Owns: the file layout of OpenNebula's file-based datastores under ROOT
 (`datastores/ID/<hex>` image sources, `datastores/SYS/VM/disk.N` VM disks,
 `disk.N.snap/SNAP` snapshots), sparse-preserving copies, and each VM's
-simulated guest under `vms/VM/`: `dev/<TARGET>` and `dev/disk/by-id/...`
-links (or real loop devices), and `run/one-context/one_env`.
+simulated guest under `vms/VM/`: `dev/<TARGET>` (a link to the file, or a
+real loop device), what the guest kernel shows of it (`sys/block/<TARGET>/`
+`size` and, for virtio, `serial`) and what udev makes of it
+(`dev/disk/by-id/...` links, claimed in `run/udev/links/`: with two disks of
+one serial the link names the latest), and `run/one-context/one_env`.
 Must not: know states or touch the database.
 """
 
@@ -15,6 +18,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -146,9 +150,13 @@ def by_id_name(dev_prefix: str, serial: str) -> str:
 
 def plug(root: Path, vm_id: int, target: str, dev_prefix: str, serial: str | None,
          disk: Path, loop: bool) -> None:
-    """Make the disk appear in the guest: dev/TARGET and, with a SERIAL,
-    dev/disk/by-id/NAME (symlinks to the file, or to a loop device)."""
-    dev = guest_dir(root, vm_id) / "dev"
+    """Make the disk appear in the guest as the kernel and udev do: the node
+    dev/TARGET (a symlink to the file, or to a loop device), the kernel's
+    sys/block/TARGET (`size` in 512-byte sectors; `serial`, cut to 20 bytes,
+    for virtio-blk only, as the kernel's virtblk_serial_show) and, with a
+    SERIAL, udev's dev/disk/by-id/NAME (`udev_claim`)."""
+    guest = guest_dir(root, vm_id)
+    dev = guest / "dev"
     (dev / "disk" / "by-id").mkdir(parents=True, exist_ok=True)
     node = disk
     if loop:
@@ -158,16 +166,28 @@ def plug(root: Path, vm_id: int, target: str, dev_prefix: str, serial: str | Non
     link = dev / target
     remove(link)
     link.symlink_to(node)
+    block = guest / "sys" / "block" / target
+    remove(block)
+    block.mkdir(parents=True)
+    try:
+        size = disk.stat().st_size
+    except OSError:
+        size = 0
+    (block / "size").write_text(f"{-(-size // 512)}\n")
+    if serial and dev_prefix == "vd":
+        (block / "serial").write_text(serial[:20] + "\n")
     if serial:
-        by_id = dev / "disk" / "by-id" / by_id_name(dev_prefix, serial)
-        remove(by_id)
-        by_id.symlink_to(Path("../..") / target)
+        udev_claim(root, vm_id, by_id_name(dev_prefix, serial), target)
 
 
 def unplug(root: Path, vm_id: int, target: str, dev_prefix: str, serial: str | None) -> None:
-    dev = guest_dir(root, vm_id) / "dev"
+    """The disk leaves the guest: its sys/block entry, its claim on its by-id
+    link (`udev_release`) and its node."""
+    guest = guest_dir(root, vm_id)
+    dev = guest / "dev"
+    remove(guest / "sys" / "block" / target)
     if serial:
-        remove(dev / "disk" / "by-id" / by_id_name(dev_prefix, serial))
+        udev_release(root, vm_id, by_id_name(dev_prefix, serial), target)
     link = dev / target
     if link.is_symlink():
         node = Path(os.readlink(link))
@@ -176,8 +196,53 @@ def unplug(root: Path, vm_id: int, target: str, dev_prefix: str, serial: str | N
         link.unlink()
 
 
+def _claims(root: Path, vm_id: int, name: str) -> Path:
+    return guest_dir(root, vm_id) / "run" / "udev" / "links" / name
+
+
+def udev_claim(root: Path, vm_id: int, name: str, target: str) -> None:
+    """What udev does when a disk that wants by-id NAME appears (systemd's
+    udev-node.c link_update: every device wanting a link records a claim
+    under /run/udev/links/NAME; of equal priority the device being added
+    takes the link): the claim is recorded and the link names this disk,
+    even when another disk with the same serial holds it."""
+    claims = _claims(root, vm_id, name)
+    claims.mkdir(parents=True, exist_ok=True)
+    (claims / target).write_text(f"{time.time_ns()}\n")
+    _point(guest_dir(root, vm_id) / "dev" / "disk" / "by-id" / name, target)
+
+
+def udev_release(root: Path, vm_id: int, name: str, target: str) -> None:
+    """What udev does when that disk goes: its claim is dropped; if the link
+    named it, the link moves to the latest remaining claimant, or goes when
+    none is left; if it named another disk, it is left alone."""
+    claims = _claims(root, vm_id, name)
+    remove(claims / target)
+    link = guest_dir(root, vm_id) / "dev" / "disk" / "by-id" / name
+    if link.is_symlink() and Path(os.readlink(link)).name != target:
+        return
+    remaining = sorted(((int(c.read_text() or 0), c.name) for c in claims.iterdir()),
+                       reverse=True) if claims.is_dir() else []
+    if remaining:
+        _point(link, remaining[0][1])
+    else:
+        remove(link)
+        remove(claims)
+
+
+def _point(link: Path, target: str) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(link.name + ".tmp")
+    remove(tmp)
+    tmp.symlink_to(Path("../..") / target)
+    os.replace(tmp, link)  # udev replaces links atomically
+
+
 def unplug_all(root: Path, vm_id: int) -> None:
-    dev = guest_dir(root, vm_id) / "dev"
+    guest = guest_dir(root, vm_id)
+    dev = guest / "dev"
+    remove(guest / "sys")
+    remove(guest / "run" / "udev")
     if not dev.is_dir():
         return
     for entry in dev.iterdir():

@@ -9,7 +9,8 @@ Must not: change objects itself (the simulator applies image faults).
 
 Driver operations: deploy, shutdown, poweroff, suspend, resume, attach,
 detach, snapshot_create, snapshot_revert, snapshot_delete, saveas, image
-(allocate: copy or mkfs) and image_delete.
+(allocate: copy or mkfs) and image_delete; and plug/unplug, the guest seeing
+a disk come or go (slow: that long after oned finished the attach/detach).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.onesim.constants import ErrorCode
 
 DRIVER_OPS = ("deploy", "shutdown", "poweroff", "suspend", "resume", "attach", "detach",
               "snapshot_create", "snapshot_revert", "snapshot_delete", "saveas", "image",
-              "image_delete")
+              "image_delete", "plug", "unplug")
 
 
 @dataclass

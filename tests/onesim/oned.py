@@ -127,8 +127,19 @@ class Oned:
         self.bus = bus
         self.faults = faults
         self.root = config.root
-        self.engine: Any = None  # the Engine, set by the simulator
+        self._engine: Any = None
         self._tls = threading.local()
+
+    @property
+    def engine(self) -> Any:
+        """The Engine, set by the simulator (which resumes pending operations)."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Any) -> None:
+        self._engine = engine
+        engine.register("guest.plug", self._plug_later)
+        engine.register("guest.unplug", self._unplug_later)
 
     # -- deferred work: what oned's LCM does after the request returned ------
     def defer(self, fn: Callable[[], None]) -> None:
@@ -360,20 +371,64 @@ class Oned:
 
     # -- guest devices -------------------------------------------------------
     def plug_disk(self, vm: Vm, disk: dict[str, str]) -> None:
+        """The guest sees the disk: at once, or `seconds` later with the fault
+        `slow_driver("plug", seconds)` (libvirt's attach returns, and oned
+        leaves HOTPLUG, before the guest kernel has probed the device and
+        udev has made its links)."""
         target = disk.get("TARGET")
         if not target or vm.last is None:
             return
-        path = dataplane.disk_file(self.ds_path(vm.system_ds()), vm.id, int(disk["DISK_ID"]))
+        disk_id = int(disk["DISK_ID"])
+        delay = self.faults.driver_delay("plug", vm.id, disk_id)
+        if delay > 0:
+            self.schedule({"op": "guest.plug", "vm": vm.id, "disk": disk_id,
+                           "serial": disk.get("SERIAL", "")}, delay)
+            return
+        path = dataplane.disk_file(self.ds_path(vm.system_ds()), vm.id, disk_id)
         if not path.exists() and not path.is_symlink():
             return
         dataplane.plug(self.root, vm.id, target, disk.get("DEV_PREFIX", "sd"),
                        disk.get("SERIAL"), path, self.config.loop)
 
+    def _plug_later(self, op: dict[str, Any]) -> None:
+        vm = self.store.vms.get(op["vm"])
+        disk = vm.disk(op["disk"]) if vm is not None else None
+        if (vm is None or disk is None or vm.state != VmState.ACTIVE
+                or disk.get("ATTACH") == "YES" or disk.get("SERIAL", "") != op["serial"]):
+            return  # detached, or the VM left, before the guest saw it
+        path = dataplane.disk_file(self.ds_path(vm.system_ds()), vm.id, op["disk"])
+        if path.exists() or path.is_symlink():
+            dataplane.plug(self.root, vm.id, disk["TARGET"], disk.get("DEV_PREFIX", "sd"),
+                           disk.get("SERIAL"), path, self.config.loop)
+
     def unplug_disk(self, vm: Vm, disk: dict[str, str]) -> None:
+        """The disk leaves the guest: at once, or `seconds` after oned's detach
+        finished with the fault `slow_driver("unplug", seconds)` (the guest's
+        udev has not yet processed the remove event)."""
         target = disk.get("TARGET")
-        if target:
-            dataplane.unplug(self.root, vm.id, target, disk.get("DEV_PREFIX", "sd"),
-                             disk.get("SERIAL"))
+        if not target:
+            return
+        prefix, serial = disk.get("DEV_PREFIX", "sd"), disk.get("SERIAL")
+        delay = self.faults.driver_delay("unplug", vm.id, int(disk["DISK_ID"]))
+        if delay > 0:
+            self.schedule({"op": "guest.unplug", "vm": vm.id, "target": target,
+                           "prefix": prefix, "serial": serial}, delay)
+            return
+        dataplane.unplug(self.root, vm.id, target, prefix, serial)
+
+    def _unplug_later(self, op: dict[str, Any]) -> None:
+        vm = self.store.vms.get(op["vm"])
+        target, prefix, serial = op["target"], op["prefix"], op["serial"]
+        holder = next((d for d in vm.disks() if d.get("TARGET") == target), None) \
+            if vm is not None else None
+        if vm is not None and holder is not None:
+            # The target went to a disk attached since; its plug replaced the
+            # node and the kernel's entry: only the old disk's link claim goes.
+            if serial and holder.get("SERIAL") != serial:
+                dataplane.udev_release(self.root, vm.id, dataplane.by_id_name(prefix, serial),
+                                       target)
+            return
+        dataplane.unplug(self.root, op["vm"], target, prefix, serial)
 
     def save(self) -> None:
         self.store.save()
