@@ -309,3 +309,60 @@ def test_last_backup_is_the_newest_of_that_vm(tmp_path: Path) -> None:
         assert last is not None and (last.id, last.vm_id, last.kind) == (3, 1, "incremental")
         assert [d.disk_id for d in last.disks] == [0]
         assert cat.last_backup(2).id == 2  # type: ignore[union-attr]
+
+
+# -- several processes at once --------------------------------------------------
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _processes(code: str, n: int) -> list[tuple[int, str]]:
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=_REPO, stderr=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    out = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        out.append((p.returncode, err.strip().splitlines()[-1] if err.strip() else ""))
+    return out
+
+
+def test_processes_creating_one_new_catalog_at_once_all_succeed(tmp_path: Path) -> None:
+    """Today's open ran the migrations unlocked: "table vms already exists",
+    "database is locked"."""
+    for trial in range(3):
+        path = tmp_path / f"c{trial}.sqlite"
+        code = f"from agent.catalog import Catalog; Catalog.open({str(path)!r}).close()"
+        results = _processes(code, 6)
+        assert [err for code_, err in results if code_ != 0] == []
+        with Catalog.open(path) as cat:
+            assert cat.jobs() == []
+
+
+def test_processes_writing_one_catalog_at_once_never_see_a_locked_database(
+        tmp_path: Path) -> None:
+    """Read-then-write transactions of several processes (queueing, claiming,
+    finishing jobs; journaling) race: a deferred transaction that read first
+    cannot upgrade to a writer and fails at once with "database is locked"."""
+    path = tmp_path / "catalog.sqlite"
+    Catalog.open(path).close()
+    code = f"""
+import os
+from agent.catalog import Catalog
+from agent.model import JournalKind
+cat = Catalog.open({str(path)!r})
+me = os.getpid()
+for i in range(60):
+    cat.job_enqueue(me * 1000 + i % 7, "backup", "test")
+    job = cat.job_claim(str(me), 1000)
+    e = cat.journal_record(JournalKind.IMAGE, f"oneback-{{me}}-{{i}}", str(me))
+    cat.journal_done(e.id)
+    if job is not None:
+        cat.job_finish(job.id, "ok")
+"""
+    results = _processes(code, 6)
+    assert [err for code_, err in results if code_ != 0] == []
+    with Catalog.open(path) as cat:
+        assert cat.journal_pending() == []
