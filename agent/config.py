@@ -90,6 +90,12 @@ class AgentConfig:
     retry_base: float          # seconds before the first retry, doubled each time
     max_attempts: int
     shutdown_grace: float      # seconds a running job may take to finish on SIGTERM
+    min_interval: int = 3600   # floor on a VM owner's ONEBACK_INTERVAL
+    max_snapshot_sets: int = 10  # snapshot sets per VM the agent takes on request
+    failure_cooldown: float = 300.0  # after a failed job, doubled per failure in a row
+    max_backoff: float = 21600.0     # cap on every backoff (failed jobs, reconcile, expiry)
+    max_connections: int = 16  # control endpoint: connections (threads) at once
+    connection_timeout: float = 5.0  # control endpoint: seconds a connection may take
 
     def read_secret(self) -> bytes:
         """The secret shared with the hook scripts. Refuses one others can read."""
@@ -264,7 +270,9 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     )
     ag = _Section({"agent": data.get("agent", {})}, "agent", path)
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",
-                    "retry_base", "max_attempts", "shutdown_grace"})
+                    "retry_base", "max_attempts", "shutdown_grace", "min_interval",
+                    "max_snapshot_sets", "failure_cooldown", "max_backoff",
+                    "max_connections", "connection_timeout"})
     listen = ag.text("listen", "127.0.0.1:2640")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -278,6 +286,12 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         retry_base=ag.number("retry_base", 30.0),
         max_attempts=ag.integer("max_attempts", 5),
         shutdown_grace=ag.number("shutdown_grace", 60.0),
+        min_interval=ag.integer("min_interval", 3600),
+        max_snapshot_sets=ag.integer("max_snapshot_sets", 10),
+        failure_cooldown=ag.number("failure_cooldown", 300.0),
+        max_backoff=ag.number("max_backoff", 21600.0),
+        max_connections=ag.integer("max_connections", 16),
+        connection_timeout=ag.number("connection_timeout", 5.0),
     )
     return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
                   agent=agent)
