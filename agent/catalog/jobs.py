@@ -105,7 +105,7 @@ class JobQueue:
                     return _job(row)
                 except (ValueError, TypeError, AttributeError) as e:
                     conn.execute("UPDATE jobs SET state = 'failed', owner = NULL, updated = ?,"
-                                 " error = ? WHERE id = ?",
+                                 " params = '{}', error = ? WHERE id = ?",
                                  (now, f"unreadable job row: {type(e).__name__}: {e}"[:500],
                                   row[0]))
 
