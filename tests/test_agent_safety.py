@@ -229,9 +229,12 @@ def test_the_queue_takes_turns_between_owners(
     before another owner's one."""
     alice = int(cloud.one.user.allocate("alice", "pw-alice", ""))
     bob = int(cloud.one.user.allocate("bob", "pw-bob", ""))
+    # bob's VM in the middle of alice's: last but three in either pool order
     many = [cloud.vm(f"a{i}", [cloud.image(f"a{i}d", pattern(DISK, 50 + i))])
-            for i in range(5)]
+            for i in range(3)]
     one = cloud.vm("b", [cloud.image("bd", pattern(DISK, 60))])
+    many += [cloud.vm(f"a{i}", [cloud.image(f"a{i}d", pattern(DISK, 50 + i))])
+             for i in range(3, 6)]
     for vm in many:
         cloud.one.vm.chown(vm, alice, -1)
     cloud.one.vm.chown(one, bob, -1)
