@@ -276,7 +276,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     listen = ag.text("listen", "127.0.0.1:2640")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{path}: agent.listen must be HOST:PORT, e.g. 0.0.0.0:2640")
+        raise ConfigError(f"{path}: agent.listen must be HOST:PORT, e.g. 127.0.0.1:2640 or"
+                          f" this VM's management address")
     agent = AgentConfig(
         listen_host=host, listen_port=int(port),
         secret_file=ag.path_("secret_file", "/etc/oneback/hook_secret"),
