@@ -116,6 +116,7 @@ class VmPolicy:
     snapshot_ttl: int | None
     error: str                    # a bad tag: reported on the VM, nothing else done
     note: str = ""                # what the agent changed (an interval raised to the floor)
+    floor: int = 0                # the operator's min_interval: no backup more often
 
 
 def _labels(text: str) -> set[str]:
@@ -180,7 +181,7 @@ def vm_policy(vm: VmInfo, min_interval: int = 0) -> VmPolicy:
         except UsageError as e:
             errors.append(e.message)
     return VmPolicy(opted_in, interval, keep, exclude, on, snapshot, ttl, "; ".join(errors),
-                    note)
+                    note, min_interval)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,8 @@ def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, now: float,
     if last_backup is None:
         work.append(Due("backup", "first backup", {}))
     elif "poweroff" in pol.on and vm.state == 8 and vm.running_end > (
-            last_finished if last_finished is not None else last_backup):
+            last_finished if last_finished is not None else last_backup) and (
+            now - last_backup >= pol.floor):   # power cycling does not beat the floor
         work.append(Due("backup", "powered off since its last backup", {}))
     elif now - last_backup >= pol.interval:
         work.append(Due("backup", f"last backup older than {pol.interval}s", {}))
