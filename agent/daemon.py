@@ -484,9 +484,9 @@ class Agent:
             except Exception as e:   # recording the job's outcome failed
                 event("job.crashed", job=job.id, vm_id=job.vm_id, error=_error(e))
                 self._requeue(job, _error(e))
-            finally:
-                self._running.pop(job.id, None)
-                self._current.pop(me, None)
+            # Not in a `finally`: if this thread dies, `_supervise` finds its job here.
+            self._running.pop(job.id, None)
+            self._current.pop(me, None)
 
     def _run_job(self, job: Job) -> None:
         event("job.started", job=job.id, vm_id=job.vm_id, kind=job.kind, attempt=job.attempts)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import zmq
 
 from agent.control import sign
@@ -334,3 +335,61 @@ def test_cli_commands_write_while_the_agent_runs_jobs(
         wait_backups(cloud, vm, 1, timeout=60)
     assert not [x for x in a.lines if "locked" in json.dumps(x)]
     clean_log(a)
+
+
+# -- 6. supervised workers ----------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_worker_that_dies_is_replaced_and_its_job_requeued(
+        cloud: Cloud, caplog: pytest.LogCaptureFixture) -> None:
+    """The agent in this process, with a clock that kills the first worker
+    thread that asks it the time (a SystemExit: no `except Exception` stops
+    it). Before, the job stayed "running" forever and the worker was gone."""
+    import threading
+
+    from agent import config as config_mod
+    from agent.catalog import Catalog
+    from agent.cloud import Cloud as OneCloud
+    from agent.daemon import Agent
+    from agent.lease import Lease
+    from agent.store.local import LocalStore
+
+    test_agent.agent_config(cloud, reconcile=0.5, extra="failure_cooldown = 0.5")
+    vm = cloud.vm("sup", [cloud.image("sup0", pattern(DISK, 90))])
+    cloud.one.vm.update(vm, 'ONEBACK="yes"\nONEBACK_SNAPSHOT="pre"', 1)
+    cfg = config_mod.load(cloud.config)
+    killed = threading.Event()
+
+    def clock() -> float:
+        if threading.current_thread().name.startswith("oneback-worker") and not killed.is_set():
+            killed.set()
+            raise SystemExit("a worker dies")
+        return time.time()
+
+    one = OneCloud(cfg.opennebula.endpoint, cfg.opennebula.read_credentials(),
+                   timeout=cfg.opennebula.timeout,
+                   operation_timeout=cfg.opennebula.operation_timeout,
+                   poll_interval=cfg.opennebula.poll_interval)
+    catalog = Catalog.open(cfg.storage.catalog)
+    lease = Lease.acquire(cfg.storage.catalog)
+    stop = threading.Event()
+    agent_ = Agent(cfg, one, catalog, LocalStore.open(cfg.storage.repository, create=True),
+                   lease, secret=cfg.agent.read_secret(), clock=clock)
+    runner = threading.Thread(target=agent_.run, args=(stop,), daemon=True)
+    caplog.set_level("INFO", logger="oneback")
+    runner.start()
+    try:
+        def sets() -> list[str]:
+            return [s["name"] for s in cloud.call("snapshot", "list", str(vm), "--json").json()]
+
+        assert wait_until(sets, 30, 0.2) == ["pre"]
+        assert killed.is_set()
+        replaced = [r for r in caplog.records if r.getMessage() == "worker.replaced"]
+        assert replaced and replaced[0].__dict__["fields"]["vm_id"] == vm
+        assert [j.state for j in catalog.jobs(("running",))] == []
+    finally:
+        stop.set()
+        runner.join(30)
+        lease.release()
+        catalog.close()
