@@ -55,6 +55,7 @@ LAST_BACKUP = "ONEBACK_LAST_BACKUP"
 
 
 MAX_FIELD = 2000   # a log field quoting an owner's 10 MB tag stays one short line
+REFUSED_PER_SECOND = 20
 
 
 def _short(value: object) -> object:
@@ -119,6 +120,8 @@ class Agent:
         self._pool_wanted = False               # a look at every VM is owed
         self._pool_retry = 0.0                  # monotonic: not before (the pool read failed)
         self._pool_failures = 0
+        self._refused_lock = threading.Lock()
+        self._refused_second, self._refused_count, self._refused_dropped = 0, 0, 0
 
     # -- the main loop ------------------------------------------------------------
 
@@ -237,6 +240,19 @@ class Agent:
             self._work.notify()
 
     def _hook_refused(self, peer: str, why: str) -> None:
+        """One line per refusal, at most REFUSED_PER_SECOND a second (then one
+        line saying how many were not logged): strangers cannot flood the log."""
+        second = int(time.monotonic())
+        with self._refused_lock:
+            if second != self._refused_second:
+                dropped = self._refused_dropped
+                self._refused_second, self._refused_count, self._refused_dropped = second, 0, 0
+                if dropped:
+                    log.warning("hook.refused_unlogged", extra={"fields": {"count": dropped}})
+            self._refused_count += 1
+            if self._refused_count > REFUSED_PER_SECOND:
+                self._refused_dropped += 1
+                return
         log.warning("hook.refused", extra={"fields": {"peer": peer, "why": _short(why)}})
 
     # -- what keeps failing ---------------------------------------------------

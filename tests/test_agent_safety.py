@@ -187,6 +187,20 @@ def test_the_endpoint_refuses_bad_lengths_at_once_and_replays_after_a_restart(
     clean_log(b)
 
 
+def test_a_stranger_cannot_flood_the_log(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    a = agent(reconcile=3600)
+    url = a.control_url
+    for _ in range(80):
+        assert code_of(raw_post(url, b"{}", {"Content-Length": "2"})) == 401
+    time.sleep(1.1)
+    raw_post(url, b"{}", {"Content-Length": "2"})
+    unlogged = a.wait_event("hook.refused_unlogged")
+    assert len(a.events("hook.refused")) + unlogged["count"] >= 80
+    assert len(a.events("hook.refused")) <= 3 * 20
+    clean_log(a)
+
+
 # -- 3. fairness -----------------------------------------------------------------------
 
 
