@@ -448,7 +448,15 @@ def _opening(path: Path) -> Iterator[None]:
     """Hold the catalog's open lock (an flock on `<catalog>.lock`, a file of
     its own: closing a descriptor of the database file itself would drop
     SQLite's POSIX locks)."""
-    fd = os.open(path.parent / (path.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    lock = path.parent / (path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        try:   # a read-only place: nobody can migrate there anyway
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            yield
+            return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
