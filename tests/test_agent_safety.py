@@ -300,7 +300,7 @@ def test_a_failing_pool_read_backs_off_instead_of_spinning(
     cloud.sim.faults.fail_call("one.vmpool.infoextended", "oned is unwell", count=None)
     a = agent(reconcile=0.3)
     time.sleep(4)
-    assert 2 <= len(failures(a)) <= 6, len(failures(a))
+    assert 2 <= len(failures(a)) <= 8, len(failures(a))   # before: ~20
     doc = cloud.call("status", "--json").json()
     assert [f["what"] for f in doc["failing"]] == ["reconcile of every VM"]
     assert "oned is unwell" in doc["failing"][0]["error"]
@@ -323,7 +323,7 @@ def test_a_set_that_cannot_be_deleted_backs_off_alone(
     a = agent(reconcile=0.3)
     time.sleep(4)
     tries = [x for x in failures(a) if x.get("vm_id") == stuck]
-    assert 2 <= len(tries) <= 6, len(tries)
+    assert 2 <= len(tries) <= 8, len(tries)   # before: ~20
     assert all(x["event"] == "expire.failed" for x in tries)
     other = cloud.vm("served", [cloud.image("served0", pattern(DISK, 64))])
     cloud.one.vm.update(other, 'ONEBACK="yes"', 1)
