@@ -333,6 +333,31 @@ def test_a_set_that_cannot_be_deleted_backs_off_alone(
     assert doc["failing"][0]["failures"] >= 2
 
 
+def test_one_vm_whose_reconcile_keeps_failing_backs_off_alone(
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+    """A VM whose catalog record cannot be read (here: its backup's warnings
+    damaged) made every full reconcile raise: the agent exited at start."""
+    broken = cloud.vm("broken", [cloud.image("broken0", pattern(DISK, 65))])
+    r = cloud.call("backup", str(broken))
+    assert r.code == 0, r.err
+    with sqlite3.connect(cloud.tmp / "catalog.sqlite") as db:
+        db.execute("UPDATE backups SET warnings = '{damaged' WHERE vm_id = ?", (broken,))
+    fine = cloud.vm("fine", [cloud.image("fine0", pattern(DISK, 66))])
+    for vm in (broken, fine):
+        cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    a = agent(reconcile=0.3)
+    wait_backups(cloud, fine, 1)
+    time.sleep(3)
+    tries = [x for x in a.events("reconcile.failed") if x.get("vm_id") == broken]
+    assert 2 <= len(tries) <= 8, len(tries)    # backing off, not every 0.3s
+    assert "internal error: JSONDecodeError" in tries[0]["error"]
+    doc = cloud.call("status", "--json").json()
+    assert [(f["key"], f["what"]) for f in doc["failing"]] == [(f"reconcile:{broken}",
+                                                               "reconcile")]
+    assert a.proc.poll() is None
+    clean_log(a)
+
+
 # -- 5. the agent and the CLI writing one catalog at once ----------------------------------
 
 
