@@ -45,6 +45,7 @@ from agent.policy import parse_duration
 from agent.render import (
     JsonLogFormatter,
     ProgressBar,
+    backoff_json,
     backup_json,
     delete_json,
     disk_restore_json,
@@ -530,15 +531,17 @@ def agent_(config_file: str | None) -> None:
 @config_option
 @json_option
 def status(config_file: str | None, as_json: bool) -> None:
-    """The agent's queue, running jobs and last results."""
+    """The agent's queue, running jobs, last results, and what keeps failing."""
     with runtime(config_file, cloud=False) as rt:
         queued = rt.catalog.jobs(("queued",))
         running = rt.catalog.jobs(("running",))
         recent = rt.catalog.jobs(("done", "failed"), limit=20)
+        failing = rt.catalog.backoffs()
     if as_json:
         emit_json({"queued": [job_json(j) for j in queued],
                    "running": [job_json(j) for j in running],
-                   "recent": [job_json(j) for j in recent]})
+                   "recent": [job_json(j) for j in recent],
+                   "failing": [backoff_json(b) for b in failing]})
         return
     for title, jobs in (("running", running), ("queued", queued), ("recent", recent)):
         click.echo(f"{title}: {len(jobs)}")
@@ -546,6 +549,13 @@ def status(config_file: str | None, as_json: bool) -> None:
             what = j.error or j.result or j.reason
             click.echo(f"  job {j.id}: VM {j.vm_id} {j.kind} {j.state}"
                        f" (attempt {j.attempts}) {what}")
+    click.echo(f"failing (backing off): {len(failing)}")
+    now = time.time()
+    for b in failing:
+        vm = f"VM {b.vm_id} " if b.vm_id is not None else ""
+        wait = max(0, int(b.next_try - now))
+        click.echo(f"  {vm}{b.what}: failed {b.failures} time(s) in a row, next try in"
+                   f" {wait}s: {b.error}")
 
 
 @cli.group()

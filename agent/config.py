@@ -95,6 +95,12 @@ class AgentConfig:
     retry_base: float          # seconds before the first retry, doubled each time
     max_attempts: int
     shutdown_grace: float      # seconds a running job may take to finish on SIGTERM
+    min_interval: int = 3600   # floor on a VM owner's ONEBACK_INTERVAL
+    max_snapshot_sets: int = 10  # snapshot sets per VM the agent takes on request
+    failure_cooldown: float = 300.0  # after a failed job, doubled per failure in a row
+    max_backoff: float = 21600.0     # cap on every backoff (failed jobs, reconcile, expiry)
+    max_connections: int = 16  # control endpoint: connections (threads) at once
+    connection_timeout: float = 5.0  # control endpoint: seconds a connection may take
 
     def read_secret(self) -> bytes:
         """The secret shared with the hook scripts. Refuses one others can read."""
@@ -290,11 +296,14 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     )
     ag = _Section({"agent": data.get("agent", {})}, "agent", path)
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",
-                    "retry_base", "max_attempts", "shutdown_grace"})
+                    "retry_base", "max_attempts", "shutdown_grace", "min_interval",
+                    "max_snapshot_sets", "failure_cooldown", "max_backoff",
+                    "max_connections", "connection_timeout"})
     listen = ag.text("listen", "127.0.0.1:2640")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{path}: agent.listen must be HOST:PORT, e.g. 0.0.0.0:2640")
+        raise ConfigError(f"{path}: agent.listen must be HOST:PORT, e.g. 127.0.0.1:2640 or"
+                          f" this VM's management address")
     agent = AgentConfig(
         listen_host=host, listen_port=int(port),
         secret_file=ag.path_("secret_file", "/etc/oneback/hook_secret"),
@@ -304,6 +313,12 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         retry_base=ag.number("retry_base", 30.0),
         max_attempts=ag.integer("max_attempts", 5),
         shutdown_grace=ag.number("shutdown_grace", 60.0),
+        min_interval=ag.integer("min_interval", 3600),
+        max_snapshot_sets=ag.integer("max_snapshot_sets", 10),
+        failure_cooldown=ag.number("failure_cooldown", 300.0),
+        max_backoff=ag.number("max_backoff", 21600.0),
+        max_connections=ag.integer("max_connections", 16),
+        connection_timeout=ag.number("connection_timeout", 5.0),
     )
     bk = _Section({"backup": data.get("backup", {})}, "backup", path)
     bk.check_known({"qcow2_base"})

@@ -10,6 +10,16 @@ recovery (requeue jobs of a dead run, sweep its cloud leftovers); and a
 graceful shutdown (running jobs get `shutdown_grace` seconds to finish, then
 are cancelled, undone and requeued). Level-triggered: an event never carries
 a decision, every decision is taken from `one.vm.info` and the catalog.
+
+Many tenants, one agent: whatever goes wrong while handling one VM, event,
+hook request or job is caught there, logged as one line naming the VM, and
+the agent goes on. What keeps failing (one VM's reconcile, one expired set,
+one VM's jobs) backs off on its own, exponentially up to `max_backoff`, and
+is listed by `oneback status`; the rest is not held up. Workers are
+supervised: one that dies is replaced and its job requeued. Fairness: an
+owner's interval is never below `min_interval`, a VM has at most
+`max_snapshot_sets` sets taken on request, the queue takes turns between
+owners, and a failed job cools down before the same work is queued again.
 Must not: print (it logs one structured line per event), or talk to pyone,
 zmq or SQL directly.
 """
@@ -20,6 +30,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,9 +43,9 @@ from agent.config import Config
 from agent.control import ControlServer, Verifier
 from agent.errors import CloudError, DeviceError, Interrupted, NotFound, OnebackError, UsageError
 from agent.lease import Lease, is_alive
-from agent.model import VM_DONE, Job, VmInfo
+from agent.model import VM_DONE, Backoff, Job, VmInfo, is_one_id
 from agent.policy import due_work, vm_policy
-from agent.snapshots import create_set, expire_sets, sets_of
+from agent.snapshots import create_set, delete_set, sets_of
 from agent.store import ChunkStore
 from agent.subscriber import Subscriber
 
@@ -43,9 +54,26 @@ STATUS = "ONEBACK_STATUS"
 LAST_BACKUP = "ONEBACK_LAST_BACKUP"
 
 
+MAX_FIELD = 2000   # a log field quoting an owner's 10 MB tag stays one short line
+REFUSED_PER_SECOND = 20
+
+
+def _short(value: object) -> object:
+    if isinstance(value, str) and len(value) > MAX_FIELD:
+        return value[:MAX_FIELD] + f"... ({len(value)} chars)"
+    return value
+
+
 def event(name: str, /, **fields: object) -> None:
     """One structured log line (the CLI's formatter renders it as JSON)."""
-    log.info(name, extra={"fields": fields})
+    log.info(name, extra={"fields": {k: _short(v) for k, v in fields.items()}})
+
+
+def _error(e: BaseException) -> str:
+    """An exception as one line: ours carry their message, others are bugs."""
+    if isinstance(e, OnebackError):
+        return e.message
+    return f"internal error: {type(e).__name__}: {e}"
 
 
 @dataclass
@@ -86,6 +114,14 @@ class Agent:
         self.control: ControlServer | None = None
         self._work = threading.Condition()
         self._running: dict[int, Job] = {}
+        self._current: dict[str, Job] = {}      # worker thread name -> its job
+        self._hook_snapshots: deque[events_mod.Trigger] = deque(maxlen=1000)
+        self._failing: dict[str, Backoff] = {}  # the catalog's backoff, read once per pass
+        self._pool_wanted = False               # a look at every VM is owed
+        self._pool_retry = 0.0                  # monotonic: not before (the pool read failed)
+        self._pool_failures = 0
+        self._refused_lock = threading.Lock()
+        self._refused_second, self._refused_count, self._refused_dropped = 0, 0, 0
 
     # -- the main loop ------------------------------------------------------------
 
@@ -95,13 +131,13 @@ class Agent:
         sub = Subscriber(self.cfg.opennebula.events, events_mod.TOPICS)
         if self.secret is not None:
             self.control = ControlServer(
-                self.cfg.agent.listen_host, self.cfg.agent.listen_port, Verifier(self.secret),
-                accepted=self._hook_request, refused=self._hook_refused)
+                self.cfg.agent.listen_host, self.cfg.agent.listen_port,
+                Verifier(self.secret, remember=self._remember_nonce),
+                accepted=self._hook_request, refused=self._hook_refused,
+                max_connections=self.cfg.agent.max_connections,
+                timeout=self.cfg.agent.connection_timeout)
             event("control.listening", address=self.control.address)
-        workers = [threading.Thread(target=self._worker, name=f"oneback-worker-{i}",
-                                    daemon=True) for i in range(self.cfg.agent.max_jobs)]
-        for w in workers:
-            w.start()
+        workers = [self._start_worker(i) for i in range(self.cfg.agent.max_jobs)]
         self.wakeups.add(events_mod.everything("start"))
         next_reconcile = time.monotonic() + self.cfg.agent.reconcile_interval
         try:
@@ -113,24 +149,42 @@ class Agent:
                 if batch.disconnected:
                     event("events.disconnected", endpoint=self.cfg.opennebula.events)
                 for topic, body in batch.messages:
-                    trigger = events_mod.parse_message(topic, body)
-                    if trigger is not None:
-                        self.wakeups.add(trigger)
+                    self._event(topic, body)
                 if time.monotonic() >= next_reconcile:
                     next_reconcile = time.monotonic() + self.cfg.agent.reconcile_interval
                     self.wakeups.add(events_mod.everything("reconcile timer"))
-                self._reconcile_pending()
+                self._supervise(workers)
+                try:
+                    self._reconcile_pending()
+                except Exception as e:  # a bug outside any one VM: log it, go on
+                    event("reconcile.crashed", error=_error(e))
         finally:
             sub.close()
             if self.control is not None:
                 self.control.close()
             self.shutdown(workers)
 
+    def _event(self, topic: bytes, body: bytes) -> None:
+        try:
+            trigger = events_mod.parse_message(topic, body)
+        except Exception as e:  # one unreadable event is dropped, not the agent
+            event("event.failed", topic=topic[:200].decode("ascii", "replace"),
+                  error=_error(e))
+            return
+        if trigger is not None:
+            self.wakeups.add(trigger)
+
     def startup(self) -> None:
         """Requeue the jobs of a run that died, and remove its cloud leftovers."""
         recovered = self.catalog.jobs_recover(
             lambda owner: is_alive(self.cfg.storage.catalog, owner))
-        report = sweep(self.cloud, self.catalog, self.cfg.storage.catalog, self.cfg.proxy.vm_id)
+        try:
+            report = sweep(self.cloud, self.catalog, self.cfg.storage.catalog,
+                           self.cfg.proxy.vm_id)
+        except Exception as e:  # the next sweep (around every job) tries again
+            event("agent.started", owner=self.lease.owner, recovered_jobs=recovered,
+                  sweep_error=_error(e))
+            return
         event("agent.started", owner=self.lease.owner, recovered_jobs=recovered,
               swept=list(report.removed), sweep_failed=list(report.failed),
               sweep_kept=list(report.kept))
@@ -151,11 +205,16 @@ class Agent:
 
     # -- deciding -----------------------------------------------------------
 
+    def _remember_nonce(self, nonce: str, now: float, forget_before: float) -> bool:
+        return self.catalog.nonce_use(nonce, now, forget_before)
+
     def _hook_request(self, trigger: events_mod.Trigger) -> None:
+        """On the control endpoint's thread: only note it and wake the loop
+        (the hook is answered at once, whatever the cloud is doing)."""
         event("hook.accepted", vm_id=trigger.vm_id, reason=trigger.reason,
               snapshot=trigger.snapshot)
         if trigger.snapshot and trigger.vm_id is not None:
-            self._snapshot_request(trigger.vm_id, trigger.snapshot, trigger.snapshot_ttl)
+            self._hook_snapshots.append(trigger)
         self.wakeups.add(trigger)
 
     def _snapshot_request(self, vm_id: int, name: str, ttl: int | None) -> None:
@@ -168,37 +227,180 @@ class Agent:
         if not vm_policy(vm).opted_in:
             event("hook.snapshot_refused", vm_id=vm_id, error="VM is not opted in")
             return
+        cooling = self._cooling(vm_id, "snapshot")
+        if cooling is not None:
+            event("hook.snapshot_refused", vm_id=vm_id,
+                  error=f"its last snapshot job failed; cooling down until {cooling:.0f}")
+            return
         params = {"name": name, **({"ttl": str(ttl)} if ttl else {})}
-        job, new = self.catalog.job_enqueue(vm_id, "snapshot", "hook request", params)
+        job, new = self.catalog.job_enqueue(vm_id, "snapshot", "hook request", params,
+                                            uid=vm.uid)
         if new:
             event("job.queued", job=job.id, vm_id=vm_id, kind="snapshot", reason="hook")
         with self._work:
             self._work.notify()
 
     def _hook_refused(self, peer: str, why: str) -> None:
-        log.warning("hook.refused", extra={"fields": {"peer": peer, "why": why}})
+        """One line per refusal, at most REFUSED_PER_SECOND a second (then one
+        line saying how many were not logged): strangers cannot flood the log."""
+        second = int(time.monotonic())
+        with self._refused_lock:
+            if second != self._refused_second:
+                dropped = self._refused_dropped
+                self._refused_second, self._refused_count, self._refused_dropped = second, 0, 0
+                if dropped:
+                    log.warning("hook.refused_unlogged", extra={"fields": {"count": dropped}})
+            self._refused_count += 1
+            if self._refused_count > REFUSED_PER_SECOND:
+                self._refused_dropped += 1
+                return
+        log.warning("hook.refused", extra={"fields": {"peer": peer, "why": _short(why)}})
+
+    # -- what keeps failing ---------------------------------------------------
+
+    def _failed(self, key: str, vm_id: int | None, what: str, e: BaseException,
+                base: float) -> None:
+        """Log one line naming the VM, and back off `key` (never raises)."""
+        error = _error(e)
+        try:
+            b = self.catalog.backoff_fail(key, what, error, vm_id=vm_id, base=base,
+                                          cap=self.cfg.agent.max_backoff, now=self.clock())
+        except Exception as e2:
+            event(f"{what.split()[0]}.failed", vm_id=vm_id, error=error,
+                  backoff_error=_error(e2))
+            return
+        self._failing[key] = b
+        event(f"{what.split()[0]}.failed", vm_id=vm_id, what=what, error=error,
+              failures=b.failures, retry_at=b.next_try)
+
+    def _recovered(self, key: str) -> None:
+        if self._failing.pop(key, None) is not None:
+            try:
+                self.catalog.backoff_clear(key)
+            except Exception as e:
+                event("backoff.clear_failed", key=key, error=_error(e))
+
+    def _backing_off(self, key: str) -> bool:
+        b = self._failing.get(key)
+        return b is not None and b.next_try > self.clock()
+
+    def _cooling(self, vm_id: int, kind: str) -> float | None:
+        """Until when jobs of `kind` for the VM cool down after a failure (None: they don't)."""
+        b = self._failing.get(f"job:{vm_id}:{kind}")
+        return b.next_try if b is not None and b.next_try > self.clock() else None
+
+    def _load_failing(self) -> None:
+        try:
+            self._failing = {b.key: b for b in self.catalog.backoffs()}
+        except Exception as e:
+            event("backoff.read_failed", error=_error(e))
+
+    # -- deciding -----------------------------------------------------------
 
     def _reconcile_pending(self) -> None:
         vms, everything = self.wakeups.take()
-        if everything:
+        snapshots = []
+        while self._hook_snapshots:
+            snapshots.append(self._hook_snapshots.popleft())
+        self._pool_wanted = self._pool_wanted or everything
+        pool_due = self._pool_wanted and time.monotonic() >= self._pool_retry
+        if not (vms or snapshots or pool_due):
+            return
+        self._load_failing()
+        for t in snapshots:
+            assert t.vm_id is not None and t.snapshot is not None
             try:
-                pool = self.cloud.vms()
-                for vm in pool:
-                    self.reconcile(vm)
-                    vms.discard(vm.id)
-                for s in expire_sets(self.cloud, self.clock(), pool):
-                    event("snapshot.expired", vm_id=s.vm_id, name=s.name)
-            except OnebackError as e:
-                event("reconcile.failed", error=str(e))
-                self.wakeups.add(events_mod.everything("retry reconcile"))
-                return
+                self._snapshot_request(t.vm_id, t.snapshot, t.snapshot_ttl)
+            except Exception as e:
+                event("hook.failed", vm_id=t.vm_id, error=_error(e))
+        if pool_due:
+            self._pool_pass(vms)
         for vm_id in sorted(vms):
+            key = f"reconcile:{vm_id}"
+            if not is_one_id(vm_id):
+                event("reconcile.failed", vm_id=vm_id, error="not an OpenNebula id")
+                continue
+            if self._backing_off(key):
+                continue   # keeps failing: the full pass after its backoff retries it
             try:
-                self.reconcile(self.cloud.vm(vm_id))
+                vm = self.cloud.vm(vm_id)
             except NotFound:
                 self._gone(vm_id)
-            except OnebackError as e:
-                event("reconcile.failed", vm_id=vm_id, error=str(e))
+                continue
+            except Exception as e:
+                self._failed(key, vm_id, "reconcile", e, self.cfg.agent.retry_base)
+                continue
+            self._reconcile_one(vm)
+
+    def _pool_pass(self, vms: set[int]) -> None:
+        """Look at every VM, and expire what has expired. A failing pool read
+        is retried after a backoff, never at once; a failing VM or set backs
+        off alone."""
+        try:
+            pool = self.cloud.vms()
+        except Exception as e:
+            self._pool_failures += 1
+            delay = min(self.cfg.agent.max_backoff,
+                        self.cfg.agent.retry_base * 2 ** min(self._pool_failures - 1, 40))
+            self._pool_retry = time.monotonic() + delay
+            self._failed("reconcile:all", None, "reconcile of every VM", e,
+                         self.cfg.agent.retry_base)
+            return
+        self._pool_wanted, self._pool_failures, self._pool_retry = False, 0, 0.0
+        self._recovered("reconcile:all")
+        for vm in pool:
+            vms.discard(vm.id)
+            self._reconcile_one(vm)
+        self._expire(pool)
+        self._forget_the_gone(pool)
+
+    def _reconcile_one(self, vm: VmInfo) -> None:
+        key = f"reconcile:{vm.id}"
+        if self._backing_off(key):
+            return
+        try:
+            self.reconcile(vm)
+        except Exception as e:
+            self._failed(key, vm.id, "reconcile", e, self.cfg.agent.retry_base)
+        else:
+            self._recovered(key)
+
+    def _expire(self, pool: list[VmInfo]) -> None:
+        """Delete the sets whose TTL has passed, each on its own: one that
+        cannot be deleted backs off and does not hold up the others."""
+        now = self.clock()
+        for vm in pool:
+            try:
+                expired = [s for s in sets_of(vm) if s.expires is not None and s.expires <= now]
+            except Exception as e:
+                self._failed(f"expire:{vm.id}", vm.id, "expire", e, self.cfg.agent.retry_base)
+                continue
+            for s in expired:
+                key = f"expire:{vm.id}:{s.name}"
+                if self._backing_off(key):
+                    continue
+                try:
+                    delete_set(self.cloud, vm.id, s.name)
+                except NotFound:
+                    self._recovered(key)
+                except Exception as e:
+                    self._failed(key, vm.id, f"expire snapshot set {s.name}", e,
+                                 self.cfg.agent.retry_base)
+                else:
+                    self._recovered(key)
+                    event("snapshot.expired", vm_id=s.vm_id, name=s.name)
+
+    def _forget_the_gone(self, pool: list[VmInfo]) -> None:
+        """Backoffs of VMs and sets that no longer exist are dropped."""
+        live = {vm.id: {s.name for s in sets_of(vm)} for vm in pool}
+        for key, b in list(self._failing.items()):
+            kind, _, rest = key.partition(":")
+            if b.vm_id is None or kind not in ("reconcile", "expire", "job"):
+                continue
+            gone = b.vm_id not in live or (
+                kind == "expire" and rest.partition(":")[2] not in live[b.vm_id])
+            if gone:
+                self._recovered(key)
 
     def _gone(self, vm_id: int) -> None:
         last = self.catalog.last_backup(vm_id)
@@ -207,29 +409,36 @@ class Agent:
             event("vm.gone", vm_id=vm_id)
 
     def reconcile(self, vm: VmInfo) -> None:
-        """Queue what is due for `vm` now (idempotent)."""
+        """Queue what is due for `vm` now (idempotent). Work that failed
+        recently is not queued again before its cool-down ends."""
         if vm.id == self.cfg.proxy.vm_id:
             return
         if vm.state == VM_DONE:
             self._gone(vm.id)
             return
-        pol = vm_policy(vm)
+        pol = vm_policy(vm, self.cfg.agent.min_interval)
         if not pol.opted_in:
             return
         if pol.error:
             self._set_status(vm, f"error: {pol.error}")
             return
+        current = vm.user_template.get(STATUS, "")
+        if pol.note and pol.note not in current:
+            self._set_status(vm, _noted(current.split("; ")[0] or "scheduled", pol.note))
         last = self.catalog.last_backup(vm.id)
         for due in due_work(vm, pol, last.started if last else None, self.clock(),
                             last.finished if last else None):
-            job, new = self.catalog.job_enqueue(vm.id, due.kind, due.reason, due.params)
+            if self._cooling(vm.id, due.kind) is not None:
+                continue
+            job, new = self.catalog.job_enqueue(vm.id, due.kind, due.reason, due.params,
+                                                uid=vm.uid)
             if new:
                 event("job.queued", job=job.id, vm_id=vm.id, kind=due.kind, reason=due.reason)
                 with self._work:
                     self._work.notify()
 
     def _set_status(self, vm: VmInfo, status: str, extra: dict[str, str] | None = None) -> None:
-        attrs = {STATUS: status, **(extra or {})}
+        attrs = {STATUS: status[:1000], **(extra or {})}
         if all(vm.user_template.get(k) == v for k, v in attrs.items()):
             return  # unchanged: an update would only echo back as an event
         try:
@@ -239,29 +448,75 @@ class Agent:
 
     # -- doing --------------------------------------------------------------
 
+    def _start_worker(self, i: int) -> threading.Thread:
+        w = threading.Thread(target=self._worker, name=f"oneback-worker-{i}", daemon=True)
+        w.start()
+        return w
+
+    def _supervise(self, workers: list[threading.Thread]) -> None:
+        """Replace a worker that died; its job goes back to the queue."""
+        for i, w in enumerate(workers):
+            if w.is_alive() or self.stopping.is_set():
+                continue
+            job = self._current.pop(w.name, None)
+            if job is not None:
+                self._running.pop(job.id, None)
+                self._requeue(job, "its worker died")
+            event("worker.replaced", worker=w.name, job=job.id if job else None,
+                  vm_id=job.vm_id if job else None)
+            workers[i] = self._start_worker(i)
+
+    def _requeue(self, job: Job, why: str) -> None:
+        """Back to the queue after the cool-down (failed for good after
+        `max_attempts`): never left "running"."""
+        retry = (self.clock() + self.cfg.agent.failure_cooldown
+                 if job.attempts < self.cfg.agent.max_attempts else None)
+        try:
+            self.catalog.job_fail(job.id, f"internal error: {why}", retry_at=retry)
+        except Exception as e:  # the next start's recovery requeues it
+            event("job.requeue_failed", job=job.id, vm_id=job.vm_id, error=_error(e))
+            return
+        event("job.requeued", job=job.id, vm_id=job.vm_id, why=why, retry_at=retry)
+
     def _worker(self) -> None:
+        me = threading.current_thread().name
+        failures = 0
         while not self.stopping.is_set():
-            job = self.catalog.job_claim(self.lease.owner, self.cfg.agent.max_jobs)
+            try:
+                job = self.catalog.job_claim(self.lease.owner, self.cfg.agent.max_jobs)
+            except Exception as e:   # the catalog is busy or broken: wait, try again
+                failures += 1
+                event("worker.claim_failed", worker=me, error=_error(e))
+                self.stopping.wait(min(30.0, 0.2 * 2 ** min(failures, 8)))
+                continue
+            failures = 0
             if job is None:
                 with self._work:
                     self._work.wait(0.2)
                 continue
             self._running[job.id] = job
+            self._current[me] = job
             try:
                 self._run_job(job)
-            finally:
-                self._running.pop(job.id, None)
+            except Exception as e:   # recording the job's outcome failed
+                event("job.crashed", job=job.id, vm_id=job.vm_id, error=_error(e))
+                self._requeue(job, _error(e))
+            # Not in a `finally`: if this thread dies, `_supervise` finds its job here.
+            self._running.pop(job.id, None)
+            self._current.pop(me, None)
 
     def _run_job(self, job: Job) -> None:
         event("job.started", job=job.id, vm_id=job.vm_id, kind=job.kind, attempt=job.attempts)
+        note = ""
         try:
             vm = self.cloud.vm(job.vm_id)
-            pol = vm_policy(vm)
+            pol = vm_policy(vm, self.cfg.agent.min_interval)
+            note = pol.note
             if not pol.opted_in:      # it opted out since: do nothing
                 self.catalog.job_finish(job.id, "skipped: not opted in")
                 return
             if job.kind == "backup":
-                result = self._backup(vm)
+                result = self._backup(vm, note)
             elif job.kind == "snapshot":
                 result = self._snapshot(vm, job)
             else:
@@ -281,13 +536,23 @@ class Agent:
                 retry = self.clock() + self.cfg.agent.retry_base * 2 ** (job.attempts - 1)
             self.catalog.job_fail(job.id, str(e), retry_at=retry)
             event("job.failed", job=job.id, vm_id=job.vm_id, error=str(e), retry_at=retry)
+            if retry is None:
+                self._cool_down(job, e)
             self._status_after_failure(job.vm_id, str(e))
         except Exception as e:  # a bug: keep serving, record it
-            self.catalog.job_fail(job.id, f"internal error: {type(e).__name__}: {e}", None)
-            log.exception("job.crashed", extra={"fields": {"job": job.id}})
+            self.catalog.job_fail(job.id, _error(e), None)
+            event("job.crashed", job=job.id, vm_id=job.vm_id, error=_error(e))
+            self._cool_down(job, e)
         else:
             self.catalog.job_finish(job.id, result)
+            self._recovered(f"job:{job.vm_id}:{job.kind}")
             event("job.done", job=job.id, vm_id=job.vm_id, result=result)
+
+    def _cool_down(self, job: Job, e: BaseException) -> None:
+        """The same work is not queued again before `failure_cooldown` (doubled
+        for each failure in a row)."""
+        self._failed(f"job:{job.vm_id}:{job.kind}", job.vm_id, f"job {job.kind}", e,
+                     self.cfg.agent.failure_cooldown)
 
     def _status_after_failure(self, vm_id: int, error: str) -> None:
         try:
@@ -295,8 +560,8 @@ class Agent:
         except OnebackError:
             pass
 
-    def _backup(self, vm: VmInfo) -> str:
-        self._set_status(vm, "running")
+    def _backup(self, vm: VmInfo, note: str = "") -> str:
+        self._set_status(vm, _noted("running", note))
         workspace = Workspace(self.cloud, self.catalog, self.lease.owner, self.cfg.proxy.vm_id,
                               attach_slots=self.attach_slots)
         settings = Settings.from_config(self.cfg)
@@ -307,15 +572,23 @@ class Agent:
         rec = result.record
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.finished))
         status = "ok" if not result.refused else "warning: " + " | ".join(result.refused)
-        self._set_status(self.cloud.vm(vm.id), status[:1000],
+        self._set_status(self.cloud.vm(vm.id), _noted(status, note)[:1000],
                          {LAST_BACKUP: f"{when} backup {rec.id} ({rec.kind})"})
         return json.dumps({"backup_id": rec.id, "kind": rec.kind})
 
     def _snapshot(self, vm: VmInfo, job: Job) -> str:
         name = job.params.get("name", "")
         ttl = int(job.params["ttl"]) if job.params.get("ttl") else None
-        if any(s.name == name for s in sets_of(vm)):   # taken before a crash or restart
+        existing = sets_of(vm)
+        limit = self.cfg.agent.max_snapshot_sets
+        refused = ""
+        if any(s.name == name for s in existing):   # taken before a crash or restart
             outcome = f"snapshot set {name} already existed"
+        elif len(existing) >= limit:   # refused, and the request cleared: no retry loop
+            refused = (f"VM {vm.id} already has {len(existing)} snapshot sets, the most the"
+                       f" operator allows; delete one with 'oneback snapshot delete {vm.id}"
+                       f" NAME' and ask again")
+            outcome = f"refused: {refused}"
         else:
             created = create_set(self.cloud, self.catalog, self.lease.owner, vm.id, name, ttl,
                                  now=self.clock())
@@ -324,5 +597,13 @@ class Agent:
         fresh = self.cloud.vm(vm.id)
         if fresh.user_template.get("ONEBACK_SNAPSHOT", "").strip() == name:
             self.cloud.update_user_template(vm.id, {"ONEBACK_SNAPSHOT": ""}, merge=True)
-        event("snapshot.taken", vm_id=vm.id, name=name, ttl=ttl)
+        if refused:
+            event("snapshot.refused", vm_id=vm.id, name=name, sets=len(existing), limit=limit)
+            self._set_status(fresh, f"error: snapshot set {name} refused: {refused}")
+        else:
+            event("snapshot.taken", vm_id=vm.id, name=name, ttl=ttl)
         return outcome
+
+
+def _noted(status: str, note: str) -> str:
+    return f"{status}; {note}" if note else status

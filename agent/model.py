@@ -425,6 +425,22 @@ class Job:
     updated: float
     result: str
     error: str
+    uid: int | None = None        # the VM owner's user id (the queue takes turns by owner)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Something the agent keeps failing at (one VM's reconcile, one expired
+    snapshot set, one VM's jobs of a kind), and when it tries again."""
+
+    key: str                      # "reconcile:VM", "expire:VM:SET", "job:VM:KIND", ...
+    vm_id: int | None
+    what: str
+    failures: int
+    error: str
+    first_failed: float
+    last_failed: float
+    next_try: float
 
 
 ONE_ID_MAX = 2**31 - 1

@@ -26,14 +26,20 @@ from agent.model import (
 EXCLUDE_ATTRIBUTE = "ONEBACK_EXCLUDE_DISKS"
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """A value quoted for a message: tags are the owner's, and may be megabytes."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
+
 def parse_disk_ids(text: str, where: str) -> frozenset[int]:
     """`"1,3"` -> {1, 3}. Empty means none. Raises UsageError naming `where`."""
     text = text.strip()
     if not text:
         return frozenset()
-    if not re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
+    if not re.fullmatch(r"[0-9]{1,9}(\s*,\s*[0-9]{1,9})*", text):
         raise UsageError(
-            f"{where} is {text!r}: it must be a comma-separated list of disk ids, e.g. \"1,3\""
+            f"{where} is {shown(text)}: it must be a comma-separated list of disk ids,"
+            f" e.g. \"1,3\""
         )
     return frozenset(int(p) for p in text.split(","))
 
@@ -183,7 +189,7 @@ def plan_disks(vm: VmInfo, exclude: Iterable[int] = (), *, qcow2_base: bool = Fa
                     (*warnings, *refusals), via, tuple(refused), tuple(refusals))
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION = re.compile(r"^\s*([0-9]{1,9})\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -192,7 +198,8 @@ def parse_duration(text: str, where: str) -> int:
     m = _DURATION.match(text)
     if not m or int(m.group(1)) <= 0:
         raise UsageError(
-            f"{where} is {text!r}: it must be a positive duration such as 30m, 48h, 7d or 2w")
+            f"{where} is {shown(text)}: it must be a positive duration such as 30m, 48h, 7d"
+            f" or 2w")
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
@@ -217,14 +224,26 @@ class VmPolicy:
     snapshot: str | None          # a requested pre-change snapshot set
     snapshot_ttl: int | None
     error: str                    # a bad tag: reported on the VM, nothing else done
+    note: str = ""                # what the agent changed (an interval raised to the floor)
+    floor: int = 0                # the operator's min_interval: no backup more often
 
 
 def _labels(text: str) -> set[str]:
     return {part.strip().lower() for label in text.split(",") for part in label.split("/")}
 
 
-def vm_policy(vm: VmInfo) -> VmPolicy:
-    """Read the oneback tags of `vm`. Never raises: a bad value becomes `error`."""
+def format_duration(seconds: int) -> str:
+    """3600 -> "1h" (the largest unit that divides it)."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def vm_policy(vm: VmInfo, min_interval: int = 0) -> VmPolicy:
+    """Read the oneback tags of `vm`. Never raises: a bad value becomes `error`.
+    An ONEBACK_INTERVAL below the operator's `min_interval` is raised to it,
+    and `note` says so (for ONEBACK_STATUS)."""
     tags = vm.user_template
     value = tags.get(OPT_IN, "").strip().lower()
     opted_in = value in ("yes", "true", "1", "on") or (
@@ -236,12 +255,19 @@ def vm_policy(vm: VmInfo) -> VmPolicy:
             interval = parse_duration(tags["ONEBACK_INTERVAL"], "ONEBACK_INTERVAL")
         except UsageError as e:
             errors.append(e.message)
+    note = ""
+    if interval < min_interval:
+        note = (f"ONEBACK_INTERVAL={format_duration(interval)} is below the minimum of"
+                f" {format_duration(min_interval)} set by the operator: backed up every"
+                f" {format_duration(min_interval)}")
+        interval = min_interval
     keep = None
     if (k := tags.get("ONEBACK_KEEP", "").strip()):
-        if k.isdigit() and int(k) > 0:
+        if re.fullmatch(r"[0-9]{1,9}", k) and int(k) > 0:
             keep = int(k)
         else:
-            errors.append(f"ONEBACK_KEEP is {k!r}: it must be a positive number of backups")
+            errors.append(f"ONEBACK_KEEP is {shown(k)}: it must be a positive number of"
+                          f" backups")
     exclude: frozenset[int] = frozenset()
     try:
         exclude = parse_disk_ids(tags.get(EXCLUDE_ATTRIBUTE, ""), EXCLUDE_ATTRIBUTE)
@@ -250,16 +276,21 @@ def vm_policy(vm: VmInfo) -> VmPolicy:
     on = frozenset(t.strip().lower() for t in tags.get("ONEBACK_ON", "").split(",")
                    if t.strip())
     if on - TRIGGERS:
-        errors.append(f"ONEBACK_ON has {', '.join(sorted(on - TRIGGERS))!r}: the known"
+        errors.append(f"ONEBACK_ON has {shown(', '.join(sorted(on - TRIGGERS)))}: the known"
                       f" triggers are {', '.join(sorted(TRIGGERS))}")
     snapshot = tags.get("ONEBACK_SNAPSHOT", "").strip() or None
+    if snapshot and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", snapshot):
+        errors.append(f"ONEBACK_SNAPSHOT is {shown(snapshot)}: a snapshot set name is 1-63"
+                      f" letters, digits, '.', '_' or '-', starting with a letter or digit")
+        snapshot = None
     ttl = None
     if snapshot and (t := tags.get("ONEBACK_SNAPSHOT_TTL", "").strip()):
         try:
             ttl = parse_duration(t, "ONEBACK_SNAPSHOT_TTL")
         except UsageError as e:
             errors.append(e.message)
-    return VmPolicy(opted_in, interval, keep, exclude, on, snapshot, ttl, "; ".join(errors))
+    return VmPolicy(opted_in, interval, keep, exclude, on, snapshot, ttl, "; ".join(errors),
+                    note, min_interval)
 
 
 @dataclass(frozen=True)
@@ -295,7 +326,8 @@ def due_work(vm: VmInfo, pol: VmPolicy, last_backup: float | None, now: float,
     if last_backup is None:
         work.append(Due("backup", "first backup", {}))
     elif "poweroff" in pol.on and vm.state == 8 and vm.running_end > (
-            last_finished if last_finished is not None else last_backup):
+            last_finished if last_finished is not None else last_backup) and (
+            now - last_backup >= pol.floor):   # power cycling does not beat the floor
         work.append(Due("backup", "powered off since its last backup", {}))
     elif now - last_backup >= pol.interval:
         work.append(Due("backup", f"last backup older than {pol.interval}s", {}))

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from agent.model import BackupRecord, Job
+from agent.model import Backoff, BackupRecord, Job
 from agent.restore import DiskRestoreResult, RestoreResult
 from agent.snapshots import DeleteResult, SnapshotSet
 
@@ -150,3 +150,9 @@ def job_json(j: Job) -> dict[str, Any]:
             "reason": j.reason, "attempts": j.attempts, "params": dict(j.params),
             "not_before": j.not_before, "updated": j.updated, "result": j.result,
             "error": j.error}
+
+
+def backoff_json(b: Backoff) -> dict[str, Any]:
+    return {"key": b.key, "vm_id": b.vm_id, "what": b.what, "failures": b.failures,
+            "error": b.error, "first_failed": b.first_failed, "last_failed": b.last_failed,
+            "next_try": b.next_try}

@@ -309,3 +309,114 @@ def test_last_backup_is_the_newest_of_that_vm(tmp_path: Path) -> None:
         assert last is not None and (last.id, last.vm_id, last.kind) == (3, 1, "incremental")
         assert [d.disk_id for d in last.disks] == [0]
         assert cat.last_backup(2).id == 2  # type: ignore[union-attr]
+
+
+# -- several processes at once --------------------------------------------------
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _processes(code: str, n: int) -> list[tuple[int, str]]:
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=_REPO, stderr=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    out = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        out.append((p.returncode, err.strip().splitlines()[-1] if err.strip() else ""))
+    return out
+
+
+def test_processes_creating_one_new_catalog_at_once_all_succeed(tmp_path: Path) -> None:
+    """Today's open ran the migrations unlocked: "table vms already exists",
+    "database is locked"."""
+    for trial in range(3):
+        path = tmp_path / f"c{trial}.sqlite"
+        code = f"from agent.catalog import Catalog; Catalog.open({str(path)!r}).close()"
+        results = _processes(code, 6)
+        assert [err for code_, err in results if code_ != 0] == []
+        with Catalog.open(path) as cat:
+            assert cat.jobs() == []
+
+
+def test_processes_writing_one_catalog_at_once_never_see_a_locked_database(
+        tmp_path: Path) -> None:
+    """Read-then-write transactions of several processes (queueing, claiming,
+    finishing jobs; journaling) race: a deferred transaction that read first
+    cannot upgrade to a writer and fails at once with "database is locked"."""
+    path = tmp_path / "catalog.sqlite"
+    Catalog.open(path).close()
+    code = f"""
+import os
+from agent.catalog import Catalog
+from agent.model import JournalKind
+cat = Catalog.open({str(path)!r})
+me = os.getpid()
+for i in range(60):
+    cat.job_enqueue(me * 1000 + i % 7, "backup", "test")
+    job = cat.job_claim(str(me), 1000)
+    e = cat.journal_record(JournalKind.IMAGE, f"oneback-{{me}}-{{i}}", str(me))
+    cat.journal_done(e.id)
+    if job is not None:
+        cat.job_finish(job.id, "ok")
+"""
+    results = _processes(code, 6)
+    assert [err for code_, err in results if code_ != 0] == []
+    with Catalog.open(path) as cat:
+        assert cat.journal_pending() == []
+
+
+# -- the agent's queue between owners, its backoffs and nonces -----------------------
+
+
+def test_job_claim_takes_turns_between_owners(catalog: Catalog) -> None:
+    for vm in range(100, 110):                 # owner 1: ten VMs, queued first
+        catalog.job_enqueue(vm, "backup", "first backup", uid=1, now=1.0)
+    catalog.job_enqueue(200, "backup", "first backup", uid=2, now=2.0)
+    catalog.job_enqueue(300, "backup", "first backup", uid=3, now=3.0)
+    order = []
+    for t in range(12):
+        job = catalog.job_claim("me", 1, now=10.0 + t)
+        assert job is not None
+        order.append(job.uid)
+        catalog.job_finish(job.id, "ok", now=10.5 + t)
+    assert order[:3] == [1, 2, 3]              # each owner once before anyone twice
+    assert order[3:] == [1] * 9
+    assert catalog.job_claim("me", 1, now=30.0) is None
+
+
+def test_job_claim_prefers_the_owner_with_fewer_running_jobs(catalog: Catalog) -> None:
+    for vm in range(100, 104):
+        catalog.job_enqueue(vm, "backup", "b", uid=1, now=1.0)
+    catalog.job_enqueue(200, "backup", "b", uid=2, now=5.0)
+    first = catalog.job_claim("me", 10, now=10.0)
+    second = catalog.job_claim("me", 10, now=10.0)
+    assert first is not None and second is not None
+    assert (first.uid, second.uid) == (1, 2)
+
+
+def test_backoff_doubles_up_to_the_cap_and_clears(catalog: Catalog) -> None:
+    delays = []
+    for i in range(6):
+        b = catalog.backoff_fail("expire:7:old", "expire snapshot set old", "refused",
+                                 vm_id=7, base=10, cap=60, now=1000.0 + i)
+        delays.append(b.next_try - b.last_failed)
+    assert delays == [10, 20, 40, 60, 60, 60]
+    assert [(b.key, b.failures, b.first_failed) for b in catalog.backoffs()] == [
+        ("expire:7:old", 6, 1000.0)]
+    assert catalog.backoff_clear("expire:7:old") is True
+    assert catalog.backoffs() == []
+    assert catalog.backoff_clear("expire:7:old") is False
+
+
+def test_nonces_are_refused_twice_and_forgotten_after_their_window(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with Catalog.open(path) as cat:
+        assert cat.nonce_use("a" * 32, 1000.0, 400.0) is True
+        assert cat.nonce_use("a" * 32, 1001.0, 401.0) is False
+    with Catalog.open(path) as cat:            # a restart remembers
+        assert cat.nonce_use("a" * 32, 1002.0, 402.0) is False
+        assert cat.nonce_use("b" * 32, 2000.0, 1500.0) is True   # "a" is forgotten now
+        assert cat.nonce_use("a" * 32, 2001.0, 1501.0) is True

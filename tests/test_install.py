@@ -47,3 +47,4 @@ def test_example_config_is_accepted(tmp_path: Path) -> None:
     path.write_text(text)
     cfg = config.load(path)
     assert cfg.proxy.vm_id == 17 and cfg.agent.listen_port == 2640
+    assert cfg.agent.listen_host == "127.0.0.1"   # strangers are not invited by default

@@ -90,3 +90,28 @@ def test_due_work_is_level_triggered() -> None:
     work = due_work(snap, vm_policy(snap), 1000, 1001)
     assert [(d.kind, dict(d.params)) for d in work] == [
         ("snapshot", {"name": "before-x", "ttl": "7200"})]
+
+
+def test_an_interval_below_the_operators_floor_is_raised_and_noted() -> None:
+    v = vm({"ONEBACK": "yes", "ONEBACK_INTERVAL": "10m"})
+    pol = vm_policy(v, min_interval=3600)
+    assert pol.interval == 3600 and not pol.error
+    assert pol.note == ("ONEBACK_INTERVAL=10m is below the minimum of 1h set by the operator:"
+                        " backed up every 1h")
+    assert due_work(v, pol, 1000, 1000 + 3599) == []
+    assert vm_policy(vm({"ONEBACK": "yes", "ONEBACK_INTERVAL": "2h"}), 3600).note == ""
+    # power cycling does not beat the floor either
+    off = vm({"ONEBACK": "yes", "ONEBACK_ON": "poweroff"}, state=8, lcm=0, running_end=1500)
+    assert due_work(off, vm_policy(off, 3600), 1000, 1600) == []
+    assert [d.kind for d in due_work(off, vm_policy(off, 3600), 1000, 4600)] == ["backup"]
+
+
+@pytest.mark.parametrize("tag", ["ONEBACK_KEEP", "ONEBACK_INTERVAL", "ONEBACK_EXCLUDE_DISKS",
+                                 "ONEBACK_SNAPSHOT_TTL", "ONEBACK_SNAPSHOT", "ONEBACK_ON"])
+@pytest.mark.parametrize("value", ["9" * 5000, "9" * 5000 + "h", "\u00b2", "x" * 100_000])
+def test_a_huge_or_strange_tag_is_one_short_error(tag: str, value: str) -> None:
+    """int() of 5000 digits raises, and so does int("²") after isdigit():
+    an owner's tag made vm_policy raise inside the agent's reconcile."""
+    tags = {"ONEBACK": "yes", "ONEBACK_SNAPSHOT": "s", tag: value}
+    pol = vm_policy(vm(tags))
+    assert tag in pol.error and len(pol.error) < 300

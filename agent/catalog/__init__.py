@@ -17,8 +17,10 @@ not with disk size: a row is about 40 bytes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -72,18 +74,26 @@ class Catalog(JobQueue):
         conn: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
+            # Autocommit at the driver: every write transaction is opened by
+            # `_guard` with BEGIN IMMEDIATE, so it waits for the write lock up
+            # front instead of failing with "database is locked" on upgrade.
+            conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False,
+                                   isolation_level=None)
             db = Database(conn, execute_plugins=False)
             db.execute("PRAGMA foreign_keys = ON")
-            db.enable_wal()
-            db.execute("PRAGMA synchronous = FULL")
-            newer = [m.name for m in MIGRATIONS.applied(db) if m.name not in _KNOWN]
-            if newer:
-                raise RepositoryError(
-                    f"catalog {path} was written by a newer oneback (schema "
-                    f"{', '.join(newer)}); upgrade oneback"
-                )
-            MIGRATIONS.apply(db)
+            # Several processes may create or upgrade one catalog at once: one
+            # at a time (the migrations' scripts commit as they go, so the
+            # SQLite lock alone cannot hold them together).
+            with _opening(path):
+                db.enable_wal()
+                db.execute("PRAGMA synchronous = FULL")
+                newer = [m.name for m in MIGRATIONS.applied(db) if m.name not in _KNOWN]
+                if newer:
+                    raise RepositoryError(
+                        f"catalog {path} was written by a newer oneback (schema "
+                        f"{', '.join(newer)}); upgrade oneback"
+                    )
+                MIGRATIONS.apply(db)
         except sqlite3.Error as e:
             if conn is not None:
                 conn.close()
@@ -92,6 +102,8 @@ class Catalog(JobQueue):
                 "configuration"
             ) from e
         except OSError as e:
+            if conn is not None:
+                conn.close()
             raise RepositoryError(
                 f"cannot open catalog {path}: {e.strerror or e}; check storage.catalog "
                 "in the configuration"
@@ -119,12 +131,21 @@ class Catalog(JobQueue):
 
     @contextmanager
     def _guard(self, what: str, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """Serialise, wrap writes in one transaction, translate sqlite3 errors."""
+        """Serialise, wrap writes in one BEGIN IMMEDIATE transaction, translate
+        sqlite3 errors."""
         with self._lock:
             try:
                 if write:
-                    with self._db.atomic():
+                    # IMMEDIATE: take the write lock (waiting up to the busy
+                    # timeout) before the first read, never upgrade later.
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    try:
                         yield self._conn
+                    except BaseException:
+                        if self._conn.in_transaction:
+                            self._conn.execute("ROLLBACK")
+                        raise
+                    self._conn.execute("COMMIT")
                 else:
                     yield self._conn
             except sqlite3.IntegrityError as e:
@@ -416,6 +437,27 @@ class Catalog(JobQueue):
         with self._guard("listing chunks") as conn:
             ids = [bytes(r[0]) for r in conn.execute("SELECT sha256 FROM chunks WHERE refs > 0")]
         return iter(ids)
+
+
+@contextmanager
+def _opening(path: Path) -> Iterator[None]:
+    """Hold the catalog's open lock (an flock on `<catalog>.lock`, a file of
+    its own: closing a descriptor of the database file itself would drop
+    SQLite's POSIX locks)."""
+    lock = path.parent / (path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        try:   # a read-only place: nobody can migrate there anyway
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # Newest row at or before a backup for each index of a lineage. SQLite takes

@@ -126,3 +126,30 @@ def m002_jobs(db: Database) -> None:
         CREATE INDEX jobs_state ON jobs (state, not_before);
         """
     )
+
+
+@_migration
+def m003_agent_safety(db: Database) -> None:
+    db.executescript(
+        """
+        -- the VM owner's user id: the queue takes turns between owners
+        ALTER TABLE jobs ADD COLUMN uid INTEGER;
+        ALTER TABLE jobs ADD COLUMN claimed REAL NOT NULL DEFAULT 0;
+        CREATE INDEX jobs_uid ON jobs (uid, claimed);
+        CREATE TABLE nonces (                     -- hook requests seen (replays refused)
+            nonce TEXT PRIMARY KEY,
+            seen REAL NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX nonces_seen ON nonces (seen);
+        CREATE TABLE backoff (                    -- what keeps failing, and when to try again
+            key TEXT PRIMARY KEY,                 -- e.g. 'reconcile:VM', 'expire:VM:SET'
+            vm_id INTEGER,
+            what TEXT NOT NULL,
+            failures INTEGER NOT NULL,
+            error TEXT NOT NULL,
+            first_failed REAL NOT NULL,
+            last_failed REAL NOT NULL,
+            next_try REAL NOT NULL
+        ) WITHOUT ROWID;
+        """
+    )
