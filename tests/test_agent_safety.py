@@ -16,12 +16,10 @@ import pytest
 import zmq
 
 from agent.control import sign
-from tests import test_agent
+from tests import agentproc
 from tests.agentkit import Cloud, MiB, pattern
+from tests.agentproc import AgentProcess, backups, user_template, wait_backups
 from tests.onesim.testing import wait_until
-from tests.test_agent import AgentProcess, backups, user_template, wait_backups
-
-agent = test_agent.agent   # the fixture: `oneback agent` as a child process
 
 DISK = 1 * MiB
 FORGED = 2**31 + 5
@@ -403,7 +401,7 @@ def test_a_worker_that_dies_is_replaced_and_its_job_requeued(
     from agent.lease import Lease
     from agent.store.local import LocalStore
 
-    test_agent.agent_config(cloud, reconcile=0.5, extra="failure_cooldown = 0.5")
+    agentproc.agent_config(cloud, reconcile=0.5, extra="failure_cooldown = 0.5")
     vm = cloud.vm("sup", [cloud.image("sup0", pattern(DISK, 90))])
     cloud.one.vm.update(vm, 'ONEBACK="yes"\nONEBACK_SNAPSHOT="pre"', 1)
     cfg = config_mod.load(cloud.config)

@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.lease import hotplug_lock
 from tests.agentkit import Cloud, MiB, pattern
+from tests.agentproc import AgentProcess, wait_backups
 from tests.onesim.constants import ErrorCode
 from tests.onesim.dataplane import guest_dir
 from tests.onesim.testing import wait_until
-from tests.test_agent import AgentProcess, agent_config, wait_backups
 
 DISK = 1 * MiB  # the same size for both VMs: only the serial tells the disks apart
 
@@ -38,23 +37,6 @@ def export(c: Cloud, backup_id: int, disk_id: int = 0) -> bytes:
 def proxy_disks(c: Cloud) -> int:
     disks = c.one.vm.info(c.proxy_id).TEMPLATE.get("DISK", [])
     return len(disks if isinstance(disks, list) else [disks])
-
-
-@pytest.fixture
-def agent(cloud: Cloud) -> Iterator[Callable[..., AgentProcess]]:
-    started: list[AgentProcess] = []
-
-    def start(**kw: Any) -> AgentProcess:
-        agent_config(cloud, **kw)
-        a = AgentProcess(cloud)
-        started.append(a)
-        a.wait_event("agent.started")
-        return a
-
-    yield start
-    for a in started:
-        a.stop()
-
 
 def test_two_jobs_of_one_agent_each_back_up_their_own_disk(
         cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:

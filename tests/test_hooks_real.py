@@ -13,7 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +22,12 @@ import pytest
 from agent.control import sign
 from agent.hookdefs import DEFAULT_COMMAND
 from tests.agentkit import REPO, Cloud, MiB, pattern
+from tests.agentproc import AgentProcess, wait_backups
 from tests.onesim.testing import client, wait_until
-from tests.test_agent import AgentProcess, agent_config, wait_backups
 
 DISK = 1 * MiB
 HOOK = REPO / "hooks" / "oneback-hook"
 FORGED = 2**31 + 5
-
-
-@pytest.fixture
-def agent(cloud: Cloud) -> Iterator[Callable[..., AgentProcess]]:
-    started: list[AgentProcess] = []
-
-    def start(**kw: Any) -> AgentProcess:
-        if not started:
-            agent_config(cloud, **kw)
-        a = AgentProcess(cloud)
-        started.append(a)
-        a.wait_event("agent.started")
-        return a
-
-    yield start
-    for a in started:
-        a.stop()
-
 
 def hook_conf(cloud: Cloud, a: AgentProcess, tmp_path: Path,
               monkeypatch: pytest.MonkeyPatch) -> None:

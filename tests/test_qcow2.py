@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.agentkit import Cloud, MiB, make_cloud, pattern
+from tests.agentproc import AgentProcess
 from tests.onesim.testing import wait_until, wait_vm
-from tests.test_agent import AgentProcess, agent  # noqa: F401  (the `agent` fixture)
 from tests.test_backup import export, write_blocks
 
 DISK = 4 * MiB
@@ -199,7 +199,7 @@ def test_expiry_deletes_what_it_can_reports_the_rest_once_and_never_loops(
 
 
 def test_agent_reports_the_skipped_disk_in_oneback_status(
-        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:  # noqa: F811
+        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
     vm = persistent_vm(cloud, "tagged", 13)
     agent(reconcile=60)
     cloud.one.vm.update(vm, 'ONEBACK="yes"', 1)
