@@ -200,9 +200,11 @@ class Workspace:
             disks[disk.disk_id] = disk
             return disk.disk_id
 
-        def remove(disk_id: int) -> None:
-            with hotplug(self.cloud, self.journal.path, self.proxy_vm_id):
-                self.cloud.detach(self.proxy_vm_id, disk_id)
+        def remove(_disk_id: int) -> None:
+            # By SERIAL, never by `disk_id` alone: once this attachment is
+            # gone (an operator's detach), oned gives the next disk attached
+            # the same DISK_ID, and that is another run's or agent's disk.
+            detach_serial(self.cloud, self.journal.path, self.proxy_vm_id, serial)
             if gone is not None:
                 try:
                     gone(serial)
@@ -212,6 +214,20 @@ class Workspace:
         with self._journaled(JournalKind.ATTACHMENT, serial, create, remove,
                              vm_id=self.proxy_vm_id) as disk_id:
             yield disks[disk_id]
+
+
+def detach_serial(cloud: Cloud, catalog_path: Path, vm_id: int, serial: str) -> None:
+    """Detach from VM `vm_id` every disk with this SERIAL, looked up under
+    the hot-plug lock (no other oneback process can attach a disk, and so
+    reuse a DISK_ID, in between). Idempotent: no such disk or VM is fine."""
+    with hotplug(cloud, catalog_path, vm_id):
+        try:
+            vm = cloud.vm(vm_id)
+        except NotFound:
+            return
+        for disk in vm.disks:
+            if disk.serial == serial:
+                cloud.detach(vm_id, disk.disk_id)
 
 
 def is_temporary(name: str) -> bool:
@@ -244,15 +260,8 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int,
     which may be another run's). Idempotent: an object already gone is fine."""
     kind = entry.kind
     if kind is JournalKind.ATTACHMENT:
-        vm_id = entry.vm_id if entry.vm_id is not None else proxy_vm_id
-        try:
-            vm = cloud.vm(vm_id)
-        except NotFound:
-            return []
-        for disk in vm.disks:
-            if disk.serial == entry.name:
-                with hotplug(cloud, catalog_path, vm_id):
-                    cloud.detach(vm_id, disk.disk_id)
+        detach_serial(cloud, catalog_path,
+                      entry.vm_id if entry.vm_id is not None else proxy_vm_id, entry.name)
         return []
     if kind is JournalKind.SNAPSHOT:
         if entry.vm_id is None:

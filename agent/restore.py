@@ -29,13 +29,21 @@ from agent import policy, vmtemplate, writer, xmldoc
 from agent.attach import Journal, Workspace, hotplug
 from agent.backup import Settings
 from agent.cloud import IMAGE_TYPES, Cloud
-from agent.errors import CloudError, NotFound, OnebackError, StateError, UsageError
+from agent.errors import (
+    CloudError,
+    DeviceError,
+    NotFound,
+    OnebackError,
+    StateError,
+    UsageError,
+)
 from agent.model import (
     LCM_RUNNING,
     VM_ACTIVE,
     BackupRecord,
     BlockRecord,
     DiskBackup,
+    DiskInfo,
     JournalKind,
 )
 from agent.progress import Progress, Quiet
@@ -193,13 +201,22 @@ class _Restorer:
                 {"NAME": name, "TYPE": "DATABLOCK", "SIZE": str(size_mb)}, ds),
             self.cloud.image_delete))
 
-    def _proxy_saveas(self, disk_id: int, name: str, image_type: str) -> int:
+    def _proxy_saveas(self, disk: DiskInfo, name: str, image_type: str) -> int:
         """Save a disk of the proxy VM as a new image, under the proxy's
         hot-plug lock: the save-as holds the proxy VM in HOTPLUG_SAVEAS, in
-        which oned refuses every other process's attach and detach."""
-        with hotplug(self.cloud, self.workspace.journal.path, self.settings.proxy_vm_id):
-            return self.cloud.disk_saveas(self.settings.proxy_vm_id, disk_id, name, -1,
-                                          image_type)
+        which oned refuses every other process's attach and detach. Only
+        while `disk.disk_id` still carries `disk.serial`: once this
+        attachment is gone, oned gives the id to the next disk attached,
+        another run's or agent's, whose bytes must never become this image."""
+        proxy_vm_id = self.settings.proxy_vm_id
+        with hotplug(self.cloud, self.workspace.journal.path, proxy_vm_id):
+            now = self.cloud.vm(proxy_vm_id).disk(disk.disk_id)
+            if now is None or now.serial != disk.serial:
+                raise DeviceError(
+                    f"disk {disk.disk_id} of the proxy VM {proxy_vm_id} is no longer the"
+                    f" attachment {disk.serial} this restore wrote (detached by someone"
+                    f" else); nothing was saved: run the restore again")
+            return self.cloud.disk_saveas(proxy_vm_id, disk.disk_id, name, -1, image_type)
 
     def data_image(self, stack: ExitStack, disk: DiskBackup, ds: int) -> RestoredImage:
         """Write the backup's blocks through the proxy VM into a new image,
@@ -227,7 +244,7 @@ class _Restorer:
                 self.progress.phase(disk.disk_id, "save-as")
                 image_id = stack.enter_context(self.workspace.provisional(
                     JournalKind.IMAGE, name,
-                    lambda: self._proxy_saveas(proxy_disk.disk_id, name, image_type),
+                    lambda: self._proxy_saveas(proxy_disk, name, image_type),
                     self.cloud.image_delete))
                 self.progress.phase(disk.disk_id, "detach")
         if persistent:

@@ -1,0 +1,57 @@
+"""Findings of the hostile review of issues 9 and 10, each driven through
+the real CLI and pyone over HTTP to onesim."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.agentkit import Cloud, MiB, pattern
+from tests.onesim.testing import wait_until, wait_vm
+
+DISK = 1 * MiB
+
+
+def proxy_disks(c: Cloud) -> dict[int, Any]:
+    disks = c.one.vm.info(c.proxy_id).TEMPLATE.get("DISK", [])
+    return {int(d["DISK_ID"]): d for d in (disks if isinstance(disks, list) else [disks])}
+
+
+def test_a_run_never_detaches_another_attachment_that_took_its_disk_id(cloud: Cloud) -> None:
+    """oned gives an attached disk the highest DISK_ID + 1
+    (VirtualMachineDisks::set_up_attach), so once a run's attachment is gone
+    (an operator's detach, another agent's cleanup), the next disk attached
+    to the proxy VM gets the same id. The run's own detach must then leave
+    that disk alone: it is another agent's attachment, found by its SERIAL."""
+    vm = cloud.vm("victim", [cloud.image("victim-disk", pattern(DISK, 5))])
+    other = cloud.image("other-agent-disk", pattern(DISK, 6))
+    cloud.config.write_text(cloud.config.read_text().replace("device_timeout = 5",
+                                                             "device_timeout = 15"))
+    # the guest does not show the run's disk before its device_timeout ends
+    cloud.sim.faults.slow_driver("plug", 60.0, count=1, vm_id=cloud.proxy_id)
+    before = set(proxy_disks(cloud))
+    proc = cloud.spawn("backup", str(vm))
+    try:
+        ours = wait_until(lambda: (set(proxy_disks(cloud)) - before) or None, timeout=30,
+                          interval=0.02)
+        (disk_id,) = ours
+        wait_vm(cloud.one, cloud.proxy_id, "ACTIVE", "RUNNING", timeout=20)
+        # someone else detaches it, and another agent attaches its own disk
+        cloud.one.vm.detach(cloud.proxy_id, disk_id)
+        wait_until(lambda: disk_id not in proxy_disks(cloud), timeout=20, interval=0.02)
+        wait_vm(cloud.one, cloud.proxy_id, "ACTIVE", "RUNNING", timeout=20)
+        cloud.one.vm.attach(cloud.proxy_id,
+                            f'DISK=[IMAGE_ID="{other}",SERIAL="otheragent-0001",'
+                            f'DEV_PREFIX="vd"]')
+        wait_until(lambda: proxy_disks(cloud).get(disk_id, {}).get("SERIAL")
+                   == "otheragent-0001", timeout=20, interval=0.02)
+        assert proc.poll() is None, "the run ended before the other attach: test too slow"
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0, (out, err)
+    time.sleep(0.5)
+    serials = {d.get("SERIAL") for d in proxy_disks(cloud).values()}
+    assert "otheragent-0001" in serials, (serials, err)
