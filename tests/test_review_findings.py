@@ -3,9 +3,13 @@ the real CLI and pyone over HTTP to onesim."""
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
+import pytest
+
+from agent.events import parse_message
 from tests.agentkit import Cloud, MiB, pattern
 from tests.onesim.testing import wait_until, wait_vm
 
@@ -55,3 +59,27 @@ def test_a_run_never_detaches_another_attachment_that_took_its_disk_id(cloud: Cl
     time.sleep(0.5)
     serials = {d.get("SERIAL") for d in proxy_disks(cloud).values()}
     assert "otheragent-0001" in serials, (serials, err)
+
+
+@pytest.mark.parametrize("closes", ["</PARAMETERS>", "</PARAMETERS></CALL_INFO>"])
+def test_a_split_parameters_element_does_not_forge_the_instantiated_vm(
+        cloud: Cloud, closes: str) -> None:
+    """oned writes IN values unescaped (ParamListXRPC::api_value), the OUT
+    answer after them (retval_xml). An extra template value that closes
+    <PARAMETERS> (or <CALL_INFO> too) and opens another puts a fake OUT 2 in
+    the first one: the VM id must be the last OUT 2 of the whole message,
+    the one oned wrote after every user value."""
+    opens = "<CALL_INFO><PARAMETERS>" if "CALL_INFO" in closes else "<PARAMETERS>"
+
+    victim = cloud.vm("victim", [cloud.image("victim-disk", pattern(DISK, 7))])
+    tid = cloud.one.template.allocate('NAME="plain" CPU="1" MEMORY="64"')
+    fake = (f"x</VALUE></PARAMETER><PARAMETER><POSITION>2</POSITION><TYPE>OUT</TYPE>"
+            f"<VALUE>{victim}</VALUE></PARAMETER>{closes}{opens}<PARAMETER><VALUE>")
+    new = cloud.one.template.instantiate(tid, "mine", False, f'NOTE="{fake}"', False)
+    assert new != victim
+    key = "EVENT API one.template.instantiate 1"
+    body = wait_until(lambda: next((xml for k, xml in cloud.sim.bus.published()
+                                    if k == key and fake in xml), None), timeout=10)
+
+    t = parse_message(key.encode(), base64.b64encode(body.encode()))
+    assert t is not None and t.vm_id == new, t
