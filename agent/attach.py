@@ -403,7 +403,12 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
                 if disk.serial in live_names or (
                         image_name.startswith(TEMP_PREFIX) and owned_by_live(image_name)):
                     continue
-                attempt(f"attachment {disk.serial or image_name}", partial(detach, disk.disk_id))
+                # by SERIAL when it has one: between the listing above and the
+                # detach, another cleanup may detach this disk and a live run
+                # attach its own under the same DISK_ID
+                attempt(f"attachment {disk.serial or image_name}",
+                        partial(detach_serial, cloud, catalog_path, proxy_vm_id, disk.serial)
+                        if disk.serial else partial(detach, disk.disk_id))
     me = cloud.user_id()
     vms = cloud.vms()
     for vm in vms:
