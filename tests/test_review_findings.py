@@ -4,6 +4,7 @@ the real CLI and pyone over HTTP to onesim."""
 from __future__ import annotations
 
 import base64
+import signal
 import time
 from typing import Any
 
@@ -56,7 +57,6 @@ def test_a_run_never_detaches_another_attachment_that_took_its_disk_id(cloud: Cl
             proc.kill()
             proc.communicate()
     assert proc.returncode != 0, (out, err)
-    time.sleep(0.5)
     serials = {d.get("SERIAL") for d in proxy_disks(cloud).values()}
     assert "otheragent-0001" in serials, (serials, err)
 
@@ -83,3 +83,37 @@ def test_a_split_parameters_element_does_not_forge_the_instantiated_vm(
 
     t = parse_message(key.encode(), base64.b64encode(body.encode()))
     assert t is not None and t.vm_id == new, t
+
+
+@pytest.mark.xfail(strict=True, reason="review finding, not fixed: the sweep keeps images"
+                   " renamed by a restore whose VM it rolls back")
+def test_a_restore_killed_between_its_renames_leaves_no_image_behind(cloud: Cloud) -> None:
+    """restore_vm renames its images to their final names, then the VM (the
+    commit). Killed in between, the VM still has its temporary name, so the
+    sweep terminates it, but the images already renamed count as
+    'committed': they stay forever under the names the restore wanted, and a
+    second restore with that name is refused (names taken)."""
+    app = cloud.vm("app", [cloud.image("app0", pattern(DISK, 2)),
+                           cloud.image("app1", pattern(DISK, 3))])
+    r = cloud.call("backup", str(app), "--json")
+    assert r.code == 0, r.err
+    backup = r.json()["backup_id"]
+    # the process dies while its VM rename waits in oned, which never does it
+    cloud.sim.faults.delay_call("one.vm.rename", 3.0, count=1)
+    cloud.sim.faults.fail_call("one.vm.rename", "never done", count=1)
+    proc = cloud.spawn("restore", str(backup), "--name", "again")
+    try:
+        wait_until(lambda: {i.NAME for i in cloud.one.imagepool.info(-2, -1, -1).IMAGE}
+                   >= {"again-disk0", "again-disk1"} or None, timeout=60, interval=0.02)
+        time.sleep(0.3)   # the VM rename is now waiting in oned
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    time.sleep(3.5)
+    r = cloud.call("cleanup", "--json")
+    assert r.code == 0, r.err
+    names = {i.NAME for i in cloud.one.imagepool.info(-2, -1, -1).IMAGE}
+    assert not names & {"again-disk0", "again-disk1"}, (names, r.json())
