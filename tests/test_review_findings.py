@@ -117,3 +117,29 @@ def test_a_restore_killed_between_its_renames_leaves_no_image_behind(cloud: Clou
     assert r.code == 0, r.err
     names = {i.NAME for i in cloud.one.imagepool.info(-2, -1, -1).IMAGE}
     assert not names & {"again-disk0", "again-disk1"}, (names, r.json())
+
+
+def test_a_vm_with_a_long_name_restores_without_name(cloud: Cloud) -> None:
+    """oned refuses a name of more than 128 bytes (PoolObjectSQL::name_is_valid,
+    at rename too): the default names of a restore (`<vm>-restored-<id>`,
+    `<vm>-disk<n>`) of a VM with a long name must be cut to fit, and a
+    --name that is too long refused at once, not after all data is copied."""
+    long_name = "é" * 60   # 120 bytes: a name oned accepts
+    vm = cloud.vm(long_name, [cloud.image("long-disk", pattern(DISK, 9))])
+    r = cloud.call("backup", str(vm), "--json")
+    assert r.code == 0, r.err
+    backup = r.json()["backup_id"]
+    r = cloud.call("restore", str(backup), "--json")
+    assert r.code == 0, r.err
+    info = cloud.one.vm.info(r.json()["vm_id"])
+    assert info.NAME.startswith("é" * 50) and info.NAME.endswith(f"-restored-{backup}")
+    assert len(info.NAME.encode()) <= 128
+    disks = info.TEMPLATE.get("DISK", [])
+    for d in disks if isinstance(disks, list) else [disks]:
+        name = cloud.one.image.info(int(d["IMAGE_ID"])).NAME
+        assert name.endswith(f"-disk{d['DISK_ID']}") and len(name.encode()) <= 128, name
+    r = cloud.call("restore-disk", str(backup), "0", "--json")
+    assert r.code == 0, r.err
+    r = cloud.call("restore", str(backup), "--name", "n" * 129)
+    assert r.code == 2, r.err
+    assert len(r.err.strip().splitlines()) == 1 and "at most 128" in r.err
