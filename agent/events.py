@@ -107,7 +107,16 @@ def _api_event(method: str, body: bytes) -> Trigger | None:
     try:
         root = xmldoc.parse(data)
     except xmldoc.XmlError:
-        return everything(f"{method}: unreadable body")
+        # A value with a bare '&' or '<' (a URL in a template, say) breaks
+        # the document only after the IN id, which precedes every user
+        # value: recovered, that id is still as oned wrote it. An OUT id
+        # comes after them, so it is never read from a recovered document.
+        if VM_PARAM.get(method, ("IN", 2))[0] != "IN":
+            return everything(f"{method}: unreadable body")
+        try:
+            root = xmldoc.parse(data, recover=True)
+        except xmldoc.XmlError:
+            return everything(f"{method}: unreadable body")
     info = root.find("CALL_INFO")
     if root.tag != "HOOK_MESSAGE" or info is None or root.findtext("CALL") != method:
         return everything(f"{method}: body does not match its topic")

@@ -143,3 +143,18 @@ def test_a_vm_with_a_long_name_restores_without_name(cloud: Cloud) -> None:
     r = cloud.call("restore", str(backup), "--name", "n" * 129)
     assert r.code == 2, r.err
     assert len(r.err.strip().splitlines()) == 1 and "at most 128" in r.err
+
+
+def test_an_update_with_an_ampersand_names_its_vm(cloud: Cloud) -> None:
+    """oned publishes one.vm.update's template unescaped: a tenant's
+    `URL="http://x/?a=1&b=2"` makes the body malformed XML. The VM id (IN 2)
+    comes before any user text, so it is still readable (libxml2 recovers
+    what follows, as oned's own hook manager does with Nokogiri); the agent
+    must not answer every such update with a pass over every VM."""
+    vm = cloud.vm("web", [cloud.image("web-disk", pattern(DISK, 4))])
+    cloud.one.vm.update(vm, 'URL="http://example.com/?a=1&b=<2>"', 1)
+    key = "EVENT API one.vm.update 1"
+    body = wait_until(lambda: next((xml for k, xml in cloud.sim.bus.published()
+                                    if k == key and "a=1&b" in xml), None), timeout=10)
+    t = parse_message(key.encode(), base64.b64encode(body.encode()))
+    assert t is not None and t.vm_id == vm, t
