@@ -13,7 +13,7 @@ Every object is created under a name no one else uses,
 `oneback-tmp-<owner>-<random>-<what>`, and the journal holds that name. The
 sweeps only ever remove an object that still carries its journaled unique
 name (an object a caller renamed to its final name is committed and left
-alone) and, when they look objects up by name, only objects owned by the
+alone; an image only while a VM uses it) and, when they look objects up by name, only objects owned by the
 user oneback runs as: never something a user named.
 """
 
@@ -252,7 +252,8 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int,
                  catalog_path: Path) -> list[str]:
     """Remove the cloud object a journal entry stands for. Images, templates
     and VMs are found by id when known and removed only if they still carry
-    the entry's unique temporary name (renamed means committed); else by that
+    the entry's unique temporary name (renamed means committed, except an
+    image no VM uses: its restore's VM never got its final name); else by that
     name among the objects of oneback's own user. A disk snapshot oned will
     never delete is left alone. Returns why each object left alone was kept
     (empty: nothing of the entry remains). An attachment is found by its
@@ -291,8 +292,12 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int,
                 image = cloud.image(entry.one_id)
             except NotFound:
                 return []
-            if image.name != entry.name:
+            if image.name != entry.name and image.running_vms > 0:
                 return [_left(entry, _RENAMED)]
+            # Renamed, yet its run died before closing the entry, and no VM
+            # uses it: restore_vm renames its images before its VM (the
+            # commit), and the sweep has just terminated that VM, which
+            # still had its temporary name. Rolled back with it.
             cloud.image_delete(image.id)
             return []
         for image in cloud.images():

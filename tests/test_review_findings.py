@@ -85,8 +85,6 @@ def test_a_split_parameters_element_does_not_forge_the_instantiated_vm(
     assert t is not None and t.vm_id == new, t
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: the sweep keeps images"
-                   " renamed by a restore whose VM it rolls back")
 def test_a_restore_killed_between_its_renames_leaves_no_image_behind(cloud: Cloud) -> None:
     """restore_vm renames its images to their final names, then the VM (the
     commit). Killed in between, the VM still has its temporary name, so the
