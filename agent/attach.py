@@ -13,8 +13,9 @@ Every object is created under a name no one else uses,
 `oneback-tmp-<owner>-<random>-<what>`, and the journal holds that name. The
 sweeps only ever remove an object that still carries its journaled unique
 name (an object a caller renamed to its final name is committed and left
-alone; an image only while a VM uses it) and, when they look objects up by name, only objects owned by the
-user oneback runs as: never something a user named.
+alone; an image only while a VM uses it) and, when they look objects up by
+name, only objects owned by the user oneback runs as: never something a
+user named.
 """
 
 from __future__ import annotations
