@@ -13,8 +13,9 @@ Every object is created under a name no one else uses,
 `oneback-tmp-<owner>-<random>-<what>`, and the journal holds that name. The
 sweeps only ever remove an object that still carries its journaled unique
 name (an object a caller renamed to its final name is committed and left
-alone) and, when they look objects up by name, only objects owned by the
-user oneback runs as: never something a user named.
+alone; an image only while a VM uses it) and, when they look objects up by
+name, only objects owned by the user oneback runs as: never something a
+user named.
 """
 
 from __future__ import annotations
@@ -200,9 +201,11 @@ class Workspace:
             disks[disk.disk_id] = disk
             return disk.disk_id
 
-        def remove(disk_id: int) -> None:
-            with hotplug(self.cloud, self.journal.path, self.proxy_vm_id):
-                self.cloud.detach(self.proxy_vm_id, disk_id)
+        def remove(_disk_id: int) -> None:
+            # By SERIAL, never by `disk_id` alone: once this attachment is
+            # gone (an operator's detach), oned gives the next disk attached
+            # the same DISK_ID, and that is another run's or agent's disk.
+            detach_serial(self.cloud, self.journal.path, self.proxy_vm_id, serial)
             if gone is not None:
                 try:
                     gone(serial)
@@ -212,6 +215,20 @@ class Workspace:
         with self._journaled(JournalKind.ATTACHMENT, serial, create, remove,
                              vm_id=self.proxy_vm_id) as disk_id:
             yield disks[disk_id]
+
+
+def detach_serial(cloud: Cloud, catalog_path: Path, vm_id: int, serial: str) -> None:
+    """Detach from VM `vm_id` every disk with this SERIAL, looked up under
+    the hot-plug lock (no other oneback process can attach a disk, and so
+    reuse a DISK_ID, in between). Idempotent: no such disk or VM is fine."""
+    with hotplug(cloud, catalog_path, vm_id):
+        try:
+            vm = cloud.vm(vm_id)
+        except NotFound:
+            return
+        for disk in vm.disks:
+            if disk.serial == serial:
+                cloud.detach(vm_id, disk.disk_id)
 
 
 def is_temporary(name: str) -> bool:
@@ -236,7 +253,8 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int,
                  catalog_path: Path) -> list[str]:
     """Remove the cloud object a journal entry stands for. Images, templates
     and VMs are found by id when known and removed only if they still carry
-    the entry's unique temporary name (renamed means committed); else by that
+    the entry's unique temporary name (renamed means committed, except an
+    image no VM uses: its restore's VM never got its final name); else by that
     name among the objects of oneback's own user. A disk snapshot oned will
     never delete is left alone. Returns why each object left alone was kept
     (empty: nothing of the entry remains). An attachment is found by its
@@ -244,15 +262,8 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int,
     which may be another run's). Idempotent: an object already gone is fine."""
     kind = entry.kind
     if kind is JournalKind.ATTACHMENT:
-        vm_id = entry.vm_id if entry.vm_id is not None else proxy_vm_id
-        try:
-            vm = cloud.vm(vm_id)
-        except NotFound:
-            return []
-        for disk in vm.disks:
-            if disk.serial == entry.name:
-                with hotplug(cloud, catalog_path, vm_id):
-                    cloud.detach(vm_id, disk.disk_id)
+        detach_serial(cloud, catalog_path,
+                      entry.vm_id if entry.vm_id is not None else proxy_vm_id, entry.name)
         return []
     if kind is JournalKind.SNAPSHOT:
         if entry.vm_id is None:
@@ -282,8 +293,12 @@ def remove_entry(cloud: Cloud, entry: JournalEntry, proxy_vm_id: int,
                 image = cloud.image(entry.one_id)
             except NotFound:
                 return []
-            if image.name != entry.name:
+            if image.name != entry.name and image.running_vms > 0:
                 return [_left(entry, _RENAMED)]
+            # Renamed, yet its run died before closing the entry, and no VM
+            # uses it: restore_vm renames its images before its VM (the
+            # commit), and the sweep has just terminated that VM, which
+            # still had its temporary name. Rolled back with it.
             cloud.image_delete(image.id)
             return []
         for image in cloud.images():
@@ -394,7 +409,12 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
                 if disk.serial in live_names or (
                         image_name.startswith(TEMP_PREFIX) and owned_by_live(image_name)):
                     continue
-                attempt(f"attachment {disk.serial or image_name}", partial(detach, disk.disk_id))
+                # by SERIAL when it has one: between the listing above and the
+                # detach, another cleanup may detach this disk and a live run
+                # attach its own under the same DISK_ID
+                attempt(f"attachment {disk.serial or image_name}",
+                        partial(detach_serial, cloud, catalog_path, proxy_vm_id, disk.serial)
+                        if disk.serial else partial(detach, disk.disk_id))
     me = cloud.user_id()
     vms = cloud.vms()
     for vm in vms:

@@ -15,7 +15,8 @@ parameter can carry markup. Only parameters that come before any
 user-written text are trusted: the first IN parameter at the call's VM
 position (string parameters come after it), and for
 one.template.instantiate the last OUT parameter 2 (the answer is written
-after every IN value). Ids must be in oned's range (0 .. 2^31-1).
+after every IN value), each looked for in the whole message, since a value
+can close PARAMETERS or CALL_INFO and open forged ones. Ids must be in oned's range (0 .. 2^31-1).
 Anything unreadable becomes "look at every VM"; nothing here raises on a
 message. Must not: do I/O.
 """
@@ -83,21 +84,19 @@ def one_id(text: str | None) -> int | None:
     return value if is_one_id(value) else None
 
 
-def api_vm_id(method: str, call_info: etree._Element) -> int | None:
-    """The VM an API call was about, from a parsed <CALL_INFO> element
-    (None: not found, not a number, or out of range)."""
-    params = call_info.find("PARAMETERS")
-    if params is None:
-        return None
+def api_vm_id(method: str, message: etree._Element) -> int | None:
+    """The VM an API call was about, from a parsed <HOOK_MESSAGE> (None: not
+    found, not a number, or out of range). Every <PARAMETER> of the whole
+    document counts, in document order, whatever element holds it: an
+    unescaped value can close <PARAMETERS> or even <CALL_INFO> and open new
+    ones, so "the first PARAMETERS" may hold only forged parameters. What
+    oned wrote before the first user value (the IN id) is the first
+    match, and what it wrote after the last one (the OUT answer) the last."""
     where, pos = VM_PARAM.get(method, ("IN", 2))
-    found: list[str | None] = []
-    for p in params.findall("PARAMETER"):
-        if p.findtext("TYPE") == where and p.findtext("POSITION") == str(pos):
-            found.append(p.findtext("VALUE"))
+    found = [p.findtext("VALUE") for p in message.iter("PARAMETER")
+             if p.findtext("TYPE") == where and p.findtext("POSITION") == str(pos)]
     if not found:
         return None
-    # IN: the first (later string values cannot come before it);
-    # OUT: the last (oned writes the answer after every IN value).
     return one_id(found[0] if where == "IN" else found[-1])
 
 
@@ -108,13 +107,22 @@ def _api_event(method: str, body: bytes) -> Trigger | None:
     try:
         root = xmldoc.parse(data)
     except xmldoc.XmlError:
-        return everything(f"{method}: unreadable body")
+        # A value with a bare '&' or '<' (a URL in a template, say) breaks
+        # the document only after the IN id, which precedes every user
+        # value: recovered, that id is still as oned wrote it. An OUT id
+        # comes after them, so it is never read from a recovered document.
+        if VM_PARAM.get(method, ("IN", 2))[0] != "IN":
+            return everything(f"{method}: unreadable body")
+        try:
+            root = xmldoc.parse(data, recover=True)
+        except xmldoc.XmlError:
+            return everything(f"{method}: unreadable body")
     info = root.find("CALL_INFO")
     if root.tag != "HOOK_MESSAGE" or info is None or root.findtext("CALL") != method:
         return everything(f"{method}: body does not match its topic")
     if info.findtext("RESULT") != "1":
         return everything(f"{method}: body does not say the call succeeded")
-    vm_id = api_vm_id(method, info)
+    vm_id = api_vm_id(method, root)
     if vm_id is None:
         return everything(f"{method}: no VM id (0 .. {ONE_ID_MAX}) in body")
     return Trigger(vm_id, method)

@@ -29,13 +29,21 @@ from agent import policy, vmtemplate, writer, xmldoc
 from agent.attach import Journal, Workspace, hotplug
 from agent.backup import Settings
 from agent.cloud import IMAGE_TYPES, Cloud
-from agent.errors import CloudError, NotFound, OnebackError, StateError, UsageError
+from agent.errors import (
+    CloudError,
+    DeviceError,
+    NotFound,
+    OnebackError,
+    StateError,
+    UsageError,
+)
 from agent.model import (
     LCM_RUNNING,
     VM_ACTIVE,
     BackupRecord,
     BlockRecord,
     DiskBackup,
+    DiskInfo,
     JournalKind,
 )
 from agent.progress import Progress, Quiet
@@ -83,14 +91,19 @@ class DiskRestoreResult:
     notes: tuple[str, ...] = ()
 
 
-# PoolObjectSQL::INVALID_NAME_CHARS (src/pool/PoolObjectSQL.cc): oned refuses
-# a VM or image name holding any of these.
+# PoolObjectSQL::name_is_valid (src/pool/PoolObjectSQL.cc): oned refuses a VM
+# or image name holding any of these, or longer than NAME_MAX bytes.
 INVALID_NAME_CHARS = "&|:\\\";/'#{}$<>\t\n\v\f\r"
+NAME_MAX = 128
 
 
-def safe_name(name: str) -> str:
-    """`name` with every character oned refuses in a name replaced by `_`."""
-    return "".join("_" if c in INVALID_NAME_CHARS else c for c in name)
+def fit(base: str, suffix: str = "") -> str:
+    """`base` + `suffix` as a name oned accepts: every character of `base`
+    oned refuses replaced by `_`, and `base` cut (at a character boundary)
+    so that the whole is at most NAME_MAX bytes."""
+    clean = "".join("_" if c in INVALID_NAME_CHARS else c for c in base)
+    room = max(0, NAME_MAX - len(suffix.encode()))
+    return clean.encode()[:room].decode(errors="ignore") + suffix
 
 
 def check_name(name: str, option: str = "--name") -> str:
@@ -101,6 +114,9 @@ def check_name(name: str, option: str = "--name") -> str:
     if bad is not None:
         raise UsageError(f"{option} {name!r} holds {bad!r}, which OpenNebula does not allow"
                          f" in a name: choose another {option}")
+    if len(name.encode()) > NAME_MAX:
+        raise UsageError(f"{option} is {len(name.encode())} bytes long; OpenNebula allows at"
+                         f" most {NAME_MAX} in a name: choose a shorter {option}")
     return name
 
 
@@ -193,13 +209,22 @@ class _Restorer:
                 {"NAME": name, "TYPE": "DATABLOCK", "SIZE": str(size_mb)}, ds),
             self.cloud.image_delete))
 
-    def _proxy_saveas(self, disk_id: int, name: str, image_type: str) -> int:
+    def _proxy_saveas(self, disk: DiskInfo, name: str, image_type: str) -> int:
         """Save a disk of the proxy VM as a new image, under the proxy's
         hot-plug lock: the save-as holds the proxy VM in HOTPLUG_SAVEAS, in
-        which oned refuses every other process's attach and detach."""
-        with hotplug(self.cloud, self.workspace.journal.path, self.settings.proxy_vm_id):
-            return self.cloud.disk_saveas(self.settings.proxy_vm_id, disk_id, name, -1,
-                                          image_type)
+        which oned refuses every other process's attach and detach. Only
+        while `disk.disk_id` still carries `disk.serial`: once this
+        attachment is gone, oned gives the id to the next disk attached,
+        another run's or agent's, whose bytes must never become this image."""
+        proxy_vm_id = self.settings.proxy_vm_id
+        with hotplug(self.cloud, self.workspace.journal.path, proxy_vm_id):
+            now = self.cloud.vm(proxy_vm_id).disk(disk.disk_id)
+            if now is None or now.serial != disk.serial:
+                raise DeviceError(
+                    f"disk {disk.disk_id} of the proxy VM {proxy_vm_id} is no longer the"
+                    f" attachment {disk.serial} this restore wrote (detached by someone"
+                    f" else); nothing was saved: run the restore again")
+            return self.cloud.disk_saveas(proxy_vm_id, disk.disk_id, name, -1, image_type)
 
     def data_image(self, stack: ExitStack, disk: DiskBackup, ds: int) -> RestoredImage:
         """Write the backup's blocks through the proxy VM into a new image,
@@ -227,7 +252,7 @@ class _Restorer:
                 self.progress.phase(disk.disk_id, "save-as")
                 image_id = stack.enter_context(self.workspace.provisional(
                     JournalKind.IMAGE, name,
-                    lambda: self._proxy_saveas(proxy_disk.disk_id, name, image_type),
+                    lambda: self._proxy_saveas(proxy_disk, name, image_type),
                     self.cloud.image_delete))
                 self.progress.phase(disk.disk_id, "detach")
         if persistent:
@@ -302,7 +327,7 @@ def restore_vm(backup_id: int, *, cloud: Cloud, catalog: RestoreCatalog, store: 
     r = _restorer(backup_id, cloud=cloud, catalog=catalog, store=store, workspace=workspace,
                   settings=settings, progress=progress, cancel=cancel)
     vm_name = check_name(name) if name is not None \
-        else safe_name(f"{r.backup.vm_name}-restored-{r.backup.id}")
+        else fit(r.backup.vm_name, f"-restored-{r.backup.id}")
     step = _Steps()
     if system_ds is not None:
         with step(f"checking SYSTEM datastore {system_ds}"):
@@ -314,7 +339,7 @@ def restore_vm(backup_id: int, *, cloud: Cloud, catalog: RestoreCatalog, store: 
             if cloud.datastore(image_ds).type != 0:
                 raise UsageError(f"datastore {image_ds} is not an IMAGE datastore:"
                                  f" pass an IMAGE datastore id to --image-ds")
-    disk_names = {d.disk_id: f"{vm_name}-disk{d.disk_id}" for d in r.backup.disks
+    disk_names = {d.disk_id: fit(vm_name, f"-disk{d.disk_id}") for d in r.backup.disks
                   if _kind(d) in ("data", "excluded")}
     _check_names_free(cloud, list(disk_names.values()))
     sources: dict[int, vmtemplate.DiskSource] = {}
@@ -399,7 +424,7 @@ def restore_disk(backup_id: int, disk_id: int, *, cloud: Cloud, catalog: Restore
     if _kind(disk) != "data":
         raise UsageError(f"disk {disk_id} of backup {backup_id} holds no data ({_kind(disk)})")
     image_name = check_name(name) if name is not None \
-        else safe_name(f"{r.backup.vm_name}-restored-{backup_id}-disk{disk_id}")
+        else fit(r.backup.vm_name, f"-restored-{backup_id}-disk{disk_id}")
     _check_names_free(cloud, [image_name])
     step = _Steps()
     with _reported(step, workspace), ExitStack() as stack:

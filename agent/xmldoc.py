@@ -22,20 +22,28 @@ class XmlError(ValueError):
     """A document is not well-formed XML."""
 
 
-def _parser() -> etree.XMLParser:
-    # lxml parsers are not thread-safe: one per thread.
-    parser = getattr(_local, "parser", None)
+def _parser(recover: bool) -> etree.XMLParser:
+    # lxml parsers are not thread-safe: one per thread (and mode).
+    attr = "recovering" if recover else "parser"
+    parser = getattr(_local, attr, None)
     if parser is None:
         parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                                 dtd_validation=False, huge_tree=True, remove_pis=True)
-        _local.parser = parser
+                                 dtd_validation=False, huge_tree=True, remove_pis=True,
+                                 recover=recover)
+        setattr(_local, attr, parser)
     return parser
 
 
-def parse(text: str | bytes) -> etree._Element:
-    """The root element of `text`. Raises XmlError if it is not XML."""
+def parse(text: str | bytes, *, recover: bool = False) -> etree._Element:
+    """The root element of `text`. Raises XmlError if it is not XML.
+    `recover`: libxml2 repairs what it can past the first error, as oned's
+    hook manager (Nokogiri) does; only what comes *before* that error can be
+    trusted to be as the sender wrote it."""
     data = text.encode() if isinstance(text, str) else text
     try:
-        return etree.fromstring(data, _parser())
+        root = etree.fromstring(data, _parser(recover))
     except etree.XMLSyntaxError as e:
         raise XmlError(f"not well-formed XML: {str(e)[:200]}") from None
+    if root is None:
+        raise XmlError("not well-formed XML: nothing could be recovered")
+    return root

@@ -19,6 +19,7 @@ from tests.onesim.model import Group, User
 from tests.onesim.oned import Caller, Oned, OneError, no_exists
 
 INVALID_NAME_CHARS = "&|:\\\";/'#{}$<>\t\n\v\f\r"
+NAME_MAX = 128   # bytes: obj_name.length() of a std::string
 
 
 def name_error(name: str) -> str | None:
@@ -28,6 +29,8 @@ def name_error(name: str) -> str | None:
     bad = next((c for c in name if c in INVALID_NAME_CHARS), None)
     if bad is not None:
         return f"Invalid NAME, char '{bad}' is not allowed"
+    if len(name.encode()) > NAME_MAX:
+        return f"Invalid NAME, max length is {NAME_MAX} chars"
     return None
 
 
