@@ -20,6 +20,7 @@ user named.
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -236,6 +237,20 @@ def is_temporary(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
 
+_BACKUP_SNAPSHOT = re.compile(
+    re.escape(TEMP_PREFIX) + r"[0-9a-f]{8}-(?:[0-9a-f]{8}-)?d([0-9]{1,9})")
+
+
+def is_backup_snapshot(name: str, disk_id: int) -> bool:
+    """A disk snapshot exactly as `Workspace.snapshot` names it for this disk
+    (`oneback-tmp-<owner>-<random>-d<disk>`, or an older oneback's
+    `oneback-tmp-<owner>-d<disk>`). Snapshots have no owner to check, so a
+    lost catalog's leftovers are recognised by this shape alone: a tenant's
+    snapshot that merely starts with `oneback-tmp-` is never touched."""
+    m = _BACKUP_SNAPSHOT.fullmatch(name)
+    return m is not None and int(m.group(1)) == disk_id
+
+
 def _left(entry: JournalEntry, why: str) -> str:
     one_id = f" (id {entry.one_id})" if entry.one_id is not None else ""
     return f"{entry.kind.value} {entry.name}{one_id}: {why}"
@@ -428,7 +443,7 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
             attempt(f"image {image.name}", partial(cloud.image_delete, image.id))
     for vm in vms:
         for snap in vm.snapshots:
-            if snap.name.startswith(TEMP_PREFIX) and not owned_by_live(snap.name):
+            if is_backup_snapshot(snap.name, snap.disk_id) and not owned_by_live(snap.name):
                 permanent = permanent_snapshot(vm, snap.disk_id, snap.snapshot_id, snap.name)
                 if permanent is not None:   # reported once, never tried
                     if _kept(permanent) not in kept:

@@ -7,7 +7,6 @@ survive; restored objects go back to their owners."""
 from __future__ import annotations
 
 import signal
-import time
 from typing import Any
 
 import pytest
@@ -89,7 +88,9 @@ def test_restore_killed_during_instantiate_then_cleanup_leaves_the_namesake_runn
         wait_until(lambda: any(t.NAME.startswith("oneback-tmp") for t in
                                cloud.one.templatepool.info(-2, -1, -1).VMTEMPLATE),
                    timeout=60, interval=0.02)
-        time.sleep(0.5)   # the instantiate is now waiting in oned
+        # the instantiate has reached oned and waits there
+        wait_until(lambda: cloud.sim.faults.delayed("one.template.instantiate") >= 1,
+                   timeout=60, interval=0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -119,8 +120,9 @@ def test_killed_after_the_commit_keeps_the_renamed_vm(
         (vm_id,) = new
         wait_until(lambda: not cloud.one.image.info(
             int(_disks(cloud, vm_id)[0]["IMAGE_ID"])).NAME.startswith("oneback-tmp"),
-            timeout=60, interval=0.02)   # images renamed; the VM's rename is in oned
-        time.sleep(0.5)
+            timeout=60, interval=0.02)   # images renamed
+        wait_until(lambda: cloud.sim.faults.delayed("one.vm.rename") >= 1,
+                   timeout=60, interval=0.02)   # the VM's rename is in oned
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:

@@ -156,3 +156,25 @@ def test_an_update_with_an_ampersand_names_its_vm(cloud: Cloud) -> None:
                                     if k == key and "a=1&b" in xml), None), timeout=10)
     t = parse_message(key.encode(), base64.b64encode(body.encode()))
     assert t is not None and t.vm_id == vm, t
+
+
+def test_cleanup_leaves_a_tenants_snapshot_that_only_starts_like_oneback_s(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    """Snapshots have no owner to check: before, `cleanup` deleted every disk
+    snapshot whose name started with `oneback-tmp-`, including one a tenant
+    chose. Now only the exact shape oneback gives a backup snapshot of that
+    disk counts as a leftover."""
+    vm = cloud.vm("tenant", [cloud.image("tenant0", pattern(MiB, 31)),
+                             cloud.image("tenant1", pattern(MiB, 32))])
+    names = {0: "oneback-tmp-mine", 1: "oneback-tmp-0badc0de-1234abcd-d0"}   # wrong disk
+    for disk, name in names.items():
+        cloud.one.vm.disksnapshotcreate(vm, disk, name)
+        wait_vm(cloud.one, vm, "ACTIVE", "RUNNING")
+    leftover = "oneback-tmp-0badc0de-1234abcd-d1"
+    cloud.one.vm.disksnapshotcreate(vm, 1, leftover)
+    wait_vm(cloud.one, vm, "ACTIVE", "RUNNING")
+    r = cloud.run("cleanup", "--json", capsys=capsys)
+    assert r.code == 0, r.err
+    assert any(leftover in x for x in r.json()["removed"])
+    left = {str(s.NAME) for d in cloud.one.vm.info(vm).SNAPSHOTS for s in d.SNAPSHOT}
+    assert left == set(names.values())

@@ -56,6 +56,7 @@ class Faults:
         self._driver_slow: list[_Rule] = []
         self._events: list[_Rule] = []
         self._held_images: set[int] = set()
+        self._delayed: dict[str, int] = {}
 
     # -- what tests call --------------------------------------------------
     def fail_call(self, method: str, message: str = "Injected failure",
@@ -69,6 +70,12 @@ class Faults:
         """Calls of `method` wait `seconds` before they are processed."""
         with self._lock:
             self._call_delay.append(_Rule(method, count, seconds=seconds))
+
+    def delayed(self, method: str) -> int:
+        """How many calls of `method` have arrived and begun a `delay_call`
+        wait: a test can act while such a call is in flight in oned."""
+        with self._lock:
+            return self._delayed.get(method, 0)
 
     def fail_driver(self, op: str, count: int | None = 1, vm_id: int | None = None,
                     disk_id: int | None = None,
@@ -129,6 +136,7 @@ class Faults:
             for rule in self._call_delay:
                 if rule.matches(method, None, None):
                     rule.consume()
+                    self._delayed[method] = self._delayed.get(method, 0) + 1
                     return rule.seconds
         return 0.0
 
