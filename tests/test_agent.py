@@ -105,9 +105,9 @@ def test_pre_change_snapshot_is_taken_cleared_and_expires(
     def sets() -> list[str]:
         return [s["name"] for s in cloud.call("snapshot", "list", str(vm), "--json").json()]
 
-    assert wait_until(sets, 20, 0.1) == ["before-upgrade"]
-    wait_until(lambda: not user_template(cloud, vm).get("ONEBACK_SNAPSHOT"), 10, 0.1)
-    wait_until(lambda: sets() == [], 20, 0.2)   # expired after its TTL
+    assert wait_until(sets, 60, 0.1) == ["before-upgrade"]
+    wait_until(lambda: not user_template(cloud, vm).get("ONEBACK_SNAPSHOT"), 30, 0.1)
+    wait_until(lambda: sets() == [], 60, 0.2)   # expired after its TTL
 
 
 def test_registered_hook_reaches_the_agent_and_a_wrong_secret_is_refused(
