@@ -204,6 +204,9 @@ def init_(config_file: str | None, as_json: bool) -> None:
         if result.manifests:
             click.echo(f"  the repository holds {result.manifests} backup(s) of other"
                        " catalogs; `oneback catalog rebuild --force` lists them all here")
+    if result.backfilled:
+        click.echo(f"  wrote manifests for {result.backfilled} backup(s) made before"
+                   " manifests existed")
 
 
 @cli.group("catalog")

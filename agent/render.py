@@ -162,11 +162,12 @@ def backoff_json(b: Backoff) -> dict[str, Any]:
 def init_json(r: InitResult) -> dict[str, Any]:
     return {"repository": str(r.repository), "repository_id": r.repository_id,
             "catalog": str(r.catalog), "created_repository": r.created_repository,
-            "manifests": r.manifests}
+            "manifests": r.manifests, "backfilled": r.backfilled}
 
 
 def rebuild_json(r: RebuildReport) -> dict[str, Any]:
     return {"catalog": str(r.catalog), "repository_id": r.repository_id,
             "imported": [asdict(i) for i in r.imported],
             "damaged": [{"manifest": n, "error": why} for n, why in r.damaged],
+            "duplicates": list(r.duplicates),
             "replaced": None if r.replaced is None else str(r.replaced)}

@@ -22,7 +22,7 @@ from agent.catalog import Catalog
 from agent.errors import IntegrityError, OnebackError, RepositoryError
 from agent.lease import is_alive, owners_dir
 from agent.manifest import DiskMap
-from agent.model import BlockList
+from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, block_count
 from agent.store import Repository
 from agent.store.local import LocalStore, fsync_dir
 
@@ -34,6 +34,7 @@ class InitResult:
     catalog: Path
     created_repository: bool      # False: joined an existing repository
     manifests: int                # backups the repository already held
+    backfilled: int = 0           # manifests written for an older catalog's backups
 
 
 def init(repository: Path, catalog_path: Path) -> InitResult:
@@ -61,10 +62,43 @@ def init(repository: Path, catalog_path: Path) -> InitResult:
             )
     joined = (repository / "config").exists()
     store = LocalStore.open(repository) if joined else LocalStore.init(repository)
-    with Catalog.open(catalog_path) as catalog:
-        catalog.bind_repository(store.id)
     manifests = sum(1 for _ in store.manifests()) if joined else 0
-    return InitResult(repository, store.id, catalog_path, not joined, manifests)
+    with Catalog.open(catalog_path) as catalog:
+        backfilled = backfill(catalog, store)
+        catalog.bind_repository(store.id)
+    return InitResult(repository, store.id, catalog_path, not joined, manifests, backfilled)
+
+
+def backfill(catalog: Catalog, store: Repository) -> int:
+    """Write a manifest for every backup of `catalog` that has none (one
+    committed by a oneback older than manifests), so the repository describes
+    it too. Idempotent; returns how many were written."""
+    done = 0
+    for backup_id in catalog.backups_without_manifest():
+        record = catalog.get_backup(backup_id)
+        maps = {}
+        for disk in record.disks:
+            if disk.volatile or disk.excluded:
+                continue
+            n = block_count(disk.size, disk.block_size)
+            checksums = bytearray(CHECKSUM_SIZE * n)
+            chunks = bytearray(CHUNK_ID_SIZE * n)
+            for r in catalog.blocks(backup_id, disk.disk_id):
+                checksums[r.index * CHECKSUM_SIZE:(r.index + 1) * CHECKSUM_SIZE] = r.checksum
+                if r.chunk is not None:
+                    chunks[r.index * CHUNK_ID_SIZE:(r.index + 1) * CHUNK_ID_SIZE] = r.chunk
+            maps[disk.disk_id] = DiskMap(checksums, chunks)
+        m = mf.Manifest(
+            backup_id=backup_id, catalog=catalog.catalog_id, vm_id=record.vm_id,
+            vm_name=record.vm_name, kind=record.kind, started=record.started,
+            finished=record.finished, vm_document=catalog.vm_document(backup_id),
+            image_documents=catalog.image_documents(backup_id), disks=record.disks,
+            warnings=record.warnings, maps=maps)
+        name = mf.new_name(record.vm_id, record.started)
+        store.put_manifest(name, mf.encode(m))
+        catalog.set_manifest(backup_id, name)
+        done += 1
+    return done
 
 
 def open_checked(repository: Path, catalog_path: Path) -> tuple[Catalog, LocalStore]:
@@ -73,8 +107,17 @@ def open_checked(repository: Path, catalog_path: Path) -> tuple[Catalog, LocalSt
     missing, the repository is empty (not mounted?), or is not the catalog's."""
     catalog = Catalog.open(catalog_path, create=False)
     try:
-        store = LocalStore.open(repository)
         bound = catalog.repository_id()
+        if bound is not None and not (repository / "config").exists():
+            try:
+                LocalStore.open(repository)   # says why: missing, empty, not a repository
+            except RepositoryError as e:
+                raise RepositoryError(
+                    f"{e.message.split(';')[0]}; catalog {catalog_path} belongs to repository "
+                    f"{bound}: mount it at {repository} (or fix storage.repository); if it "
+                    "is lost, move the catalog away and run `oneback init`"
+                ) from e
+        store = LocalStore.open(repository)
         if bound is None:
             raise RepositoryError(
                 f"catalog {catalog_path} records no repository (made by an older oneback); "
@@ -111,6 +154,7 @@ class RebuildReport:
     repository_id: str
     imported: list[Imported] = field(default_factory=list)
     damaged: list[tuple[str, str]] = field(default_factory=list)   # (manifest, why)
+    duplicates: list[str] = field(default_factory=list)   # a backup's second manifest
     replaced: Path | None = None   # where the old catalog was moved
 
 
@@ -133,19 +177,24 @@ def rebuild(store: Repository, repository_id: str, catalog_path: Path, *,
     report = RebuildReport(catalog_path, repository_id)
 
     # Pass 1: read every manifest's header (whole, so damage is found now).
-    found: list[tuple[int, float, str]] = []
+    found: list[tuple[int, float, str, str]] = []
     for name in store.manifests():
         try:
             m = mf.decode(store.get_manifest(name), name)
         except OnebackError as e:
             report.damaged.append((name, e.message))
             continue
-        found.append((m.backup_id, m.finished, name))
+        found.append((m.backup_id, m.finished, name, m.catalog))
     found.sort()
     ids: dict[str, tuple[int, int | None]] = {}
     taken: set[int] = set()
+    seen: set[tuple[str, int]] = set()
     top = max((f[0] for f in found), default=0)
-    for backup_id, _, name in found:
+    for backup_id, _, name, catalog_id in found:
+        if (catalog_id, backup_id) in seen:
+            report.duplicates.append(name)   # one backup written twice (a re-run backfill)
+            continue
+        seen.add((catalog_id, backup_id))
         if backup_id in taken:
             top += 1
             ids[name] = (top, backup_id)

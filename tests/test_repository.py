@@ -159,7 +159,9 @@ def test_an_unmounted_or_foreign_repository_is_refused_never_replaced(
     # The filesystem is not mounted: the mount point is an empty directory.
     repo.rename(tmp_path / "mounted-elsewhere")
     repo.mkdir()
-    _refused(_run(cfg, capsys, "list"), str(repo), "empty", "mounted", "oneback init")
+    for command in (["list"], ["agent"], ["backup", "1"]):
+        _refused(_run(cfg, capsys, *command), str(repo), "empty", "mounted",
+                 "belongs to repository", "oneback init")
     assert os.listdir(repo) == []
     repo.rmdir()
     _refused(_run(cfg, capsys, "list"), str(repo), "does not exist", "oneback init")
@@ -168,6 +170,11 @@ def test_an_unmounted_or_foreign_repository_is_refused_never_replaced(
     # Another repository is mounted there.
     LocalStore.init(repo)
     _refused(_run(cfg, capsys, "list"), str(repo), "not the one catalog", "mounted")
+    shutil.rmtree(repo)
+    repo.mkdir()
+    (repo / "data.img").write_text("something else")
+    _refused(_run(cfg, capsys, "list"), str(repo), "not a oneback repository")
+    assert os.listdir(repo) == ["data.img"]
 
     # Ours again: everything works.
     shutil.rmtree(repo)
@@ -448,3 +455,37 @@ def test_two_catalogs_sharing_a_repository_never_collide(
     assert _exports(c, capsys, [first])[(first["backup_id"], 0)] == before[(first["backup_id"], 0)]
     got = _exports(c, capsys, [{"backup_id": new_b, "disks": other["disks"]}])
     assert got[(new_b, 0)] == before[("b", 0)]
+
+
+def test_init_on_a_catalog_from_before_manifests_writes_them(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    """A catalog an older oneback made (no repository id, no manifests) is
+    refused until `oneback init`, which binds it and writes a manifest for
+    each of its backups: a rebuild then recovers all of them."""
+    c = cloud
+    vm = c.vm("old", [c.image("old-os", pattern(3 * BLOCK, 1)), {"TYPE": "fs", "SIZE": 1}])
+    backups = [_backup(c, capsys, vm)]
+    with open(c.disk_path(vm, 0), "r+b") as f:
+        f.write(pattern(100, 77))
+    backups.append(_backup(c, capsys, vm))
+    before = _exports(c, capsys, backups)
+    # What the m004 migration leaves of an older catalog and repository:
+    with sqlite3.connect(c.tmp / "catalog.sqlite") as db:
+        db.execute("DELETE FROM meta WHERE key = 'repository_id'")
+        db.execute("UPDATE backups SET manifest = NULL")
+    shutil.rmtree(c.tmp / "repo" / "manifests")
+
+    r = c.run("list", capsys=capsys)
+    assert r.code == 8 and "records no repository" in r.err and "oneback init" in r.err, r.err
+    r = c.run("init", "--json", capsys=capsys)
+    assert r.code == 0, r.err
+    assert r.json()["backfilled"] == 2 and r.json()["created_repository"] is False
+    assert len(_manifest_files(c)) == 2
+    assert c.run("init", capsys=capsys).code == 8   # bound now: nothing more to do
+
+    _delete_catalog(c)
+    r = c.run("catalog", "rebuild", "--json", capsys=capsys)
+    assert r.code == 0, r.err
+    assert [i["backup_id"] for i in r.json()["imported"]] == [b["backup_id"] for b in backups]
+    assert _exports(c, capsys, backups) == before
+    assert _backup(c, capsys, vm)["kind"] == "incremental"

@@ -223,6 +223,19 @@ class Catalog(JobQueue):
             raise NotFound(f"backup {backup_id} does not exist; `oneback list` shows backups")
         return None if row[0] is None else str(row[0])
 
+    def backups_without_manifest(self) -> list[int]:
+        """Ids of backups committed before manifests existed, oldest first."""
+        with self._guard("listing backups without a manifest") as conn:
+            return [int(r[0]) for r in conn.execute(
+                "SELECT id FROM backups WHERE manifest IS NULL ORDER BY id")]
+
+    def set_manifest(self, backup_id: int, name: str) -> None:
+        """Record the manifest written for an older backup. Durable on return."""
+        with self._guard(f"recording the manifest of backup {backup_id}", write=True) as conn:
+            cur = conn.execute("UPDATE backups SET manifest = ? WHERE id = ?", (name, backup_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"backup {backup_id} does not exist")
+
     # -- journal of cloud objects ----------------------------------------------
 
     def journal_record(
