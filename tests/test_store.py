@@ -398,3 +398,35 @@ def test_local_manifest_files_are_read_only_and_leave_no_temp(tmp_path: Path) ->
     assert os.listdir(tmp_path / "repo" / "tmp") == []
     (tmp_path / "repo" / "manifests" / "3" / "not a name").write_text("stray")
     assert list(LocalStore.open(tmp_path / "repo").manifests()) == ["3/m"]
+
+
+MANIFEST_CRASHER = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[2])
+from agent.store.local import LocalStore
+store = LocalStore.open(sys.argv[1])
+i = 0
+while True:
+    store.put_manifest(f"1/m{i}", hashlib.sha256(str(i).encode()).digest() * 32768)
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_local_killed_manifest_writer_leaves_no_partial_manifest(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    LocalStore.init(repo)
+    proc = subprocess.Popen([sys.executable, "-c", MANIFEST_CRASHER, str(repo), str(ROOT)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for _ in range(5):
+        assert proc.stdout.readline()
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = LocalStore.open(repo)
+    names = list(store.manifests())
+    assert len(names) >= 5
+    for name in names:   # every visible manifest is whole
+        i = int(name.split("/m")[1])
+        assert store.get_manifest(name) == hashlib.sha256(str(i).encode()).digest() * 32768
