@@ -65,6 +65,8 @@ class BackupCatalog(Journal, Protocol):
 
     def reserve_backup_id(self) -> int: ...
 
+    def get_backup(self, backup_id: int) -> BackupRecord: ...
+
     def commit_backup(self, *, vm_id: int, vm_name: str, kind: str, started: float,
                       finished: float, vm_document: str, image_documents: Mapping[int, str],
                       disks: list[DiskBackup], blocks: Mapping[int, Sequence[BlockRecord]],
@@ -228,18 +230,26 @@ def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: s
         maps=maps,
         previous={d: (p.backup_id if p is not None else None) for d, p in previous.items()})
     name = mf.new_name(vm_id, started)
-    store.put_manifest(name, mf.encode(manifest))
+    encoded = mf.encode(manifest)
     del maps, manifest
     try:
+        store.put_manifest(name, encoded)
         return catalog.commit_backup(
             vm_id=vm_id, vm_name=vm_name, kind=kind, started=started, finished=finished,
             vm_document=vm_document, image_documents=image_documents, disks=disks,
             blocks=blocks, warnings=warnings, backup_id=backup_id, manifest=name)
     except BaseException:
+        # Remove the manifest only when the commit provably did not happen (a
+        # signal may land just after it): otherwise it stays, a complete backup.
         try:
-            store.delete_manifest(name)
-        except OnebackError:
-            pass   # left as a complete backup the catalog does not list
+            catalog.get_backup(backup_id)
+        except NotFound:
+            try:
+                store.delete_manifest(name)
+            except OnebackError:
+                pass
+        except BaseException:
+            pass
         raise
 
 
