@@ -489,3 +489,20 @@ def test_init_on_a_catalog_from_before_manifests_writes_them(
     assert [i["backup_id"] for i in r.json()["imported"]] == [b["backup_id"] for b in backups]
     assert _exports(c, capsys, backups) == before
     assert _backup(c, capsys, vm)["kind"] == "incremental"
+
+
+def test_rebuild_refuses_a_catalog_a_running_process_holds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.lease import Lease
+
+    cfg = _config(tmp_path)
+    assert _run(cfg, capsys, "init")[0] == 0
+    held = Lease.acquire(tmp_path / "catalog.sqlite")   # what every running oneback holds
+    try:
+        _refused(_run(cfg, capsys, "catalog", "rebuild", "--force"), "in use", "stop it")
+    finally:
+        held.release()
+    code, out, err = _run(cfg, capsys, "catalog", "rebuild", "--force", "--json")
+    assert code == 0, err
+    assert json.loads(out)["imported"] == [] and Path(json.loads(out)["replaced"]).exists()
+    assert _run(cfg, capsys, "list", "--json")[:2] == (0, "[]\n")
