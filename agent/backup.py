@@ -6,7 +6,8 @@ saved as it is; with the opt-in, such a disk's first snapshot is the kept
 `oneback-base`), then per disk save the snapshot as an image, attach it to
 the proxy VM, scan the block device against the previous backup's checksums, detach, delete the
 image and the snapshot — and the rule that a backup becomes visible (one
-catalog transaction) only after all its chunks are durable. Must not: print,
+catalog transaction) only after all its chunks and then its manifest (the
+repository's own full record of it, `agent.manifest`) are durable. Must not: print,
 or talk to pyone, SQL or /dev directly (it uses cloud, catalog, devices).
 """
 
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import devices, reader
+from agent import manifest as mf
 from agent.attach import Journal, Workspace
 from agent.cloud import Cloud
 from agent.config import Config
-from agent.errors import Interrupted, NotFound, StateError
+from agent.errors import Interrupted, NotFound, OnebackError, StateError
 from agent.lease import VmBusy, vm_lock
 from agent.model import (
     LCM_RUNNING,
@@ -39,7 +41,7 @@ from agent.model import (
 )
 from agent.policy import BASE_SNAPSHOT, plan_disks
 from agent.progress import Progress, Quiet
-from agent.store import ChunkStore
+from agent.store import Repository
 
 
 @contextmanager
@@ -58,10 +60,18 @@ class BackupCatalog(Journal, Protocol):
 
     def previous_map(self, vm_id: int, disk_id: int) -> reader.PreviousMap | None: ...
 
+    @property
+    def catalog_id(self) -> str: ...
+
+    def reserve_backup_id(self) -> int: ...
+
+    def get_backup(self, backup_id: int) -> BackupRecord: ...
+
     def commit_backup(self, *, vm_id: int, vm_name: str, kind: str, started: float,
                       finished: float, vm_document: str, image_documents: Mapping[int, str],
                       disks: list[DiskBackup], blocks: Mapping[int, Sequence[BlockRecord]],
                       warnings: list[str], chunk_sizes: Mapping[bytes, int] | None = None,
+                      backup_id: int | None = None, manifest: str | None = None,
                       ) -> BackupRecord: ...
 
 
@@ -118,7 +128,7 @@ BACKUP_STATES = "RUNNING, POWEROFF or SUSPENDED"
 
 
 def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: BackupCatalog,
-              store: ChunkStore, workspace: Workspace, settings: Settings,
+              store: Repository, workspace: Workspace, settings: Settings,
               progress: Progress | None = None,
               cancel: threading.Event | None = None) -> BackupResult:
     """Back up VM `vm_id`. On success the backup is committed and every
@@ -147,6 +157,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
 
     disks: list[DiskBackup] = []
     blocks: dict[int, Sequence[BlockRecord]] = {}  # packed BlockLists, with stored sizes
+    previous: dict[int, reader.PreviousMap | None] = {}
     full = options.full
     with ExitStack() as everything:
         # Snapshot every disk first, one after another, so all disks are
@@ -175,8 +186,9 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
                     store=store, workspace=workspace, settings=settings, progress=progress,
                     cancel=cancel)
                 scan_seconds += s_s
-                previous_missing, disk_backup, scan = result
-                full = full or previous_missing
+                disk_previous, disk_backup, scan = result
+                full = full or disk_previous is None
+                previous[disk.disk_id] = disk_previous
                 disks.append(disk_backup)
                 blocks[disk.disk_id] = scan.blocks
             progress.phase(disk.disk_id, "done")
@@ -189,22 +201,66 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
             attributes=dict(disk.attributes)))
     disks.sort(key=lambda d: d.disk_id)
     cloud_seconds = time.monotonic() - t_start - scan_seconds
-    record = catalog.commit_backup(
-        vm_id=vm_id, vm_name=vm.name, kind="full" if full or not plan.read else "incremental",
-        started=started, finished=time.time(), vm_document=vm.document,
-        image_documents=image_documents, disks=disks, blocks=blocks,
-        warnings=[*plan.warnings, *workspace.leftovers])
+    record = _commit(
+        catalog, store, vm_id=vm_id, vm_name=vm.name,
+        kind="full" if full or not plan.read else "incremental", started=started,
+        vm_document=vm.document, image_documents=image_documents, disks=disks,
+        blocks=blocks, previous=previous, warnings=[*plan.warnings, *workspace.leftovers])
     return BackupResult(record, cloud_seconds, scan_seconds, tuple(workspace.leftovers),
                         plan.refusals)
 
 
+def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: str,
+            kind: str, started: float, vm_document: str, image_documents: Mapping[int, str],
+            disks: list[DiskBackup], blocks: Mapping[int, Sequence[BlockRecord]],
+            previous: Mapping[int, reader.PreviousMap | None],
+            warnings: list[str]) -> BackupRecord:
+    """Write the backup's manifest into the repository (durable), then commit
+    it to the catalog under the id the manifest records. A failed commit
+    removes the manifest; a crash between the two leaves a complete manifest
+    that `oneback catalog rebuild` imports (its chunks were durable before it)."""
+    finished = time.time()
+    backup_id = catalog.reserve_backup_id()
+    maps = {d.disk_id: mf.full_map(d, previous.get(d.disk_id), blocks[d.disk_id])
+            for d in disks if d.disk_id in blocks}
+    manifest = mf.Manifest(
+        backup_id=backup_id, catalog=catalog.catalog_id, vm_id=vm_id, vm_name=vm_name,
+        kind=kind, started=started, finished=finished, vm_document=vm_document,
+        image_documents=image_documents, disks=tuple(disks), warnings=tuple(warnings),
+        maps=maps,
+        previous={d: (p.backup_id if p is not None else None) for d, p in previous.items()})
+    name = mf.new_name(vm_id, started)
+    encoded = mf.encode(manifest)
+    del maps, manifest
+    try:
+        store.put_manifest(name, encoded)
+        return catalog.commit_backup(
+            vm_id=vm_id, vm_name=vm_name, kind=kind, started=started, finished=finished,
+            vm_document=vm_document, image_documents=image_documents, disks=disks,
+            blocks=blocks, warnings=warnings, backup_id=backup_id, manifest=name)
+    except BaseException:
+        # Remove the manifest only when the commit provably did not happen (a
+        # signal may land just after it): otherwise it stays, a complete backup.
+        try:
+            catalog.get_backup(backup_id)
+        except NotFound:
+            try:
+                store.delete_manifest(name)
+            except OnebackError:
+                pass
+        except BaseException:
+            pass
+        raise
+
+
 def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions, *,
-               catalog: BackupCatalog, store: ChunkStore, workspace: Workspace,
+               catalog: BackupCatalog, store: Repository, workspace: Workspace,
                settings: Settings, progress: Progress, cancel: threading.Event | None,
-               ) -> tuple[tuple[bool, DiskBackup, reader.ScanResult], float]:
+               ) -> tuple[tuple[reader.PreviousMap | None, DiskBackup, reader.ScanResult],
+                          float]:
     """Save, attach, scan, detach, delete one disk's snapshot image. Returns
-    (whether the disk had no usable previous map, its record, the scan) and
-    the seconds spent scanning."""
+    (the map the scan diffed against, None when the disk had no usable one;
+    its record; the scan) and the seconds spent scanning."""
     progress.phase(disk.disk_id, "save-as")
     with workspace.saved_image(vm_id, disk.disk_id, snap_id) as image_id:
         _check_cancel(cancel)
@@ -230,7 +286,7 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
         image_id=disk.image_id, volatile=False, excluded=False,
         bytes_read=scan.bytes_read, bytes_changed=scan.bytes_changed,
         bytes_stored=scan.bytes_stored, attributes=dict(disk.attributes))
-    return (previous is None, backup, scan), scan_seconds
+    return (previous, backup, scan), scan_seconds
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from agent import config as config_mod
+from agent import repository
 from agent.attach import Workspace, cleanup, sweep
 from agent.backup import BackupOptions, BackupResult, Settings, backup_vm, exclusive
 from agent.catalog import Catalog
@@ -51,7 +52,9 @@ from agent.render import (
     disk_restore_json,
     emit_json,
     human_bytes,
+    init_json,
     job_json,
+    rebuild_json,
     render_remarks,
     restore_json,
     set_json,
@@ -104,9 +107,8 @@ def runtime(config_file: str | None, *, cloud: bool = True) -> Iterator[Runtime]
                     timeout=cfg.opennebula.timeout,
                     operation_timeout=cfg.opennebula.operation_timeout,
                     poll_interval=cfg.opennebula.poll_interval)
-    catalog = Catalog.open(cfg.storage.catalog)
+    catalog, store = repository.open_checked(cfg.storage.repository, cfg.storage.catalog)
     try:
-        store = LocalStore.open(cfg.storage.repository, create=True)
         lease = Lease.acquire(cfg.storage.catalog)
         try:
             yield Runtime(cfg, one, catalog, store, lease)
@@ -181,6 +183,62 @@ config_option = click.option("--config", "config_file", type=click.Path(dir_okay
 @click.version_option(package_name="oneback")
 def cli() -> None:
     """oneback: backup and recovery for OpenNebula KVM clouds."""
+
+
+@cli.command("init")
+@config_option
+@json_option
+def init_(config_file: str | None, as_json: bool) -> None:
+    """Create the repository and the catalog (or join an existing repository)."""
+    cfg = config_mod.load(config_file)
+    result = repository.init(cfg.storage.repository, cfg.storage.catalog)
+    if as_json:
+        emit_json(init_json(result))
+        return
+    if result.created_repository:
+        click.echo(f"created repository {result.repository} (id {result.repository_id})"
+                   f" and catalog {result.catalog}")
+    else:
+        click.echo(f"catalog {result.catalog} joined the existing repository"
+                   f" {result.repository} (id {result.repository_id})")
+        if result.manifests:
+            click.echo(f"  the repository holds {result.manifests} backup(s) of other"
+                       " catalogs; `oneback catalog rebuild --force` lists them all here")
+    if result.backfilled:
+        click.echo(f"  wrote manifests for {result.backfilled} backup(s) made before"
+                   " manifests existed")
+
+
+@cli.group("catalog")
+def catalog_() -> None:
+    """The catalog: a cache of the repository's manifests."""
+
+
+@catalog_.command("rebuild")
+@click.option("--force", is_flag=True, help="Replace an existing catalog (kept beside it).")
+@config_option
+@json_option
+def catalog_rebuild(force: bool, config_file: str | None, as_json: bool) -> None:
+    """Rebuild the catalog from the repository's manifests alone."""
+    cfg = config_mod.load(config_file)
+    store = LocalStore.open(cfg.storage.repository)
+    report = repository.rebuild(store, store.id, cfg.storage.catalog, force=force)
+    if as_json:
+        emit_json(rebuild_json(report))
+    else:
+        click.echo(f"rebuilt catalog {report.catalog} from repository"
+                   f" {cfg.storage.repository}: {len(report.imported)} backup(s)")
+        for i in report.imported:
+            moved = (f" (manifest said {i.renumbered_from}; another catalog's)"
+                     if i.renumbered_from is not None else "")
+            click.echo(f"  backup {i.backup_id}: VM {i.vm_id} {i.kind} {i.manifest}{moved}")
+        if report.replaced is not None:
+            click.echo(f"  the old catalog is kept as {report.replaced}")
+        for name, why in report.damaged:
+            click.echo(f"  skipped {name}: {why}", err=True)
+    error = repository.damaged_error(report)
+    if error is not None:
+        raise error
 
 
 @cli.command()

@@ -46,7 +46,7 @@ from agent.lease import Lease, is_alive
 from agent.model import VM_DONE, Backoff, Job, VmInfo, is_one_id
 from agent.policy import due_work, vm_policy
 from agent.snapshots import create_set, delete_set, sets_of
-from agent.store import ChunkStore
+from agent.store import Repository
 from agent.subscriber import Subscriber
 
 log = logging.getLogger("oneback.agent")
@@ -100,7 +100,7 @@ class _Wakeups:
 
 
 class Agent:
-    def __init__(self, cfg: Config, cloud: Cloud, catalog: Catalog, store: ChunkStore,
+    def __init__(self, cfg: Config, cloud: Cloud, catalog: Catalog, store: Repository,
                  lease: Lease, *, secret: bytes | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg, self.cloud, self.catalog, self.store, self.lease = (

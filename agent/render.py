@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from agent.model import Backoff, BackupRecord, Job
+from agent.repository import InitResult, RebuildReport
 from agent.restore import DiskRestoreResult, RestoreResult
 from agent.snapshots import DeleteResult, SnapshotSet
 
@@ -156,3 +157,17 @@ def backoff_json(b: Backoff) -> dict[str, Any]:
     return {"key": b.key, "vm_id": b.vm_id, "what": b.what, "failures": b.failures,
             "error": b.error, "first_failed": b.first_failed, "last_failed": b.last_failed,
             "next_try": b.next_try}
+
+
+def init_json(r: InitResult) -> dict[str, Any]:
+    return {"repository": str(r.repository), "repository_id": r.repository_id,
+            "catalog": str(r.catalog), "created_repository": r.created_repository,
+            "manifests": r.manifests, "backfilled": r.backfilled}
+
+
+def rebuild_json(r: RebuildReport) -> dict[str, Any]:
+    return {"catalog": str(r.catalog), "repository_id": r.repository_id,
+            "imported": [asdict(i) for i in r.imported],
+            "damaged": [{"manifest": n, "error": why} for n, why in r.damaged],
+            "duplicates": list(r.duplicates),
+            "replaced": None if r.replaced is None else str(r.replaced)}

@@ -55,7 +55,7 @@ if [ "$systemd" = yes ] && [ "$root" = / ]; then
     systemctl daemon-reload
     systemctl enable oneback.service
     echo "enabled oneback.service: edit $etc/oneback.toml and $etc/one_auth, then"
-    echo "  systemctl start oneback"
+    echo "  /opt/oneback/venv/bin/oneback init && systemctl start oneback"
 fi
 cat <<MSG
 next: on the OpenNebula front-end, run install/register-hooks.sh with the

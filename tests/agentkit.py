@@ -10,6 +10,8 @@ API functions tests are about.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -22,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from agent.cli import main as cli_main
 from tests.onesim.dataplane import guest_dir
 from tests.onesim.simulator import Simulator
 from tests.onesim.testing import (
@@ -155,7 +158,20 @@ catalog = "{tmp / 'catalog.sqlite'}"
 block_size = {block_size}
 workers = 2
 {extra}""")
+    init_repository(cfg)
     return cfg
+
+
+def init_repository(cfg: Path) -> None:
+    """`oneback init` for the configuration (in-process, through the CLI)."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            cli_main(["init", "--config", str(cfg), "--json"])
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise RuntimeError(f"oneback init --config {cfg} failed ({e.code}): "
+                               f"{out.getvalue().strip()}") from None
 
 
 # Datastore setups (one.datastore.update of the system DS 0 and the image DS 1

@@ -116,7 +116,9 @@ repository = "{work / 'repo'}"
 catalog = "{work / 'catalog.sqlite'}"
 block_size = {BLOCK}
 """)
-        say(f"configuration: {config}\n")
+        say(f"configuration: {config}")
+        made = oneback(config, "init")
+        say(f"oneback init: repository {made['repository']} (id {made['repository_id']})\n")
 
         say("1. full backup")
         first = oneback(config, "backup", str(vm))

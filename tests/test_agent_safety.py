@@ -420,7 +420,7 @@ def test_a_worker_that_dies_is_replaced_and_its_job_requeued(
     catalog = Catalog.open(cfg.storage.catalog)
     lease = Lease.acquire(cfg.storage.catalog)
     stop = threading.Event()
-    agent_ = Agent(cfg, one, catalog, LocalStore.open(cfg.storage.repository, create=True),
+    agent_ = Agent(cfg, one, catalog, LocalStore.open(cfg.storage.repository),
                    lease, secret=cfg.agent.read_secret(), clock=clock)
     runner = threading.Thread(target=agent_.run, args=(stop,), daemon=True)
     caplog.set_level("INFO", logger="oneback")

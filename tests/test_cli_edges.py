@@ -118,7 +118,9 @@ def test_block_size_must_be_a_power_of_two_from_1_to_64_mib(
 @pytest.mark.parametrize("value", [1024 * 1024, 4 * 1024 * 1024, 64 * 1024 * 1024])
 def test_block_sizes_in_range_are_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            value: int) -> None:
-    r = _run(["list", "--config", str(_config(tmp_path, str(value))), "--json"], capsys)
+    cfg = _config(tmp_path, str(value))
+    assert _run(["init", "--config", str(cfg)], capsys)[0] == 0
+    r = _run(["list", "--config", str(cfg), "--json"], capsys)
     assert r[0] == 0, r
     assert r[1].strip() == "[]"
 

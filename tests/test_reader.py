@@ -255,7 +255,7 @@ def test_scan_commit_previous_round_trip(tmp_path: Path) -> None:
     """The reader's records, committed and read back, drive the next scan."""
     blocks = sample_blocks(14, 32)
     data = make_disk(tmp_path / "disk", blocks)
-    store = LocalStore.open(tmp_path / "repo")
+    store = LocalStore.init(tmp_path / "repo")
     with Catalog.open(tmp_path / "catalog.sqlite") as cat:
         for round_ in range(3):
             prev = cat.previous_map(1, 0)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent.errors import IntegrityError, NotFound, RepositoryError
-from agent.store import ChunkStore, chunk_id_of
+from agent.errors import IntegrityError, InternalError, NotFound, RepositoryError
+from agent.store import ChunkStore, Repository, chunk_id_of
 from agent.store.local import TEMP_GRACE, LocalStore
 from agent.store.memory import MemoryStore
 
@@ -55,7 +55,7 @@ def _write_damaged(stored: bytes, how: str, write: Callable[[bytes], object]) ->
 def backend(request: pytest.FixtureRequest,
             tmp_path: Path) -> Iterator[tuple[ChunkStore, Callable[..., None]]]:
     if request.param == "local":
-        yield LocalStore.open(tmp_path / "repo"), damage_local
+        yield LocalStore.init(tmp_path / "repo"), damage_local
     else:
         yield MemoryStore(), damage_memory
 
@@ -199,7 +199,7 @@ def test_concurrent_puts_of_many_ids(store: ChunkStore) -> None:
 
 
 def test_local_layout_config_and_read_only_files(tmp_path: Path) -> None:
-    store = LocalStore.open(tmp_path / "repo")
+    store = LocalStore.init(tmp_path / "repo")
     data = block(8)
     cid = chunk_id_of(data)
     store.put(cid, data)
@@ -212,16 +212,16 @@ def test_local_layout_config_and_read_only_files(tmp_path: Path) -> None:
 
 
 def test_local_reopen_keeps_id_and_chunks(tmp_path: Path) -> None:
-    first = LocalStore.open(tmp_path / "repo")
+    first = LocalStore.init(tmp_path / "repo")
     data = block(9)
     first.put(chunk_id_of(data), data)
-    again = LocalStore.open(tmp_path / "repo", create=False)
+    again = LocalStore.open(tmp_path / "repo")
     assert again.id == first.id
     assert again.get(chunk_id_of(data)) == data
 
 
 def test_local_two_instances_racing_like_two_processes(tmp_path: Path) -> None:
-    a = LocalStore.open(tmp_path / "repo")
+    a = LocalStore.init(tmp_path / "repo")
     b = LocalStore.open(tmp_path / "repo")
     data = block(10, 1024 * 1024)
     cid = chunk_id_of(data)
@@ -242,21 +242,34 @@ def test_local_two_instances_racing_like_two_processes(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "repo" / "tmp") == []
 
 
-def test_local_missing_repository_without_create(tmp_path: Path) -> None:
-    with pytest.raises(RepositoryError, match="no oneback repository"):
-        LocalStore.open(tmp_path / "nowhere", create=False)
+def test_local_open_never_creates_a_repository(tmp_path: Path) -> None:
+    """A missing or empty directory (an unmounted filesystem) is refused, with
+    the fix, and left as it was: only `init` creates a repository."""
+    with pytest.raises(RepositoryError, match=r"no oneback repository .*does not exist.*"
+                       "oneback init"):
+        LocalStore.open(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(RepositoryError, match=r"no oneback repository .*is empty.*mounted"):
+        LocalStore.open(tmp_path / "mnt")
+    assert os.listdir(tmp_path / "mnt") == []
+    LocalStore.init(tmp_path / "mnt")
+    with pytest.raises(RepositoryError, match="already a oneback repository"):
+        LocalStore.init(tmp_path / "mnt")
 
 
 def test_local_refuses_a_directory_that_is_not_a_repository(tmp_path: Path) -> None:
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "precious.txt").write_text("keep me")
     with pytest.raises(RepositoryError, match="not empty"):
+        LocalStore.init(tmp_path / "repo")
+    with pytest.raises(RepositoryError, match="not a oneback repository"):
         LocalStore.open(tmp_path / "repo")
     assert (tmp_path / "repo" / "precious.txt").read_text() == "keep me"
 
 
 def test_local_refuses_a_newer_format_and_a_broken_config(tmp_path: Path) -> None:
-    LocalStore.open(tmp_path / "repo")
+    LocalStore.init(tmp_path / "repo")
     config = tmp_path / "repo" / "config"
     os.chmod(config, 0o644)
     config.write_text(json.dumps({"format": 99, "id": "x"}))
@@ -269,12 +282,12 @@ def test_local_refuses_a_newer_format_and_a_broken_config(tmp_path: Path) -> Non
 
 def test_local_unwritable_location(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    with pytest.raises(RepositoryError, match="cannot use repository"):
-        LocalStore.open(tmp_path / "file" / "repo")
+    with pytest.raises(RepositoryError, match="cannot create repository"):
+        LocalStore.init(tmp_path / "file" / "repo")
 
 
 def test_local_leftover_temp_files_are_ignored_then_cleaned(tmp_path: Path) -> None:
-    store = LocalStore.open(tmp_path / "repo")
+    store = LocalStore.init(tmp_path / "repo")
     data = block(11)
     cid = chunk_id_of(data)
     tmp = tmp_path / "repo" / "tmp"
@@ -294,7 +307,7 @@ def test_local_leftover_temp_files_are_ignored_then_cleaned(tmp_path: Path) -> N
 
 
 def test_local_stray_files_in_chunk_dirs_are_not_chunks(tmp_path: Path) -> None:
-    store = LocalStore.open(tmp_path / "repo")
+    store = LocalStore.init(tmp_path / "repo")
     (tmp_path / "repo" / "chunks" / "ab" / "README").write_text("hi")
     (tmp_path / "repo" / "chunks" / "ab" / ("zz" * 32)).write_text("hi")
     assert list(store.ids()) == []
@@ -316,7 +329,7 @@ while True:
 
 def test_local_killed_writer_leaves_no_partial_chunk(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    LocalStore.open(repo)
+    LocalStore.init(repo)
     proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(repo), str(ROOT)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -333,3 +346,87 @@ def test_local_killed_writer_leaves_no_partial_chunk(tmp_path: Path) -> None:
         assert hashlib.sha256(store.get(cid)).digest() == cid
     store.clean_temp(0)
     assert os.listdir(repo / "tmp") == []
+
+
+# -- manifests (the ManifestStore contract, over every backend) ------------------------
+
+
+def test_is_a_repository(store: ChunkStore) -> None:
+    assert isinstance(store, Repository)
+
+
+def test_manifest_put_get_list_delete(store: ChunkStore) -> None:
+    assert isinstance(store, Repository)
+    assert list(store.manifests()) == []
+    store.put_manifest("7/20261201T221530Z-b", b"second")
+    assert store.put_manifest("7/20261201T221530Z-a", b"first") == 5
+    store.put_manifest("12/x", b"")
+    assert list(store.manifests()) == ["12/x", "7/20261201T221530Z-a", "7/20261201T221530Z-b"]
+    assert store.get_manifest("7/20261201T221530Z-a") == b"first"
+    assert store.get_manifest("12/x") == b""
+    store.delete_manifest("12/x")
+    store.delete_manifest("12/x")
+    with pytest.raises(NotFound, match="manifest 12/x"):
+        store.get_manifest("12/x")
+    assert list(store.manifests()) == ["7/20261201T221530Z-a", "7/20261201T221530Z-b"]
+
+
+def test_manifest_is_written_once(store: ChunkStore) -> None:
+    assert isinstance(store, Repository)
+    store.put_manifest("1/a", b"original")
+    with pytest.raises(RepositoryError, match="already exists"):
+        store.put_manifest("1/a", b"other")
+    assert store.get_manifest("1/a") == b"original"
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "/abs", "a//b", "a/b/c/d", ".hidden",
+                                  "a/../b", "sp ace", "x" * 101])
+def test_manifest_names_outside_the_alphabet_are_refused(store: ChunkStore, name: str) -> None:
+    assert isinstance(store, Repository)
+    with pytest.raises(InternalError, match="not a valid manifest name"):
+        store.put_manifest(name, b"x")
+    with pytest.raises(InternalError):
+        store.get_manifest(name)
+    assert list(store.manifests()) == []
+
+
+def test_local_manifest_files_are_read_only_and_leave_no_temp(tmp_path: Path) -> None:
+    store = LocalStore.init(tmp_path / "repo")
+    store.put_manifest("3/m", b"data")
+    path = tmp_path / "repo" / "manifests" / "3" / "m"
+    assert path.read_bytes() == b"data" and path.stat().st_mode & 0o777 == 0o444
+    assert os.listdir(tmp_path / "repo" / "tmp") == []
+    (tmp_path / "repo" / "manifests" / "3" / "not a name").write_text("stray")
+    assert list(LocalStore.open(tmp_path / "repo").manifests()) == ["3/m"]
+
+
+MANIFEST_CRASHER = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[2])
+from agent.store.local import LocalStore
+store = LocalStore.open(sys.argv[1])
+i = 0
+while True:
+    store.put_manifest(f"1/m{i}", hashlib.sha256(str(i).encode()).digest() * 32768)
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_local_killed_manifest_writer_leaves_no_partial_manifest(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    LocalStore.init(repo)
+    proc = subprocess.Popen([sys.executable, "-c", MANIFEST_CRASHER, str(repo), str(ROOT)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for _ in range(5):
+        assert proc.stdout.readline()
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = LocalStore.open(repo)
+    names = list(store.manifests())
+    assert len(names) >= 5
+    for name in names:   # every visible manifest is whole
+        i = int(name.split("/m")[1])
+        assert store.get_manifest(name) == hashlib.sha256(str(i).encode()).digest() * 32768

@@ -35,7 +35,7 @@ class Backed:
     """A disk backed up twice (full, then incremental) into a real repository."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.store = LocalStore.open(tmp_path / "repo")
+        self.store = LocalStore.init(tmp_path / "repo")
         self.catalog = Catalog.open(tmp_path / "catalog.sqlite")
         self.versions: dict[int, bytes] = {}
         source = tmp_path / "source"

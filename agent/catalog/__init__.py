@@ -66,12 +66,17 @@ class Catalog(JobQueue):
     # -- opening ------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path) -> Catalog:
-        """Open the catalog at `path`, creating it and applying pending
-        migrations. Raises RepositoryError if it is not a catalog, or was
-        written by a newer oneback."""
+    def open(cls, path: str | Path, create: bool = True) -> Catalog:
+        """Open the catalog at `path`, creating it (when `create`) and applying
+        pending migrations. Raises RepositoryError if it does not exist and
+        not `create`, if it is not a catalog, or was written by a newer oneback."""
         path = Path(path)
         conn: sqlite3.Connection | None = None
+        if not create and not path.exists():
+            raise RepositoryError(
+                f"no catalog at {path}; run `oneback init` to create the repository and "
+                "its catalog, or `oneback catalog rebuild` to rebuild it from the repository"
+            )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit at the driver: every write transaction is opened by
@@ -155,6 +160,82 @@ class Catalog(JobQueue):
                     f"catalog {self.path} failed while {what}: {e}"
                 ) from e
 
+    # -- identity -------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        with self._guard("reading the catalog's identity") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    @property
+    def catalog_id(self) -> str:
+        """This catalog's own random id (recorded in the manifests it numbers)."""
+        found = self._meta("catalog_id")
+        if found is None:
+            raise InternalError(f"catalog {self.path} has no catalog_id")
+        return found
+
+    def repository_id(self) -> str | None:
+        """The id of the repository this catalog belongs to; None before
+        `oneback init` bound it."""
+        return self._meta("repository_id")
+
+    def bind_repository(self, repository_id: str) -> None:
+        """Record the repository this catalog belongs to. Idempotent for the
+        same id; RepositoryError if it belongs to another one."""
+        with self._guard("binding the catalog to its repository", write=True) as conn:
+            row = conn.execute(
+                "SELECT value FROM meta WHERE key = 'repository_id'").fetchone()
+            if row is not None and row[0] != repository_id:
+                raise RepositoryError(
+                    f"catalog {self.path} belongs to repository {row[0]}, not "
+                    f"{repository_id}; use that repository, or another catalog path"
+                )
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES "
+                         "('repository_id', ?)", (repository_id,))
+
+    def reserve_backup_id(self) -> int:
+        """A backup id no backup of this catalog has or will be given by any
+        other call: ids are never reused, even when the backup that reserved
+        one never commits. Durable on return."""
+        with self._guard("reserving a backup id", write=True) as conn:
+            row = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'backups'").fetchone()
+            if row is None:
+                top = int(conn.execute("SELECT coalesce(max(id), 0) FROM backups").fetchone()[0])
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('backups', ?)",
+                             (top + 1,))
+                return top + 1
+            conn.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'backups'")
+            return int(row[0]) + 1
+
+    def backup_count(self) -> int:
+        with self._guard("counting backups") as conn:
+            return int(conn.execute("SELECT count(*) FROM backups").fetchone()[0])
+
+    def manifest_of(self, backup_id: int) -> str | None:
+        """The name of the backup's manifest in the repository (None for a
+        backup committed before manifests existed). NotFound if no backup."""
+        with self._guard("reading a manifest name") as conn:
+            row = conn.execute("SELECT manifest FROM backups WHERE id = ?",
+                               (backup_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"backup {backup_id} does not exist; `oneback list` shows backups")
+        return None if row[0] is None else str(row[0])
+
+    def backups_without_manifest(self) -> list[int]:
+        """Ids of backups committed before manifests existed, oldest first."""
+        with self._guard("listing backups without a manifest") as conn:
+            return [int(r[0]) for r in conn.execute(
+                "SELECT id FROM backups WHERE manifest IS NULL ORDER BY id")]
+
+    def set_manifest(self, backup_id: int, name: str) -> None:
+        """Record the manifest written for an older backup. Durable on return."""
+        with self._guard(f"recording the manifest of backup {backup_id}", write=True) as conn:
+            cur = conn.execute("UPDATE backups SET manifest = ? WHERE id = ?", (name, backup_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"backup {backup_id} does not exist")
+
     # -- journal of cloud objects ----------------------------------------------
 
     def journal_record(
@@ -217,6 +298,8 @@ class Catalog(JobQueue):
         blocks: Mapping[int, Sequence[BlockRecord]],
         warnings: Sequence[str] = (),
         chunk_sizes: Mapping[bytes, int] | None = None,
+        backup_id: int | None = None,
+        manifest: str | None = None,
     ) -> BackupRecord:
         """Commit a backup in one transaction; call only when every chunk its
         blocks reference is durable in the store. `blocks[disk_id]` holds the
@@ -228,7 +311,9 @@ class Catalog(JobQueue):
         Memory stays flat: blocks are written as they are read from `blocks`.
         Raises InternalError if the blocks break that contract; nothing is
         written then. The VM must not be backed up concurrently (its previous
-        map must still be the latest when this commits)."""
+        map must still be the latest when this commits). `backup_id`: one
+        from `reserve_backup_id` (or a rebuild's), else a new one is taken;
+        `manifest`: the name of the backup's manifest in the repository."""
         if kind not in KINDS:
             raise InternalError(f"backup kind must be one of {KINDS}, not {kind!r}")
         disk_ids = [d.disk_id for d in disks]
@@ -247,10 +332,10 @@ class Catalog(JobQueue):
                 (vm_id, vm_name),
             )
             cur = conn.execute(
-                "INSERT INTO backups (vm_id, vm_name, kind, started, finished, vm_document, "
-                "warnings) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (vm_id, vm_name, kind, started, finished, _document(conn, vm_document),
-                 json.dumps(list(warnings))),
+                "INSERT INTO backups (id, vm_id, vm_name, kind, started, finished, "
+                "vm_document, warnings, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (backup_id, vm_id, vm_name, kind, started, finished,
+                 _document(conn, vm_document), json.dumps(list(warnings)), manifest),
             )
             backup_id = cur.lastrowid
             assert backup_id is not None

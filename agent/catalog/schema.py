@@ -153,3 +153,18 @@ def m003_agent_safety(db: Database) -> None:
         ) WITHOUT ROWID;
         """
     )
+
+
+@_migration
+def m004_repository(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE meta (                       -- this catalog's identity and binding
+            key TEXT PRIMARY KEY,                 -- 'catalog_id', 'repository_id'
+            value TEXT NOT NULL
+        ) WITHOUT ROWID;
+        INSERT INTO meta (key, value) VALUES ('catalog_id', lower(hex(randomblob(16))));
+        -- the backup's manifest in the repository (NULL: committed before manifests)
+        ALTER TABLE backups ADD COLUMN manifest TEXT;
+        """
+    )

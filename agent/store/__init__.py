@@ -6,18 +6,23 @@ all backends share (zstd frame on the way in; decompress and verify the
 SHA-256 on the way out). Must not: know about backups, disks, blocks or the
 catalog; print; read configuration. Backends: `local.LocalStore` (a directory)
 and `memory.MemoryStore` (tests). Consumers depend on the Protocol only.
+
+Beside the chunks, a repository holds manifests (`ManifestStore`): immutable
+named blobs, one per backup, whose bytes the store does not interpret
+(`agent.manifest` encodes them). `Repository` is both.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import zstandard
 
-from agent.errors import IntegrityError
+from agent.errors import IntegrityError, InternalError
 
 Data = bytes | bytearray | memoryview
 """What `put` accepts: any contiguous bytes-like object, read only during the call."""
@@ -54,6 +59,51 @@ class ChunkStore(Protocol):
     def ids(self) -> Iterator[bytes]:
         """Every stored chunk id, in no particular order."""
         ...
+
+
+@runtime_checkable
+class ManifestStore(Protocol):
+    """Immutable named blobs (a backup's manifest). A name is one to three
+    `/`-separated segments of letters, digits, `_`, `-` and `.` (not first),
+    e.g. `17/20261201T221530Z-4f2a9c1b0d3e`. Names are chosen by the writer
+    so that writers with separate catalogs never collide."""
+
+    def put_manifest(self, name: str, data: bytes) -> int:
+        """Store `data` under `name`: complete and durable on return, never
+        visible partially written. A name is written once: RepositoryError if
+        it already exists. Returns the bytes written."""
+        ...
+
+    def get_manifest(self, name: str) -> bytes:
+        """The bytes stored under `name`; NotFound if there is none."""
+        ...
+
+    def delete_manifest(self, name: str) -> None:
+        """Remove the manifest. Idempotent."""
+        ...
+
+    def manifests(self) -> Iterator[str]:
+        """Every stored manifest name, sorted."""
+        ...
+
+
+@runtime_checkable
+class Repository(ChunkStore, ManifestStore, Protocol):
+    """A whole repository: chunks and manifests."""
+
+
+_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}"
+_MANIFEST_NAME = re.compile(rf"{_SEGMENT}(/{_SEGMENT}){{0,2}}")
+
+
+def check_manifest_name(name: str) -> None:
+    """Reject a name outside the documented alphabet (a caller bug)."""
+    if not isinstance(name, str) or not _MANIFEST_NAME.fullmatch(name):
+        raise InternalError(f"{name!r:.120} is not a valid manifest name")
+
+
+def is_manifest_name(name: str) -> bool:
+    return bool(_MANIFEST_NAME.fullmatch(name))
 
 
 def chunk_id_of(data: Data) -> bytes:

@@ -4,11 +4,15 @@ Owns: the on-disk layout of a repository and crash-safe writes into it::
 
     REPO/config          JSON: {"format": 1, "id": "<hex>", "compression": "zstd"}
     REPO/chunks/ab/abcd...   one zstd-compressed chunk per file, named by its SHA-256
+    REPO/manifests/VM/NAME   one immutable manifest per backup (agent.manifest)
     REPO/tmp/            chunks being written; leftovers of a crash are ignored
 
 A chunk is written like restic's `local.Save`: to a temp file, fsync, link
 into place (the name appears only complete), fsync the directory; files are
-read-only. Must not: know about backups or the catalog.
+read-only. Manifests are written the same way, but never over an existing
+name. A repository is created only by `init` (`oneback init`); `open` refuses
+a missing or empty directory (an unmounted filesystem) instead of silently
+starting a new repository there. Must not: know about backups or the catalog.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import NotFound, RepositoryError
-from agent.store import DEFAULT_LEVEL, Codec, Data, check_chunk_id
+from agent.store import (
+    DEFAULT_LEVEL,
+    Codec,
+    Data,
+    check_chunk_id,
+    check_manifest_name,
+    is_manifest_name,
+)
 
 FORMAT = 1
 CONFIG = "config"
@@ -72,6 +83,7 @@ class LocalStore:
         self.path = path
         self.id = repo_id
         self._chunks = path / "chunks"
+        self._manifests = path / "manifests"
         self._tmp = path / "tmp"
         self._codec = Codec(level)
         # Per-id serialisation inside this process: a put that races another
@@ -81,23 +93,49 @@ class LocalStore:
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], create: bool = True,
-             level: int = DEFAULT_LEVEL) -> LocalStore:
-        """Open the repository at `path`, creating it when `create` and it does
-        not exist (or is an empty directory). Removes temp files left by a
+    def init(cls, path: str | os.PathLike[str], level: int = DEFAULT_LEVEL) -> LocalStore:
+        """Create a new repository at `path` (a missing or empty directory).
+        Raises RepositoryError if one is there already, or the directory holds
+        anything else."""
+        root = Path(path)
+        try:
+            if (root / CONFIG).exists():
+                raise RepositoryError(
+                    f"{root} is already a oneback repository; use it as it is (run "
+                    "`oneback init` with a new catalog to join it), or choose another path"
+                )
+            cls._create(root)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot create repository {root}: {e.strerror or e}; check that the "
+                "path is writable by oneback"
+            ) from e
+        return cls.open(root, level=level)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], level: int = DEFAULT_LEVEL) -> LocalStore:
+        """Open the existing repository at `path`. Removes temp files left by a
         crash more than TEMP_GRACE seconds ago. Raises RepositoryError when
-        the path is not a repository, or one of a newer format."""
+        the path is missing, empty (a filesystem not mounted?), not a
+        repository, or one of a newer format. Never creates anything but the
+        repository's own missing subdirectories."""
         root = Path(path)
         try:
             if not (root / CONFIG).exists():
-                if not create:
+                if not root.is_dir():
+                    why = "the directory does not exist"
+                elif not any(root.iterdir()):
+                    why = "the directory is empty"
+                else:
                     raise RepositoryError(
-                        f"no oneback repository at {root}; check storage.repository "
-                        "in the configuration"
+                        f"{root} is not a oneback repository (it has no config file); "
+                        "fix storage.repository, or run `oneback init` on an empty directory"
                     )
-                repo_id = cls._create(root)
-            else:
-                repo_id = cls._read_config(root)
+                raise RepositoryError(
+                    f"no oneback repository at {root} ({why}; is its filesystem mounted?); "
+                    "run `oneback init` to create one"
+                )
+            repo_id = cls._read_config(root)
             store = cls(root, repo_id, level)
             store._prepare()
         except OSError as e:
@@ -116,6 +154,7 @@ class LocalStore:
             )
         root.mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(exist_ok=True)
+        (root / "manifests").mkdir(exist_ok=True)
         chunks = root / "chunks"
         chunks.mkdir(exist_ok=True)
         for i in range(256):
@@ -152,6 +191,7 @@ class LocalStore:
     def _prepare(self) -> None:
         self._tmp.mkdir(exist_ok=True)
         self._chunks.mkdir(exist_ok=True)
+        self._manifests.mkdir(exist_ok=True)
         self.clean_temp(TEMP_GRACE)
 
     def clean_temp(self, older_than: float = 0.0) -> int:
@@ -268,6 +308,94 @@ class LocalStore:
                         yield bytes.fromhex(name)
                     except ValueError:
                         continue
+
+    # -- the ManifestStore Protocol --------------------------------------------
+
+    def _manifest_path(self, name: str) -> Path:
+        check_manifest_name(name)
+        return self._manifests / name
+
+    def put_manifest(self, name: str, data: bytes) -> int:
+        path = self._manifest_path(name)
+        try:
+            if path.exists():
+                raise RepositoryError(
+                    f"manifest {name} already exists in {self.path}; a manifest is "
+                    "written once (this is a bug in the writer)"
+                )
+            self._make_dirs(path.parent)
+            tmp = self._tmp / f"manifest-{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            try:
+                try:
+                    _write_all(fd, bytes(data))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    os.link(tmp, path)   # never over an existing name
+                except FileExistsError:
+                    raise RepositoryError(
+                        f"manifest {name} already exists in {self.path}; a manifest is "
+                        "written once (this is a bug in the writer)"
+                    ) from None
+                except OSError as e:
+                    if e.errno not in _LINK_UNSUPPORTED:
+                        raise
+                    os.replace(tmp, path)
+            finally:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+            fsync_dir(path.parent)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot write manifest {name} to {self.path}: {e.strerror or e}; "
+                "check free space and permissions"
+            ) from e
+        return len(data)
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create `directory` (under manifests/) and make its name durable."""
+        if directory.is_dir():
+            return
+        self._make_dirs(directory.parent)
+        directory.mkdir(exist_ok=True)
+        fsync_dir(directory.parent)
+
+    def get_manifest(self, name: str) -> bytes:
+        path = self._manifest_path(name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as e:
+            raise NotFound(f"manifest {name} is not in repository {self.path}") from e
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot read manifest {name} from {self.path}: {e.strerror or e}"
+            ) from e
+
+    def delete_manifest(self, name: str) -> None:
+        path = self._manifest_path(name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot delete manifest {name} from {self.path}: {e.strerror or e}"
+            ) from e
+        fsync_dir(path.parent)
+
+    def manifests(self) -> Iterator[str]:
+        names: list[str] = []
+        for dirpath, _dirnames, filenames in os.walk(self._manifests):
+            rel = Path(dirpath).relative_to(self._manifests)
+            for f in filenames:
+                name = (rel / f).as_posix()
+                if is_manifest_name(name):
+                    names.append(name)
+        return iter(sorted(names))
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.path)!r})"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from agent.errors import NotFound
-from agent.store import DEFAULT_LEVEL, Codec, Data, check_chunk_id
+from agent.errors import NotFound, RepositoryError
+from agent.store import DEFAULT_LEVEL, Codec, Data, check_chunk_id, check_manifest_name
 
 
 class MemoryStore:
@@ -20,6 +20,7 @@ class MemoryStore:
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.blobs: dict[bytes, bytes] = {}
+        self.manifest_blobs: dict[str, bytes] = {}
         self._codec = Codec(level)
         self._lock = threading.Lock()
 
@@ -57,6 +58,31 @@ class MemoryStore:
         with self._lock:
             snapshot = list(self.blobs)
         return iter(snapshot)
+
+    def put_manifest(self, name: str, data: bytes) -> int:
+        check_manifest_name(name)
+        with self._lock:
+            if name in self.manifest_blobs:
+                raise RepositoryError(f"manifest {name} already exists in the memory store")
+            self.manifest_blobs[name] = bytes(data)
+        return len(data)
+
+    def get_manifest(self, name: str) -> bytes:
+        check_manifest_name(name)
+        with self._lock:
+            data = self.manifest_blobs.get(name)
+        if data is None:
+            raise NotFound(f"manifest {name} is not in the memory store")
+        return data
+
+    def delete_manifest(self, name: str) -> None:
+        check_manifest_name(name)
+        with self._lock:
+            self.manifest_blobs.pop(name, None)
+
+    def manifests(self) -> Iterator[str]:
+        with self._lock:
+            return iter(sorted(self.manifest_blobs))
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self.blobs)} chunks)"

@@ -134,6 +134,10 @@ class Oneback:
             f'repository = "{self.repository}"\n'
             f'catalog = "{self.catalog}"\n'
             f"block_size = {4 * 1024 * 1024}\n")
+        init = subprocess.run([self.exe, "init", "--config", str(self.config)],
+                              capture_output=True, text=True)
+        if init.returncode != 0:
+            raise OnebackUnavailable(f"oneback init failed: {init.stderr.strip()}")
 
     def scan_cmd(self) -> list[str]:
         """oneback's read-and-scan phase alone on the VM's disk (tests/bench_support/scan.py)."""

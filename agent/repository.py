@@ -1,0 +1,280 @@
+"""The repository as a whole: creating it, binding a catalog to it, and
+rebuilding a catalog from its manifests.
+
+Owns: `init` (create a repository and its catalog, or join an existing
+repository with a new catalog), `open_checked` (every other command's
+check that the repository is there and is the catalog's own: an unmounted
+directory is refused, never replaced), and `rebuild` (a new catalog from the
+repository's manifests alone: the same backup ids, VMs, disks, documents and
+block maps). Must not: write SQL (the catalog does), do file I/O in the
+repository (the store does), or print.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import manifest as mf
+from agent.catalog import Catalog
+from agent.errors import IntegrityError, OnebackError, RepositoryError
+from agent.lease import is_alive, owners_dir
+from agent.manifest import DiskMap
+from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, block_count
+from agent.store import Repository
+from agent.store.local import LocalStore, fsync_dir
+
+
+@dataclass(frozen=True)
+class InitResult:
+    repository: Path
+    repository_id: str
+    catalog: Path
+    created_repository: bool      # False: joined an existing repository
+    manifests: int                # backups the repository already held
+    backfilled: int = 0           # manifests written for an older catalog's backups
+
+
+def init(repository: Path, catalog_path: Path) -> InitResult:
+    """Create the repository at `repository` (or join the one there) and bind
+    the catalog at `catalog_path` to it (creating it). RepositoryError, with
+    nothing changed, if the catalog already belongs to a repository, or holds
+    backups while the repository is new."""
+    existing: Catalog | None = None
+    if catalog_path.exists():
+        existing = Catalog.open(catalog_path)
+        try:
+            bound = existing.repository_id()
+            count = existing.backup_count()
+        finally:
+            existing.close()
+        if bound is not None:
+            raise RepositoryError(
+                f"catalog {catalog_path} is already initialised (repository {bound}); "
+                "nothing to do, or choose another storage.catalog"
+            )
+        if count and not (repository / "config").exists():
+            raise RepositoryError(
+                f"catalog {catalog_path} holds {count} backups but there is no repository "
+                f"at {repository}; mount the repository there, or fix storage.repository"
+            )
+    joined = (repository / "config").exists()
+    store = LocalStore.open(repository) if joined else LocalStore.init(repository)
+    manifests = sum(1 for _ in store.manifests()) if joined else 0
+    with Catalog.open(catalog_path) as catalog:
+        backfilled = backfill(catalog, store)
+        catalog.bind_repository(store.id)
+    return InitResult(repository, store.id, catalog_path, not joined, manifests, backfilled)
+
+
+def backfill(catalog: Catalog, store: Repository) -> int:
+    """Write a manifest for every backup of `catalog` that has none (one
+    committed by a oneback older than manifests), so the repository describes
+    it too. Idempotent; returns how many were written."""
+    done = 0
+    for backup_id in catalog.backups_without_manifest():
+        record = catalog.get_backup(backup_id)
+        maps = {}
+        for disk in record.disks:
+            if disk.volatile or disk.excluded:
+                continue
+            n = block_count(disk.size, disk.block_size)
+            checksums = bytearray(CHECKSUM_SIZE * n)
+            chunks = bytearray(CHUNK_ID_SIZE * n)
+            for r in catalog.blocks(backup_id, disk.disk_id):
+                checksums[r.index * CHECKSUM_SIZE:(r.index + 1) * CHECKSUM_SIZE] = r.checksum
+                if r.chunk is not None:
+                    chunks[r.index * CHUNK_ID_SIZE:(r.index + 1) * CHUNK_ID_SIZE] = r.chunk
+            maps[disk.disk_id] = DiskMap(checksums, chunks)
+        m = mf.Manifest(
+            backup_id=backup_id, catalog=catalog.catalog_id, vm_id=record.vm_id,
+            vm_name=record.vm_name, kind=record.kind, started=record.started,
+            finished=record.finished, vm_document=catalog.vm_document(backup_id),
+            image_documents=catalog.image_documents(backup_id), disks=record.disks,
+            warnings=record.warnings, maps=maps)
+        name = mf.new_name(record.vm_id, record.started)
+        store.put_manifest(name, mf.encode(m))
+        catalog.set_manifest(backup_id, name)
+        done += 1
+    return done
+
+
+def open_checked(repository: Path, catalog_path: Path) -> tuple[Catalog, LocalStore]:
+    """The catalog and its repository, after checking they belong together.
+    RepositoryError (one line naming the path and the fix) when either is
+    missing, the repository is empty (not mounted?), or is not the catalog's."""
+    catalog = Catalog.open(catalog_path, create=False)
+    try:
+        bound = catalog.repository_id()
+        if bound is not None and not (repository / "config").exists():
+            try:
+                LocalStore.open(repository)   # says why: missing, empty, not a repository
+            except RepositoryError as e:
+                raise RepositoryError(
+                    f"{e.message.split(';')[0]}; catalog {catalog_path} belongs to repository "
+                    f"{bound}: mount it at {repository} (or fix storage.repository); if it "
+                    "is lost, move the catalog away and run `oneback init`"
+                ) from e
+        store = LocalStore.open(repository)
+        if bound is None:
+            raise RepositoryError(
+                f"catalog {catalog_path} records no repository (made by an older oneback); "
+                f"run `oneback init` to bind it to {repository}"
+            )
+        if bound != store.id:
+            raise RepositoryError(
+                f"the repository at {repository} (id {store.id}) is not the one catalog "
+                f"{catalog_path} belongs to (id {bound}); is the right filesystem mounted? "
+                "Fix storage.repository, or run `oneback catalog rebuild --force` to make "
+                "the catalog this repository's"
+            )
+    except BaseException:
+        catalog.close()
+        raise
+    return catalog, store
+
+
+# -- rebuild ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Imported:
+    backup_id: int
+    vm_id: int
+    manifest: str
+    kind: str
+    renumbered_from: int | None = None
+
+
+@dataclass
+class RebuildReport:
+    catalog: Path
+    repository_id: str
+    imported: list[Imported] = field(default_factory=list)
+    damaged: list[tuple[str, str]] = field(default_factory=list)   # (manifest, why)
+    duplicates: list[str] = field(default_factory=list)   # a backup's second manifest
+    replaced: Path | None = None   # where the old catalog was moved
+
+
+def rebuild(store: Repository, repository_id: str, catalog_path: Path, *,
+            force: bool = False) -> RebuildReport:
+    """Build a new catalog at `catalog_path` from the manifests in `store`.
+    Each backup keeps the id its manifest records; when manifests from two
+    catalogs claim one id, the one that finished first keeps it and the others
+    get new ids past the largest (reported as renumbered). A damaged manifest
+    is reported and skipped (every manifest holds a full map, so the others
+    stay whole). Refuses an existing catalog unless `force` (the old one is
+    then kept beside it as `<catalog>.replaced-<time>`), and one in use by a
+    running oneback process."""
+    if catalog_path.exists() and not force:
+        raise RepositoryError(
+            f"catalog {catalog_path} exists; pass --force to replace it (the old one is "
+            "kept beside it), or choose another storage.catalog"
+        )
+    _refuse_if_in_use(catalog_path)
+    report = RebuildReport(catalog_path, repository_id)
+
+    # Pass 1: read every manifest's header (whole, so damage is found now).
+    found: list[tuple[int, float, str, str]] = []
+    for name in store.manifests():
+        try:
+            m = mf.decode(store.get_manifest(name), name)
+        except OnebackError as e:
+            report.damaged.append((name, e.message))
+            continue
+        found.append((m.backup_id, m.finished, name, m.catalog))
+    found.sort()
+    ids: dict[str, tuple[int, int | None]] = {}
+    taken: set[int] = set()
+    seen: set[tuple[str, int]] = set()
+    top = max((f[0] for f in found), default=0)
+    for backup_id, _, name, catalog_id in found:
+        if (catalog_id, backup_id) in seen:
+            report.duplicates.append(name)   # one backup written twice (a re-run backfill)
+            continue
+        seen.add((catalog_id, backup_id))
+        if backup_id in taken:
+            top += 1
+            ids[name] = (top, backup_id)
+        else:
+            taken.add(backup_id)
+            ids[name] = (backup_id, None)
+    order = sorted(ids.items(), key=lambda kv: kv[1][0])
+
+    # Pass 2: import in id order into a new file, then move it into place.
+    tmp = catalog_path.parent / f"{catalog_path.name}.rebuild-{os.getpid()}"
+    _remove_sqlite(tmp)
+    try:
+        with Catalog.open(tmp) as catalog:
+            catalog.bind_repository(repository_id)
+            # the previous imported map of each (VM, disk): size, block size, map
+            bases: dict[tuple[int, int], tuple[int, int, DiskMap]] = {}
+            for name, (backup_id, old_id) in order:
+                try:
+                    m = mf.decode(store.get_manifest(name), name)
+                except OnebackError as e:   # changed since pass 1
+                    report.damaged.append((name, e.message))
+                    continue
+                blocks: dict[int, BlockList] = {}
+                for disk in m.disks:
+                    if disk.disk_id not in m.maps:
+                        continue
+                    key = (m.vm_id, disk.disk_id)
+                    prev = bases.get(key)
+                    base = (prev[0], prev[2]) if prev and prev[1] == disk.block_size else None
+                    blocks[disk.disk_id] = mf.changed_blocks(disk, m.maps[disk.disk_id], base)
+                    bases[key] = (disk.size, disk.block_size, m.maps[disk.disk_id])
+                catalog.commit_backup(
+                    vm_id=m.vm_id, vm_name=m.vm_name, kind=m.kind, started=m.started,
+                    finished=m.finished, vm_document=m.vm_document,
+                    image_documents=m.image_documents, disks=m.disks, blocks=blocks,
+                    warnings=m.warnings, backup_id=backup_id, manifest=name)
+                report.imported.append(Imported(backup_id, m.vm_id, name, m.kind, old_id))
+        _remove_sqlite(tmp, keep_main=True)
+        if catalog_path.exists():
+            report.replaced = catalog_path.parent / (
+                f"{catalog_path.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(catalog_path, report.replaced)
+            wal = Path(f"{catalog_path}-wal")
+            if wal.exists():
+                os.replace(wal, Path(f"{report.replaced}-wal"))
+            Path(f"{catalog_path}-shm").unlink(missing_ok=True)
+        os.replace(tmp, catalog_path)
+        fsync_dir(catalog_path.parent)
+    except BaseException:
+        _remove_sqlite(tmp)
+        raise
+    return report
+
+
+def _remove_sqlite(path: Path, keep_main: bool = False) -> None:
+    """Remove a SQLite file's companions (and the file itself unless `keep_main`)."""
+    for suffix in ("-wal", "-shm", "-journal", ".lock"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if not keep_main:
+        path.unlink(missing_ok=True)
+
+
+def _refuse_if_in_use(catalog_path: Path) -> None:
+    directory = owners_dir(catalog_path)
+    if not directory.is_dir():
+        return
+    for lock in directory.glob("*.lock"):
+        if is_alive(catalog_path, lock.stem):
+            raise RepositoryError(
+                f"catalog {catalog_path} is in use by a running oneback process (the agent?); "
+                "stop it, then run `oneback catalog rebuild` again"
+            )
+
+
+def damaged_error(report: RebuildReport) -> IntegrityError | None:
+    """The error a rebuild that skipped damaged manifests ends with."""
+    if not report.damaged:
+        return None
+    names = ", ".join(n for n, _ in report.damaged)
+    return IntegrityError(
+        f"{len(report.damaged)} damaged manifest(s) skipped: {names}; their backups are "
+        "not in the rebuilt catalog"
+    )
