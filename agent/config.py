@@ -246,7 +246,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     if not re.match(r"^https?://[^/\s]+(/\S*)?$", endpoint):
         raise ConfigError(
             f"{path}: opennebula.endpoint must be an http(s) URL such as"
-            f" http://127.0.0.1:2633/RPC2 (pyone would otherwise pick gRPC)"
+            f" http://127.0.0.1:2633/RPC2"
         )
     events = one.text("events", "tcp://127.0.0.1:2101")
     if not re.match(r"^tcp://[^\s]+:\d+$", events):

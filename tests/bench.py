@@ -69,6 +69,8 @@ class Bench:
         """Every measurement, in order: reads, fulls, the guest's change, incrementals,
         writes, restores of the latest backup."""
         self.plain_reads()
+        if self.ob:
+            self.oneback_startup(self.ob)
         for phase in ("full", "incremental"):
             if phase == "incremental":
                 self.change()
@@ -159,6 +161,26 @@ class Bench:
         self.add(Row("oneback", "(the rest)", max(m.wall - scan - ops, 0.0),
                      note="start-up, sweep, catalog, commit"))
 
+    def oneback_startup(self, ob: Oneback, runs: int = 7) -> None:
+        """Start-up of commands that do not talk to the cloud, on the still empty
+        catalog: the median of `runs` warm runs (a command's modules are cached
+        after its first run, as on a proxy where oneback runs all day)."""
+        for phase, args, key in (("start-up: --version", ["--version"], "oneback.startup"),
+                                 ("start-up: list, empty catalog", ob.list_args(),
+                                  "oneback.startup.list")):
+            walls, last = [], None
+            for _ in range(runs):
+                last = run([ob.exe, *args], cold=False)
+                if last.rc != 0:
+                    self.add(Row("oneback", phase, note=last.last_error(), key=key))
+                    break
+                walls.append(last.wall)
+            else:
+                walls.sort()
+                self.add(Row("oneback", phase, walls[len(walls) // 2], 0, None, None,
+                             last.rss_kib if last else None, f"median of {runs}, warm",
+                             key))
+
     def oneback_scan(self, ob: Oneback) -> None:
         """The read-and-scan phase alone, on the VM's disk, cold, right after a
         cold plain read of the same file: like against like, no OpenNebula."""
@@ -245,6 +267,8 @@ def targets(rows: list[Row]) -> list[Target]:
             if k in by_key}
     restore = wall("oneback.export")
     return [
+        ("oneback list start-up on an empty catalog, seconds", wall("oneback.startup.list"),
+         "< 0.15", lambda v: v < 0.15),
         ("oneback read+scan rate / plain read rate of the same disk, both cold",
          ratio(wall("dd.read.vm.again"), wall("oneback.scan.isolated")), ">= 0.90",
          at_least(0.90)),

@@ -140,6 +140,9 @@ class Oneback:
         return [sys.executable, "-m", "tests.bench_support.scan", str(self.catalog),
                 str(self.vm_id), "0", str(self.guest_disk), str(4 * 1024 * 1024)]
 
+    def list_args(self) -> list[str]:
+        return ["list", "--config", str(self.config)]
+
     def backup_cmd(self) -> list[str]:
         return [self.exe, "backup", str(self.vm_id), "--json", "--config", str(self.config)]
 
