@@ -189,6 +189,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
             attributes=dict(disk.attributes)))
     disks.sort(key=lambda d: d.disk_id)
     cloud_seconds = time.monotonic() - t_start - scan_seconds
+    store.flush()  # data first, catalog last: every chunk durable before the commit
     record = catalog.commit_backup(
         vm_id=vm_id, vm_name=vm.name, kind="full" if full or not plan.read else "incremental",
         started=started, finished=time.time(), vm_document=vm.document,

@@ -116,7 +116,8 @@ def scan(
     """Read `size` bytes of `source` (an open fd, which stays open, or a path,
     opened through `devices`) in blocks of `block_size` and store what changed
     since `previous` (ignored when `full`, or when its block size differs).
-    Every chunk a returned record names is durable in `store` on return.
+    Every chunk a returned record names is in `store` on return (durable
+    once `store.flush()` returns).
     `progress(n)` is called from the calling thread with the byte count of
     each block done. Raises DeviceError on a read error, Interrupted when
     `cancel` is set; store errors propagate."""

@@ -80,6 +80,7 @@ class Bench:
                 self.oneback_backup(self.ob, phase)
         if self.ob:
             self.oneback_scan(self.ob)
+            self.oneback_syncs(self.ob)
         self.plain_write()
         for tool in self.tools:
             self.restore(tool)
@@ -197,6 +198,25 @@ class Bench:
                      m.rss_kib, "the incremental's read+scan on the VM disk, no OpenNebula",
                      "oneback.scan.isolated"))
 
+    def oneback_syncs(self, ob: Oneback) -> None:
+        """A full backup's read-and-store phase alone, into a fresh repository,
+        with one syncfs before the commit and, side by side, with two fsyncs
+        per new chunk (how it was before): the cost of durability."""
+        for mode, phase, note in (
+                ("each", "full store, fsync per chunk", "file + directory fsync per new chunk"),
+                ("batch", "full store, one syncfs", "no fsync per chunk; one syncfs at the end")):
+            repo = self.work / f"syncs-{mode}"
+            m = run(ob.fullstore_cmd(repo, mode))
+            try:
+                doc = json.loads(m.out)
+            except ValueError:
+                self.add(Row("oneback", phase, note=m.last_error()))
+                continue
+            shutil.rmtree(repo, ignore_errors=True)
+            self.add(Row("oneback", phase, float(doc["seconds"]), self.size, None, None,
+                         m.rss_kib, f"{note}: {doc['chunks']} chunks, flush"
+                         f" {float(doc['flush_seconds']):.2f} s", f"oneback.syncs.{mode}"))
+
     def oneback_restore(self, ob: Oneback) -> None:
         cmd = ob.restore_cmd()
         if cmd is None:
@@ -285,6 +305,8 @@ def targets(rows: list[Row]) -> list[Target]:
          ratio(wall("dd.read.warm"), scan), "info", None),
         ("restic incremental / whole oneback incremental command",
          ratio(wall("restic.incremental"), ob_incr), "info", None),
+        ("full store with two fsyncs per chunk / with one syncfs (time)",
+         ratio(wall("oneback.syncs.each"), wall("oneback.syncs.batch")), "info", None),
         ("oneback export rate / plain write rate", ratio(wall("dd.write"), restore), "info", None),
         ("restic restore / oneback export", ratio(wall("restic.restore"), restore), "info", None),
         ("borg restore / oneback export", ratio(wall("borg.restore"), restore), "info", None),

@@ -143,6 +143,11 @@ class Oneback:
     def list_args(self) -> list[str]:
         return ["list", "--config", str(self.config)]
 
+    def fullstore_cmd(self, repo: Path, mode: str) -> list[str]:
+        """A full read-and-store of the VM's disk into `repo` (tests/bench_support/fullstore.py)."""
+        return [sys.executable, "-m", "tests.bench_support.fullstore", str(self.guest_disk),
+                str(4 * 1024 * 1024), str(repo), mode]
+
     def backup_cmd(self) -> list[str]:
         return [self.exe, "backup", str(self.vm_id), "--json", "--config", str(self.config)]
 
