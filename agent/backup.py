@@ -83,13 +83,15 @@ class Settings:
     workers: int
     sys_root: Path
     qcow2_base: bool = False   # the operator's opt-in to `oneback-base` snapshots
+    read_depth: int = 16       # reads of a device in flight (storage.read_depth)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
         return cls(proxy_vm_id=cfg.proxy.vm_id, dev_root=cfg.proxy.dev_root,
                    device_timeout=cfg.proxy.device_timeout,
                    block_size=cfg.storage.block_size, workers=cfg.storage.workers,
-                   sys_root=cfg.proxy.sys_root, qcow2_base=cfg.backup.qcow2_base)
+                   sys_root=cfg.proxy.sys_root, qcow2_base=cfg.backup.qcow2_base,
+                   read_depth=cfg.storage.read_depth)
 
     def device(self, disk: DiskInfo, cancel: threading.Event | None = None) -> Path:
         """The proxy VM's device for `disk` (just attached to it), once it is
@@ -221,7 +223,8 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
             progress.phase(disk.disk_id, "read")
             scan = reader.scan(path, size, settings.block_size, previous, store,
                                full=options.full or previous is None,
-                               workers=settings.workers, progress=progress.advanced,
+                               workers=settings.workers, read_depth=settings.read_depth,
+                               progress=progress.advanced,
                                cancel=cancel)
             _check_cancel(cancel)
             scan_seconds = time.monotonic() - t1

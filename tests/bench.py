@@ -194,9 +194,18 @@ class Bench:
         except ValueError:
             self.add(Row("oneback", "scan alone", note=m.last_error()))
             return
+        how = "O_DIRECT" if doc.get("direct") else "buffered, pages dropped behind"
         self.add(Row("oneback", "scan alone", float(doc["seconds"]), self.size, None, None,
-                     m.rss_kib, "the incremental's read+scan on the VM disk, no OpenNebula",
-                     "oneback.scan.isolated"))
+                     m.rss_kib, "the incremental's read+scan on the VM disk, no OpenNebula,"
+                     f" read_depth 16, {how}", "oneback.scan.isolated"))
+        one = run(ob.scan_cmd(read_depth=1))
+        try:
+            seconds = float(json.loads(one.out)["seconds"])
+        except (ValueError, KeyError):
+            self.add(Row("oneback", "scan alone, read_depth 1", note=one.last_error()))
+            return
+        self.add(Row("oneback", "scan alone, read_depth 1", seconds, self.size, None, None,
+                     one.rss_kib, "the same, one read in flight", "oneback.scan.depth1"))
 
     def oneback_syncs(self, ob: Oneback) -> None:
         """A full backup's read-and-store phase alone, into a fresh repository,

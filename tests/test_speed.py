@@ -177,3 +177,11 @@ def test_an_unreachable_or_foreign_endpoint_is_one_clear_error(tmp_path: Path) -
     finally:
         web.shutdown()
         web.server_close()
+
+
+@pytest.mark.parametrize("depth", ["0", "257", '"deep"'])
+def test_a_bad_read_depth_is_one_line_naming_the_key(cloud: Cloud, depth: str) -> None:
+    text = cloud.config.read_text().replace("[storage]\n", f"[storage]\nread_depth = {depth}\n")
+    cloud.config.write_text(text)
+    r = cloud.call("list")
+    assert r.code == 3 and "storage.read_depth" in r.err and len(r.err.splitlines()) == 1, r.err
