@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from agent import __version__
 from agent import config as config_mod
 from agent.errors import (
     EXIT_CODES,
@@ -180,7 +181,7 @@ config_option = click.option("--config", "config_file", type=click.Path(dir_okay
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="oneback")
+@click.version_option(__version__, prog_name="oneback")  # no importlib.metadata scan
 def cli() -> None:
     """oneback: backup and recovery for OpenNebula KVM clouds."""
 

@@ -22,15 +22,14 @@ the directory. Must not: know about backups or the catalog.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import json
 import os
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import IntegrityError, NotFound, RepositoryError
@@ -50,22 +49,25 @@ file times come from a coarse clock, and a file written just after the start
 must not count as covered."""
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    """libc's syncfs(2), or None where there is none (not Linux)."""
-    name = ctypes.util.find_library("c")
+HAVE_SYNCFS = sys.platform.startswith("linux")  # syncfs(2): Linux 2.6.39, glibc 2.14
+
+
+def syncfs(fd: int) -> None:
+    """Write back every dirty page and inode of the filesystem holding `fd`
+    (libc's syncfs, through ctypes: loaded only by a flush, not by every
+    command that opens a repository). Where libc lacks it: os.sync()."""
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        func = libc.syncfs
-    except (OSError, AttributeError, TypeError):
-        return None
+        func = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        os.sync()
+        return
     func.argtypes = [ctypes.c_int]
     func.restype = ctypes.c_int
-    def syncfs(fd: int) -> int:
-        return int(func(fd))
-    return syncfs
-
-
-_SYNCFS = _load_syncfs()
+    if func(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def boot_time() -> float:
@@ -118,7 +120,7 @@ class LocalStore:
         self._chunks = path / "chunks"
         self._tmp = path / "tmp"
         self._codec = Codec(level)
-        self.sync_each_put = sync_each_put or _SYNCFS is None
+        self.sync_each_put = sync_each_put or not HAVE_SYNCFS
         self._synced = 0.0     # chunk files older than this are durable
         self._boot = boot_time()
         # Per-id serialisation inside this process: a put that races another
@@ -320,17 +322,18 @@ class LocalStore:
         reports a write error (the chunks may not be on disk)."""
         if self.sync_each_put:
             return
-        assert _SYNCFS is not None
         started = time.time()
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if _SYNCFS(fd) != 0:
-                err = ctypes.get_errno()
-                raise RepositoryError(
-                    f"cannot make the chunks in {self.path} durable (syncfs:"
-                    f" {os.strerror(err)}); check the disk and free space, then back up again")
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                syncfs(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot make the chunks in {self.path} durable (syncfs:"
+                f" {e.strerror or e}); check the disk and free space, then back up again"
+            ) from e
         mark = max(self._synced, started - SYNC_MARGIN)
         try:
             write_file_durably(self.path / SYNCED, f"{mark:.6f}\n".encode(), self._tmp)
