@@ -84,6 +84,7 @@ class Settings:
     sys_root: Path
     qcow2_base: bool = False   # the operator's opt-in to `oneback-base` snapshots
     read_depth: int = 16       # reads of a device in flight (storage.read_depth)
+    direct_io: bool = True     # O_DIRECT reads where supported (storage.direct_io)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
@@ -91,7 +92,7 @@ class Settings:
                    device_timeout=cfg.proxy.device_timeout,
                    block_size=cfg.storage.block_size, workers=cfg.storage.workers,
                    sys_root=cfg.proxy.sys_root, qcow2_base=cfg.backup.qcow2_base,
-                   read_depth=cfg.storage.read_depth)
+                   read_depth=cfg.storage.read_depth, direct_io=cfg.storage.direct_io)
 
     def device(self, disk: DiskInfo, cancel: threading.Event | None = None) -> Path:
         """The proxy VM's device for `disk` (just attached to it), once it is
@@ -224,6 +225,7 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
             scan = reader.scan(path, size, settings.block_size, previous, store,
                                full=options.full or previous is None,
                                workers=settings.workers, read_depth=settings.read_depth,
+                               direct=settings.direct_io,
                                progress=progress.advanced,
                                cancel=cancel)
             _check_cancel(cancel)

@@ -86,6 +86,7 @@ class StorageConfig:
     block_size: int
     workers: int
     read_depth: int = 16   # reads of the device in flight (independent of workers)
+    direct_io: bool = True  # read devices with O_DIRECT (else buffered, dropped behind)
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     )
 
     st = _Section(data, "storage", path)
-    st.check_known({"repository", "catalog", "block_size", "workers", "read_depth"})
+    st.check_known({"repository", "catalog", "block_size", "workers", "read_depth",
+                    "direct_io"})
     block_size = st.raw_default("block_size", 4 * MiB)
     if (isinstance(block_size, bool) or not isinstance(block_size, int)
             or not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1)):
@@ -302,6 +304,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         block_size=block_size,
         workers=st.integer("workers", os.cpu_count() or 2),
         read_depth=read_depth,
+        direct_io=st.flag("direct_io", True),
     )
     ag = _Section({"agent": data.get("agent", {})}, "agent", path)
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",

@@ -198,14 +198,20 @@ class Bench:
         self.add(Row("oneback", "scan alone", float(doc["seconds"]), self.size, None, None,
                      m.rss_kib, "the incremental's read+scan on the VM disk, no OpenNebula,"
                      f" read_depth 16, {how}", "oneback.scan.isolated"))
-        one = run(ob.scan_cmd(read_depth=1))
-        try:
-            seconds = float(json.loads(one.out)["seconds"])
-        except (ValueError, KeyError):
-            self.add(Row("oneback", "scan alone, read_depth 1", note=one.last_error()))
-            return
-        self.add(Row("oneback", "scan alone, read_depth 1", seconds, self.size, None, None,
-                     one.rss_kib, "the same, one read in flight", "oneback.scan.depth1"))
+        for phase, cmd, note, key in (
+                ("scan alone, buffered", ob.scan_cmd(direct=False),
+                 "the same, direct_io = false: readahead, pages dropped behind",
+                 "oneback.scan.buffered"),
+                ("scan alone, read_depth 1", ob.scan_cmd(read_depth=1),
+                 "the same as `scan alone`, one read in flight", "oneback.scan.depth1")):
+            other = run(cmd)
+            try:
+                seconds = float(json.loads(other.out)["seconds"])
+            except (ValueError, KeyError):
+                self.add(Row("oneback", phase, note=other.last_error()))
+                continue
+            self.add(Row("oneback", phase, seconds, self.size, None, None, other.rss_kib,
+                         note, key))
 
     def oneback_syncs(self, ob: Oneback) -> None:
         """A full backup's read-and-store phase alone, into a fresh repository,
@@ -301,6 +307,8 @@ def targets(rows: list[Row]) -> list[Target]:
         ("oneback read+scan rate / plain read rate of the same disk, both cold",
          ratio(wall("dd.read.vm.again"), wall("oneback.scan.isolated")), ">= 0.90",
          at_least(0.90)),
+        ("the same, buffered reads (direct_io = false)",
+         ratio(wall("dd.read.vm.again"), wall("oneback.scan.buffered")), "info", None),
         ("the same, inside the incremental backup (device just written by onesim)",
          ratio(wall("dd.read.vm") or wall("dd.read"), scan), "info", None),
         ("restic incremental / oneback incremental without OpenNebula ops",

@@ -179,9 +179,11 @@ def test_an_unreachable_or_foreign_endpoint_is_one_clear_error(tmp_path: Path) -
         web.server_close()
 
 
-@pytest.mark.parametrize("depth", ["0", "257", '"deep"'])
-def test_a_bad_read_depth_is_one_line_naming_the_key(cloud: Cloud, depth: str) -> None:
-    text = cloud.config.read_text().replace("[storage]\n", f"[storage]\nread_depth = {depth}\n")
+@pytest.mark.parametrize("line", ["read_depth = 0", "read_depth = 257", 'read_depth = "deep"',
+                                  'direct_io = "yes"'])
+def test_a_bad_read_setting_is_one_line_naming_the_key(cloud: Cloud, line: str) -> None:
+    text = cloud.config.read_text().replace("[storage]\n", f"[storage]\n{line}\n")
     cloud.config.write_text(text)
     r = cloud.call("list")
-    assert r.code == 3 and "storage.read_depth" in r.err and len(r.err.splitlines()) == 1, r.err
+    key = "storage." + line.split()[0]
+    assert r.code == 3 and key in r.err and len(r.err.splitlines()) == 1, r.err

@@ -135,11 +135,11 @@ class Oneback:
             f'catalog = "{self.catalog}"\n'
             f"block_size = {4 * 1024 * 1024}\n")
 
-    def scan_cmd(self, read_depth: int = 16) -> list[str]:
+    def scan_cmd(self, read_depth: int = 16, direct: bool = True) -> list[str]:
         """oneback's read-and-scan phase alone on the VM's disk (tests/bench_support/scan.py)."""
         return [sys.executable, "-m", "tests.bench_support.scan", str(self.catalog),
                 str(self.vm_id), "0", str(self.guest_disk), str(4 * 1024 * 1024),
-                str(read_depth)]
+                str(read_depth), "direct" if direct else "buffered"]
 
     def list_args(self) -> list[str]:
         return ["list", "--config", str(self.config)]
