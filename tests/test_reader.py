@@ -313,13 +313,19 @@ def test_scan_of_a_loop_device_matches_its_file(loop_device: tuple[Path, Path]) 
 
 class SlowSource:
     """A disk behind a network: each read takes `latency` seconds; counts the
-    reads in flight at once and which block each read was for."""
+    reads in flight at once and which block each read was for. With `hold`,
+    reads wait (once, at most 5 s) until that many were in flight at once, so a
+    loaded machine's slow thread start does not hide the pipeline's depth."""
 
-    def __init__(self, data: bytes, latency: float) -> None:
+    def __init__(self, data: bytes, latency: float, hold: int = 0) -> None:
         self.data, self.latency = data, latency
         self.lock = threading.Lock()
         self.in_flight = self.peak = self.reads = 0
         self.highest = -1  # the furthest block read so far
+        self.held = threading.Event()
+        if not hold:
+            self.held.set()
+        self.hold = hold
 
     def read_at(self, buf: memoryview, offset: int) -> int:
         with self.lock:
@@ -327,7 +333,11 @@ class SlowSource:
             self.reads += 1
             self.peak = max(self.peak, self.in_flight)
             self.highest = max(self.highest, offset // BS)
+            if self.in_flight >= self.hold:
+                self.held.set()
         try:
+            if not self.held.wait(timeout=5):
+                self.held.set()  # never got that deep: let the rest through, the test fails
             time.sleep(self.latency)
             piece = self.data[offset:offset + len(buf)]
             buf[:len(piece)] = piece
@@ -344,20 +354,20 @@ def numbered_blocks(n: int) -> list[bytes]:
 
 
 def test_reads_in_flight_reach_read_depth_with_one_hashing_worker(tmp_path: Path) -> None:
-    data = make_disk(tmp_path / "disk", numbered_blocks(48))
+    data = make_disk(tmp_path / "disk", numbered_blocks(24))
     expected = reader.scan(tmp_path / "disk", len(data), BS, None, MemoryStore())
     for depth in (1, 8):
-        source = SlowSource(data, latency=0.02)
+        source = SlowSource(data, latency=0.01, hold=depth)
         result = reader.scan(source, len(data), BS, None, MemoryStore(), workers=1,
                              read_depth=depth)
         assert source.peak == depth, f"read_depth {depth}: {source.peak} reads at once"
-        assert result.blocks == expected.blocks and source.reads == 48
+        assert result.blocks == expected.blocks and source.reads == 24
 
 
 def test_reads_are_read_size_requests_whatever_the_block_size(tmp_path: Path) -> None:
     block = 4 * reader.READ_SIZE
     data = os.urandom(block) + bytes(block) + os.urandom(block // 2)
-    source = SlowSource(data, latency=0.01)
+    source = SlowSource(data, latency=0.01, hold=6)
     result = reader.scan(source, len(data), block, None, MemoryStore(), workers=1,
                          read_depth=6)
     assert source.reads == 4 + 4 + 2 and source.peak == 6
