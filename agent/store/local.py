@@ -124,7 +124,7 @@ class LocalStore:
         self._synced = 0.0     # chunk files older than this are durable
         self._boot = boot_time()
         # Per-id serialisation inside this process: a put that races another
-        # put (or a has) of the same id waits until that one is durable.
+        # put (or a has) of the same id waits until that one is complete.
         self._locks = [threading.Lock() for _ in range(256)]
 
     # -- opening -------------------------------------------------------------
