@@ -373,6 +373,8 @@ def test_forty_new_chunks_cost_one_syncfs_not_eighty_fsyncs(tmp_path: Path, mode
                         "trace=fsync,fdatasync,syncfs,sync,write",
                         sys.executable, "-c", SYNC_COUNTER, str(repo), str(ROOT), mode],
                        capture_output=True, text=True, timeout=120)
+    if p.returncode != 0 and "ptrace" in p.stderr:
+        pytest.skip(f"strace cannot trace here: {p.stderr.strip()[:100]}")
     assert p.returncode == 0, p.stderr
     calls = [line for line in trace.read_text().splitlines()
              if any(f" {c}(" in f" {line.split(' ', 1)[-1]}" for c in
