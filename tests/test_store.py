@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -376,12 +377,12 @@ def test_forty_new_chunks_cost_one_syncfs_not_eighty_fsyncs(tmp_path: Path, mode
     if p.returncode != 0 and "ptrace" in p.stderr:
         pytest.skip(f"strace cannot trace here: {p.stderr.strip()[:100]}")
     assert p.returncode == 0, p.stderr
-    calls = [line for line in trace.read_text().splitlines()
-             if any(f" {c}(" in f" {line.split(' ', 1)[-1]}" for c in
-                    ("fsync", "fdatasync", "syncfs", "sync", "write"))]
-    marker = next(i for i, line in enumerate(calls) if '"FLUSH"' in line)
-    before = [c for c in calls[:marker] if "write(" not in c]
-    after = [c.split(" ", 1)[-1].split("(")[0] for c in calls[marker:] if "write(" not in c]
+    # "PID name(args) = result", one line per call (the -f PID column varies in width)
+    calls = [(m.group(1), line) for line in trace.read_text().splitlines()
+             if (m := re.match(r"\s*\d+\s+(fsync|fdatasync|syncfs|sync|write)\(", line))]
+    marker = next(i for i, (_, line) in enumerate(calls) if '"FLUSH"' in line)
+    before = [name for name, _ in calls[:marker] if name != "write"]
+    after = [name for name, _ in calls[marker:] if name != "write"]
     if mode == "each":   # the way before flush: file and directory, per chunk
         assert len(before) == 80 and after == []
     else:                # one syncfs, then the `synced` mark (its file and directory)
