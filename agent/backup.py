@@ -93,13 +93,16 @@ class Settings:
     workers: int
     sys_root: Path
     qcow2_base: bool = False   # the operator's opt-in to `oneback-base` snapshots
+    read_depth: int = 16       # reads of a device in flight (storage.read_depth)
+    direct_io: bool = True     # O_DIRECT reads where supported (storage.direct_io)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
         return cls(proxy_vm_id=cfg.proxy.vm_id, dev_root=cfg.proxy.dev_root,
                    device_timeout=cfg.proxy.device_timeout,
                    block_size=cfg.storage.block_size, workers=cfg.storage.workers,
-                   sys_root=cfg.proxy.sys_root, qcow2_base=cfg.backup.qcow2_base)
+                   sys_root=cfg.proxy.sys_root, qcow2_base=cfg.backup.qcow2_base,
+                   read_depth=cfg.storage.read_depth, direct_io=cfg.storage.direct_io)
 
     def device(self, disk: DiskInfo, cancel: threading.Event | None = None) -> Path:
         """The proxy VM's device for `disk` (just attached to it), once it is
@@ -201,6 +204,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
             attributes=dict(disk.attributes)))
     disks.sort(key=lambda d: d.disk_id)
     cloud_seconds = time.monotonic() - t_start - scan_seconds
+    store.flush()  # data first: every chunk durable before the manifest and the commit
     record = _commit(
         catalog, store, vm_id=vm_id, vm_name=vm.name,
         kind="full" if full or not plan.read else "incremental", started=started,
@@ -276,7 +280,9 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
             progress.phase(disk.disk_id, "read")
             scan = reader.scan(path, size, settings.block_size, previous, store,
                                full=options.full or previous is None,
-                               workers=settings.workers, progress=progress.advanced,
+                               workers=settings.workers, read_depth=settings.read_depth,
+                               direct=settings.direct_io,
+                               progress=progress.advanced,
                                cancel=cancel)
             _check_cancel(cancel)
             scan_seconds = time.monotonic() - t1

@@ -20,17 +20,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from agent import __version__
 from agent import config as config_mod
-from agent import repository
-from agent.attach import Workspace, cleanup, sweep
-from agent.backup import BackupOptions, BackupResult, Settings, backup_vm, exclusive
-from agent.catalog import Catalog
-from agent.cloud import Cloud
-from agent.daemon import Agent
 from agent.errors import (
     EXIT_CODES,
     CloudError,
@@ -40,9 +35,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.hookdefs import DEFAULT_COMMAND, HOOKS
-from agent.lease import Lease
 from agent.model import ONE_ID_MAX
-from agent.policy import parse_duration
 from agent.render import (
     JsonLogFormatter,
     ProgressBar,
@@ -59,16 +52,19 @@ from agent.render import (
     restore_json,
     set_json,
 )
-from agent.restore import export_disk, restore_disk, restore_vm
-from agent.snapshots import (
-    DeleteResult,
-    create_set,
-    delete_set,
-    expire_sets,
-    list_sets,
-    revert_set,
-)
-from agent.store.local import LocalStore
+
+# Commands that never talk to the cloud (--version, --help, list, show,
+# exit-codes, export) must start at once: the modules that need the cloud,
+# the agent's daemon or ZeroMQ are imported inside the commands that use
+# them (tests/test_speed.py holds this).
+if TYPE_CHECKING:
+    from agent.attach import Workspace
+    from agent.backup import BackupResult, Settings
+    from agent.catalog import Catalog
+    from agent.cloud import Cloud
+    from agent.lease import Lease
+    from agent.snapshots import DeleteResult
+    from agent.store.local import LocalStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,17 +88,22 @@ class Runtime:
         return self.connection
 
     def settings(self) -> Settings:
+        from agent.backup import Settings
         return Settings.from_config(self.cfg)
 
     def workspace(self) -> Workspace:
+        from agent.attach import Workspace
         return Workspace(self.cloud, self.catalog, self.lease.owner, self.cfg.proxy.vm_id)
 
 
 @contextmanager
 def runtime(config_file: str | None, *, cloud: bool = True) -> Iterator[Runtime]:
+    from agent import repository
+    from agent.lease import Lease
     cfg = config_mod.load(config_file)
     one = None
     if cloud:
+        from agent.cloud import Cloud
         one = Cloud(cfg.opennebula.endpoint, cfg.opennebula.read_credentials(),
                     timeout=cfg.opennebula.timeout,
                     operation_timeout=cfg.opennebula.operation_timeout,
@@ -180,7 +181,7 @@ config_option = click.option("--config", "config_file", type=click.Path(dir_okay
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="oneback")
+@click.version_option(__version__, prog_name="oneback")  # no importlib.metadata scan
 def cli() -> None:
     """oneback: backup and recovery for OpenNebula KVM clouds."""
 
@@ -190,6 +191,7 @@ def cli() -> None:
 @json_option
 def init_(config_file: str | None, as_json: bool) -> None:
     """Create the repository and the catalog (or join an existing repository)."""
+    from agent import repository
     cfg = config_mod.load(config_file)
     result = repository.init(cfg.storage.repository, cfg.storage.catalog)
     if as_json:
@@ -220,6 +222,8 @@ def catalog_() -> None:
 @json_option
 def catalog_rebuild(force: bool, config_file: str | None, as_json: bool) -> None:
     """Rebuild the catalog from the repository's manifests alone."""
+    from agent import repository
+    from agent.store.local import LocalStore
     cfg = config_mod.load(config_file)
     store = LocalStore.open(cfg.storage.repository)
     report = repository.rebuild(store, store.id, cfg.storage.catalog, force=force)
@@ -251,6 +255,8 @@ def catalog_rebuild(force: bool, config_file: str | None, as_json: bool) -> None
 def backup(vm_id: int, full: bool, exclude: tuple[int, ...], config_file: str | None,
            as_json: bool) -> None:
     """Back up VM_ID: snapshot, save, attach, read changed blocks, clean up."""
+    from agent.attach import sweep
+    from agent.backup import BackupOptions, backup_vm, exclusive
     cancel = threading.Event()
     bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
     with runtime(config_file) as rt, interruptible(cancel):
@@ -333,6 +339,7 @@ def show(backup_id: int, config_file: str | None, as_json: bool) -> None:
 @json_option
 def cleanup_(config_file: str | None, as_json: bool) -> None:
     """Remove every leftover oneback- temporary object from the cloud."""
+    from agent.attach import cleanup
     with runtime(config_file) as rt:
         report = cleanup(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
     if as_json:
@@ -362,6 +369,8 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
 def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: str | None,
             config_file: str | None, as_json: bool) -> None:
     """Restore BACKUP_ID as a new VM: disks first, then the VM, left RUNNING."""
+    from agent.attach import sweep
+    from agent.restore import restore_vm
     cancel = threading.Event()
     bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
     with runtime(config_file) as rt, interruptible(cancel):
@@ -396,6 +405,8 @@ def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: s
 def restore_disk_(backup_id: int, disk_id: int, image_ds: int | None, name: str | None,
                   config_file: str | None, as_json: bool) -> None:
     """Restore one disk of BACKUP_ID as a new image."""
+    from agent.attach import sweep
+    from agent.restore import restore_disk
     cancel = threading.Event()
     bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
     with runtime(config_file) as rt, interruptible(cancel):
@@ -427,6 +438,7 @@ def restore_disk_(backup_id: int, disk_id: int, image_ds: int | None, name: str 
 def export_(backup_id: int, disk_id: int, output: str, config_file: str | None,
             as_json: bool) -> None:
     """Write one disk of BACKUP_ID to a sparse raw file (no cloud needed)."""
+    from agent.export import export_disk
     cancel = threading.Event()
     with runtime(config_file, cloud=False) as rt, interruptible(cancel):
         written = export_disk(backup_id, disk_id, Path(output), catalog=rt.catalog,
@@ -456,6 +468,9 @@ def snapshot() -> None:
 def snapshot_create(vm_id: int, name: str | None, ttl: str | None, allow_permanent: bool,
                     config_file: str | None, as_json: bool) -> None:
     """Snapshot every disk of VM_ID, one after another."""
+    from agent.attach import sweep
+    from agent.policy import parse_duration
+    from agent.snapshots import create_set
     seconds = parse_duration(ttl, "--ttl") if ttl else None
     cancel = threading.Event()
     with runtime(config_file) as rt, interruptible(cancel):
@@ -479,6 +494,7 @@ def snapshot_create(vm_id: int, name: str | None, ttl: str | None, allow_permane
 @json_option
 def snapshot_list(vm_id: int, config_file: str | None, as_json: bool) -> None:
     """List the snapshot sets of VM_ID."""
+    from agent.snapshots import list_sets
     with runtime(config_file) as rt:
         sets = list_sets(rt.cloud, vm_id)
     if as_json:
@@ -503,6 +519,7 @@ def snapshot_list(vm_id: int, config_file: str | None, as_json: bool) -> None:
 @json_option
 def snapshot_revert(vm_id: int, name: str, config_file: str | None, as_json: bool) -> None:
     """Revert every disk of VM_ID to the set NAME (the VM is stopped meanwhile)."""
+    from agent.snapshots import revert_set
     with runtime(config_file) as rt:
         result = revert_set(rt.cloud, vm_id, name)
     if as_json:
@@ -520,6 +537,7 @@ def snapshot_revert(vm_id: int, name: str, config_file: str | None, as_json: boo
 @json_option
 def snapshot_delete(vm_id: int, name: str, config_file: str | None, as_json: bool) -> None:
     """Delete the snapshot set NAME of VM_ID."""
+    from agent.snapshots import delete_set
     with runtime(config_file) as rt:
         result = delete_set(rt.cloud, vm_id, name)
     if as_json:
@@ -535,6 +553,7 @@ def snapshot_delete(vm_id: int, name: str, config_file: str | None, as_json: boo
 @json_option
 def snapshot_expire(config_file: str | None, as_json: bool) -> None:
     """Delete every snapshot set whose TTL has passed, on every VM."""
+    from agent.snapshots import expire_sets
     with runtime(config_file) as rt:
         expired = expire_sets(rt.cloud)
     if as_json:
@@ -565,6 +584,7 @@ def _render_delete(result: DeleteResult, verb: str) -> None:
 @config_option
 def agent_(config_file: str | None) -> None:
     """Run the agent: events, hooks, schedule, jobs (until SIGTERM)."""
+    from agent.daemon import Agent
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
     root = logging.getLogger("oneback")

@@ -76,12 +76,17 @@ class ProxyConfig:
     sys_root: Path         # where the kernel shows block devices and their serials
 
 
+MAX_READ_DEPTH = 256
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     repository: Path
     catalog: Path
     block_size: int
     workers: int
+    read_depth: int = 16   # reads of the device in flight (independent of workers)
+    direct_io: bool = True  # read devices with O_DIRECT (else buffered, dropped behind)
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     if not re.match(r"^https?://[^/\s]+(/\S*)?$", endpoint):
         raise ConfigError(
             f"{path}: opennebula.endpoint must be an http(s) URL such as"
-            f" http://127.0.0.1:2633/RPC2 (pyone would otherwise pick gRPC)"
+            f" http://127.0.0.1:2633/RPC2"
         )
     events = one.text("events", "tcp://127.0.0.1:2101")
     if not re.match(r"^tcp://[^\s]+:\d+$", events):
@@ -281,18 +286,25 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     )
 
     st = _Section(data, "storage", path)
-    st.check_known({"repository", "catalog", "block_size", "workers"})
+    st.check_known({"repository", "catalog", "block_size", "workers", "read_depth",
+                    "direct_io"})
     block_size = st.raw_default("block_size", 4 * MiB)
     if (isinstance(block_size, bool) or not isinstance(block_size, int)
             or not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1)):
         raise ConfigError(
             f"{path}: storage.block_size must be a power of two from {MIN_BLOCK} (1 MiB) to"
             f" {MAX_BLOCK} (64 MiB), e.g. {4 * MiB} (4 MiB); got {block_size!r}")
+    read_depth = st.integer("read_depth", 16)
+    if read_depth > MAX_READ_DEPTH:  # a thread per read in flight
+        raise ConfigError(f"{path}: storage.read_depth must be from 1 to {MAX_READ_DEPTH},"
+                          f" e.g. 16 (network storage) or 4 (a local disk); got {read_depth}")
     storage = StorageConfig(
         repository=st.path_("repository", "/var/lib/oneback/repo"),
         catalog=st.path_("catalog", "/var/lib/oneback/catalog.sqlite"),
         block_size=block_size,
         workers=st.integer("workers", os.cpu_count() or 2),
+        read_depth=read_depth,
+        direct_io=st.flag("direct_io", True),
     )
     ag = _Section({"agent": data.get("agent", {})}, "agent", path)
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",

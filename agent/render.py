@@ -9,14 +9,16 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from agent.model import Backoff, BackupRecord, Job
-from agent.repository import InitResult, RebuildReport
-from agent.restore import DiskRestoreResult, RestoreResult
-from agent.snapshots import DeleteResult, SnapshotSet
+
+if TYPE_CHECKING:  # types only: the CLI's offline commands must not import the engine
+    from agent.repository import InitResult, RebuildReport
+    from agent.restore import DiskRestoreResult, RestoreResult
+    from agent.snapshots import DeleteResult, SnapshotSet
 
 
 def emit_json(doc: Any) -> None:

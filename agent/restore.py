@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Protocol
 
 from agent import policy, vmtemplate, writer, xmldoc
@@ -436,22 +435,3 @@ def restore_disk(backup_id: int, disk_id: int, *, cloud: Cloud, catalog: Restore
         with step(f"naming image {image.image_id}"):
             cloud.image_rename(image.image_id, image_name)
     return DiskRestoreResult(image, image_name, tuple(workspace.leftovers), tuple(r.notes))
-
-
-def export_disk(backup_id: int, disk_id: int, output: Path, *, catalog: RestoreCatalog,
-                store: ChunkStore, workers: int, progress: Progress | None = None,
-                cancel: threading.Event | None = None) -> int:
-    """Write one disk of a backup to a sparse raw file (no cloud needed)."""
-    backup = catalog.get_backup(backup_id)
-    disk = next((d for d in backup.disks if d.disk_id == disk_id), None)
-    if disk is None:
-        raise NotFound(f"backup {backup_id} has no disk {disk_id}; 'oneback show {backup_id}'"
-                       f" lists its disks")
-    if _kind(disk) != "data":
-        raise UsageError(f"disk {disk_id} of backup {backup_id} holds no data ({_kind(disk)})")
-    if output.exists() and not output.is_file():
-        raise UsageError(f"{output} exists and is not a regular file: choose another -o FILE")
-    return writer.export_file(output, catalog.blocks(backup_id, disk_id), store,
-                              size=disk.size, block_size=disk.block_size, workers=workers,
-                              progress=(progress or Quiet()).advanced, cancel=cancel,
-                              where=f"backup {backup_id} disk {disk_id}")

@@ -4,7 +4,9 @@ Owns: turning one disk's logical block map (from the catalog) into bytes on a
 file or block device: chunks fetched, decompressed and verified in parallel
 (SHA-256 by the store, then the recorded xxh3-128 and length here), written
 at their offsets, holes skipped where the target already reads as zeros. Any
-mismatch is an IntegrityError naming the backup, disk and block. Must not:
+mismatch is an IntegrityError naming the backup, disk and block. Written
+blocks leave the page cache behind the writer (written back, then dropped),
+so restoring a large disk does not evict what the proxy had cached. Must not:
 touch the catalog or the cloud, or print (it reports through `progress`).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +28,7 @@ from agent.model import BlockRecord, block_count, block_length
 from agent.store import ChunkStore
 
 IN_FLIGHT_PER_WORKER = 2
+DROP_BEHIND = 4  # blocks written after one before its pages are dropped (written back by then)
 
 
 def write_disk(
@@ -51,7 +55,8 @@ def write_disk(
     ("backup 5 disk 0") prefixes every error; `label` names the target in
     them (default: the path, or the fd). Raises IntegrityError naming
     the block on a missing or damaged chunk, DeviceError on a write error,
-    Interrupted when `cancel` is set."""
+    Interrupted when `cancel` is set. The target's pages this call wrote
+    are not left in the page cache."""
     if isinstance(target, int):
         fd, fresh, owned = target, False, False
     else:
@@ -63,9 +68,10 @@ def write_disk(
                        zero_holes if zero_holes is not None else not fresh)
         written = job.run(blocks, workers or os.cpu_count() or 1, progress, cancel)
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
         except OSError as e:
             raise DeviceError(f"cannot flush {label}: {e.strerror or e}") from e
+        _drop_cache(fd, 0, size)
         return written
     finally:
         if owned:
@@ -126,6 +132,14 @@ def export_file(
         tmp.unlink(missing_ok=True)
 
 
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    """Start writing back [offset, offset+length) and drop its clean pages."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass  # advice only
+
+
 class _Restore:
     def __init__(self, store: ChunkStore, fd: int, label: str, size: int, block_size: int,
                  where: str, zero_holes: bool) -> None:
@@ -140,7 +154,8 @@ class _Restore:
             progress: Callable[[int], None] | None,
             cancel: threading.Event | None) -> int:
         n = block_count(self.size, self.block_size)
-        pending: list[Future[int]] = []
+        pending: list[tuple[Future[int], int]] = []  # (the write, its block index)
+        behind: deque[int] = deque()  # written blocks whose pages may still be cached
         written = 0
         expected = 0
         holes_from: int | None = None  # first index of the current run of holes
@@ -155,10 +170,15 @@ class _Restore:
         def reap(limit: int) -> None:
             nonlocal written
             while len(pending) > limit:
-                length = pending.pop(0).result()  # raises the worker's error
+                future, index = pending.pop(0)
+                length = future.result()  # raises the worker's error
                 written += length
                 if progress is not None:
                     progress(length)
+                behind.append(index)
+                if len(behind) > DROP_BEHIND:  # written back since: drop it
+                    old = behind.popleft()
+                    _drop_cache(self.fd, old * self.block_size, self.block_size)
 
         with ThreadPoolExecutor(workers, thread_name_prefix="oneback-restore") as pool:
             try:
@@ -179,7 +199,8 @@ class _Restore:
                             progress(length)
                         continue
                     flush_holes(record.index)
-                    pending.append(pool.submit(self._restore_block, record, length))
+                    pending.append((pool.submit(self._restore_block, record, length),
+                                    record.index))
                     reap(workers * IN_FLIGHT_PER_WORKER)
                 if expected != n:
                     raise IntegrityError(
@@ -189,7 +210,7 @@ class _Restore:
                 flush_holes(n)
                 reap(0)
             except BaseException:
-                for f in pending:
+                for f, _ in pending:
                     f.cancel()
                 raise
         return written
@@ -208,6 +229,7 @@ class _Restore:
                 f"{name} does not match the checksum recorded at backup time"
             )
         self._pwrite(memoryview(data), record.index * self.block_size)
+        _drop_cache(self.fd, record.index * self.block_size, length)  # starts the write-back
         return length
 
     def _zero(self, start: int, end: int) -> int:

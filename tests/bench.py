@@ -69,6 +69,8 @@ class Bench:
         """Every measurement, in order: reads, fulls, the guest's change, incrementals,
         writes, restores of the latest backup."""
         self.plain_reads()
+        if self.ob:
+            self.oneback_startup(self.ob)
         for phase in ("full", "incremental"):
             if phase == "incremental":
                 self.change()
@@ -78,6 +80,7 @@ class Bench:
                 self.oneback_backup(self.ob, phase)
         if self.ob:
             self.oneback_scan(self.ob)
+            self.oneback_syncs(self.ob)
         self.plain_write()
         for tool in self.tools:
             self.restore(tool)
@@ -159,6 +162,26 @@ class Bench:
         self.add(Row("oneback", "(the rest)", max(m.wall - scan - ops, 0.0),
                      note="start-up, sweep, catalog, commit"))
 
+    def oneback_startup(self, ob: Oneback, runs: int = 7) -> None:
+        """Start-up of commands that do not talk to the cloud, on the still empty
+        catalog: the median of `runs` warm runs (a command's modules are cached
+        after its first run, as on a proxy where oneback runs all day)."""
+        for phase, args, key in (("start-up: --version", ["--version"], "oneback.startup"),
+                                 ("start-up: list, empty catalog", ob.list_args(),
+                                  "oneback.startup.list")):
+            walls, last = [], None
+            for _ in range(runs):
+                last = run([ob.exe, *args], cold=False)
+                if last.rc != 0:
+                    self.add(Row("oneback", phase, note=last.last_error(), key=key))
+                    break
+                walls.append(last.wall)
+            else:
+                walls.sort()
+                self.add(Row("oneback", phase, walls[len(walls) // 2], 0, None, None,
+                             last.rss_kib if last else None, f"median of {runs}, warm",
+                             key))
+
     def oneback_scan(self, ob: Oneback) -> None:
         """The read-and-scan phase alone, on the VM's disk, cold, right after a
         cold plain read of the same file: like against like, no OpenNebula."""
@@ -171,9 +194,43 @@ class Bench:
         except ValueError:
             self.add(Row("oneback", "scan alone", note=m.last_error()))
             return
+        how = "O_DIRECT" if doc.get("direct") else "buffered, pages dropped behind"
         self.add(Row("oneback", "scan alone", float(doc["seconds"]), self.size, None, None,
-                     m.rss_kib, "the incremental's read+scan on the VM disk, no OpenNebula",
-                     "oneback.scan.isolated"))
+                     m.rss_kib, "the incremental's read+scan on the VM disk, no OpenNebula,"
+                     f" read_depth 16, {how}", "oneback.scan.isolated"))
+        for phase, cmd, note, key in (
+                ("scan alone, buffered", ob.scan_cmd(direct=False),
+                 "the same, direct_io = false: readahead, pages dropped behind",
+                 "oneback.scan.buffered"),
+                ("scan alone, read_depth 1", ob.scan_cmd(read_depth=1),
+                 "the same as `scan alone`, one read in flight", "oneback.scan.depth1")):
+            other = run(cmd)
+            try:
+                seconds = float(json.loads(other.out)["seconds"])
+            except (ValueError, KeyError):
+                self.add(Row("oneback", phase, note=other.last_error()))
+                continue
+            self.add(Row("oneback", phase, seconds, self.size, None, None, other.rss_kib,
+                         note, key))
+
+    def oneback_syncs(self, ob: Oneback) -> None:
+        """A full backup's read-and-store phase alone, into a fresh repository,
+        with one syncfs before the commit and, side by side, with two fsyncs
+        per new chunk (how it was before): the cost of durability."""
+        for mode, phase, note in (
+                ("each", "full store, fsync per chunk", "file + directory fsync per new chunk"),
+                ("batch", "full store, one syncfs", "no fsync per chunk; one syncfs at the end")):
+            repo = self.work / f"syncs-{mode}"
+            m = run(ob.fullstore_cmd(repo, mode))
+            try:
+                doc = json.loads(m.out)
+            except ValueError:
+                self.add(Row("oneback", phase, note=m.last_error()))
+                continue
+            shutil.rmtree(repo, ignore_errors=True)
+            self.add(Row("oneback", phase, float(doc["seconds"]), self.size, None, None,
+                         m.rss_kib, f"{note}: {doc['chunks']} chunks, flush"
+                         f" {float(doc['flush_seconds']):.2f} s", f"oneback.syncs.{mode}"))
 
     def oneback_restore(self, ob: Oneback) -> None:
         cmd = ob.restore_cmd()
@@ -245,9 +302,13 @@ def targets(rows: list[Row]) -> list[Target]:
             if k in by_key}
     restore = wall("oneback.export")
     return [
+        ("oneback list start-up on an empty catalog, seconds", wall("oneback.startup.list"),
+         "< 0.15", lambda v: v < 0.15),
         ("oneback read+scan rate / plain read rate of the same disk, both cold",
          ratio(wall("dd.read.vm.again"), wall("oneback.scan.isolated")), ">= 0.90",
          at_least(0.90)),
+        ("the same, buffered reads (direct_io = false)",
+         ratio(wall("dd.read.vm.again"), wall("oneback.scan.buffered")), "info", None),
         ("the same, inside the incremental backup (device just written by onesim)",
          ratio(wall("dd.read.vm") or wall("dd.read"), scan), "info", None),
         ("restic incremental / oneback incremental without OpenNebula ops",
@@ -261,6 +322,8 @@ def targets(rows: list[Row]) -> list[Target]:
          ratio(wall("dd.read.warm"), scan), "info", None),
         ("restic incremental / whole oneback incremental command",
          ratio(wall("restic.incremental"), ob_incr), "info", None),
+        ("full store with two fsyncs per chunk / with one syncfs (time)",
+         ratio(wall("oneback.syncs.each"), wall("oneback.syncs.batch")), "info", None),
         ("oneback export rate / plain write rate", ratio(wall("dd.write"), restore), "info", None),
         ("restic restore / oneback export", ratio(wall("restic.restore"), restore), "info", None),
         ("borg restore / oneback export", ratio(wall("borg.restore"), restore), "info", None),

@@ -306,3 +306,166 @@ def test_scan_of_a_loop_device_matches_its_file(loop_device: tuple[Path, Path]) 
     from_file = reader.scan(backing, size, BS, None, MemoryStore())
     from_device = reader.scan(device, size, BS, None, MemoryStore(), direct=True)
     assert from_device.blocks == from_file.blocks
+
+
+# -- deep reads, no cache pollution -------------------------------------------------
+
+
+class SlowSource:
+    """A disk behind a network: each read takes `latency` seconds; counts the
+    reads in flight at once and which block each read was for. With `hold`,
+    reads wait (once, at most 5 s) until that many were in flight at once, so a
+    loaded machine's slow thread start does not hide the pipeline's depth."""
+
+    def __init__(self, data: bytes, latency: float, hold: int = 0) -> None:
+        self.data, self.latency = data, latency
+        self.lock = threading.Lock()
+        self.in_flight = self.peak = self.reads = 0
+        self.highest = -1  # the furthest block read so far
+        self.held = threading.Event()
+        if not hold:
+            self.held.set()
+        self.hold = hold
+
+    def read_at(self, buf: memoryview, offset: int) -> int:
+        with self.lock:
+            self.in_flight += 1
+            self.reads += 1
+            self.peak = max(self.peak, self.in_flight)
+            self.highest = max(self.highest, offset // BS)
+            if self.in_flight >= self.hold:
+                self.held.set()
+        try:
+            if not self.held.wait(timeout=5):
+                self.held.set()  # never got that deep: let the rest through, the test fails
+            time.sleep(self.latency)
+            piece = self.data[offset:offset + len(buf)]
+            buf[:len(piece)] = piece
+            return len(piece)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def numbered_blocks(n: int) -> list[bytes]:
+    """Distinct blocks that say which block they are in their first 8 bytes."""
+    return [i.to_bytes(8, "big") + random.Random(i).randbytes(BS // 2 - 8) + bytes(BS // 2)
+            for i in range(n)]
+
+
+def test_reads_in_flight_reach_read_depth_with_one_hashing_worker(tmp_path: Path) -> None:
+    data = make_disk(tmp_path / "disk", numbered_blocks(24))
+    expected = reader.scan(tmp_path / "disk", len(data), BS, None, MemoryStore())
+    for depth in (1, 8):
+        source = SlowSource(data, latency=0.01, hold=depth)
+        result = reader.scan(source, len(data), BS, None, MemoryStore(), workers=1,
+                             read_depth=depth)
+        assert source.peak == depth, f"read_depth {depth}: {source.peak} reads at once"
+        assert result.blocks == expected.blocks and source.reads == 24
+
+
+def test_reads_are_read_size_requests_whatever_the_block_size(tmp_path: Path) -> None:
+    block = 4 * reader.READ_SIZE
+    data = os.urandom(block) + bytes(block) + os.urandom(block // 2)
+    source = SlowSource(data, latency=0.01, hold=6)
+    result = reader.scan(source, len(data), block, None, MemoryStore(), workers=1,
+                         read_depth=6)
+    assert source.reads == 4 + 4 + 2 and source.peak == 6
+    assert result.blocks == reader.scan(_file(tmp_path, data), len(data), block, None,
+                                        MemoryStore()).blocks
+
+
+def _file(tmp_path: Path, data: bytes) -> Path:
+    (tmp_path / "disk").write_bytes(data)
+    return tmp_path / "disk"
+
+
+class SlowCountingStore(MemoryStore):
+    """A store whose writes are slow; notes how far the reads ran ahead of
+    the block being stored (the numbered blocks say which one that is)."""
+
+    def __init__(self, source: SlowSource) -> None:
+        super().__init__()
+        self.source, self.ahead = source, 0
+
+    def put(self, chunk_id: bytes, data: Data) -> int:
+        index = int.from_bytes(bytes(data[:8]), "big")
+        self.ahead = max(self.ahead, self.source.highest - index)
+        time.sleep(0.01)
+        return super().put(chunk_id, data)
+
+
+def test_reading_ahead_is_bounded_by_the_buffers(tmp_path: Path) -> None:
+    data = b"".join(numbered_blocks(60))
+    source = SlowSource(data, latency=0.0)
+    store = SlowCountingStore(source)
+    reader.scan(source, len(data), BS, None, store, workers=1, read_depth=4)
+    # read_depth reads in flight plus one block per hashing worker, never more
+    assert 1 <= store.ahead <= 4 + 1
+
+
+def cached(path: Path) -> int:
+    """Bytes of `path` in the page cache (util-linux fincore, i.e. mincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES",
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def evicted_file(path: Path, size: int) -> bytes:
+    """A file of `size` random bytes, written back and out of the page cache."""
+    data = os.urandom(size // 2) + bytes(size // 4) + os.urandom(size - size // 2 - size // 4)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fdatasync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return data
+
+
+def direct_supported(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not shutil.which("fincore"), reason="needs util-linux fincore")
+def test_a_scan_leaves_the_page_cache_as_it_found_it(tmp_path: Path) -> None:
+    size = 64 * 1024 * 1024
+    disk = tmp_path / "disk"
+    evicted_file(disk, size)
+    if cached(disk) > size // 8:
+        pytest.skip(f"{tmp_path} keeps file pages cached (tmpfs?): nothing to measure")
+    if not direct_supported(disk):
+        pytest.skip(f"the filesystem of {tmp_path} has no O_DIRECT (tmpfs?)")
+    block = 4 * 1024 * 1024
+    direct = reader.scan(disk, size, block, None, MemoryStore(), workers=2)
+    assert direct.direct  # O_DIRECT chosen where the filesystem supports it
+    assert cached(disk) < size // 16
+    buffered = reader.scan(disk, size, block, None, MemoryStore(), workers=2, direct=False)
+    assert not buffered.direct and buffered.blocks == direct.blocks
+    assert cached(disk) < size // 16  # pages dropped behind the reader
+    odd = reader.scan(disk, size, block + 512, None, MemoryStore(), workers=2)
+    assert not odd.direct  # O_DIRECT needs 4 KiB multiples: buffered instead
+    with open(disk, "rb") as f:  # what a plain read does: the measurement can see it
+        while f.read(block):
+            pass
+    assert cached(disk) > size // 2
+
+
+@pytest.mark.skipif(not shutil.which("fincore"), reason="needs util-linux fincore")
+def test_a_restore_does_not_leave_its_writes_in_the_page_cache(tmp_path: Path) -> None:
+    from agent import writer
+
+    size = 64 * 1024 * 1024
+    block = 4 * 1024 * 1024
+    source = tmp_path / "disk"
+    data = evicted_file(source, size)
+    store = MemoryStore()
+    scanned = reader.scan(source, size, block, None, store)
+    target = tmp_path / "restored"
+    writer.write_disk(target, scanned.blocks, store, size=size, block_size=block,
+                      where="test", workers=2)
+    assert cached(target) < size // 8
+    assert target.read_bytes() == data

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from agent.errors import IntegrityError, InternalError, NotFound, RepositoryErro
 from agent.store import ChunkStore, Repository, chunk_id_of
 from agent.store.local import TEMP_GRACE, LocalStore
 from agent.store.memory import MemoryStore
+from tests.agentkit import Cloud, pattern
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -430,3 +433,146 @@ def test_local_killed_manifest_writer_leaves_no_partial_manifest(tmp_path: Path)
     for name in names:   # every visible manifest is whole
         i = int(name.split("/m")[1])
         assert store.get_manifest(name) == hashlib.sha256(str(i).encode()).digest() * 32768
+
+
+# -- fewer syncs: put writes, flush makes durable -----------------------------------
+
+
+def test_flush_keeps_every_chunk_readable(store: ChunkStore) -> None:
+    chunks = [block(40 + i) for i in range(5)]
+    for data in chunks:
+        store.put(chunk_id_of(data), data)
+    store.flush()
+    store.flush()  # nothing new: still fine
+    assert [store.get(chunk_id_of(d)) for d in chunks] == chunks
+
+
+SYNC_COUNTER = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[2])
+from agent.store.local import LocalStore
+store = LocalStore.open(sys.argv[1], sync_each_put=sys.argv[3] == "each")
+for i in range(40):
+    data = hashlib.sha256(str(i).encode()).digest() * 2048
+    store.put(hashlib.sha256(data).digest(), data)
+print("puts done", flush=True)
+open("/dev/null", "w").write("FLUSH")  # a marker in the trace
+store.flush()
+"""
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace to count sync calls")
+@pytest.mark.parametrize("mode", ["batch", "each"])
+def test_forty_new_chunks_cost_one_syncfs_not_eighty_fsyncs(tmp_path: Path, mode: str) -> None:
+    repo = tmp_path / "repo"
+    LocalStore.open(repo)
+    trace = tmp_path / "trace"
+    p = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e",
+                        "trace=fsync,fdatasync,syncfs,sync,write",
+                        sys.executable, "-c", SYNC_COUNTER, str(repo), str(ROOT), mode],
+                       capture_output=True, text=True, timeout=120)
+    if p.returncode != 0 and "ptrace" in p.stderr:
+        pytest.skip(f"strace cannot trace here: {p.stderr.strip()[:100]}")
+    assert p.returncode == 0, p.stderr
+    # "PID name(args) = result", one line per call (the -f PID column varies in width)
+    calls = [(m.group(1), line) for line in trace.read_text().splitlines()
+             if (m := re.match(r"\s*\d+\s+(fsync|fdatasync|syncfs|sync|write)\(", line))]
+    marker = next(i for i, (_, line) in enumerate(calls) if '"FLUSH"' in line)
+    before = [name for name, _ in calls[:marker] if name != "write"]
+    after = [name for name, _ in calls[marker:] if name != "write"]
+    if mode == "each":   # the way before flush: file and directory, per chunk
+        assert len(before) == 80 and after == []
+    else:                # one syncfs, then the `synced` mark (its file and directory)
+        assert before == [], before[:3]
+        assert after == ["syncfs", "fsync", "fsync"]
+    assert sorted(LocalStore.open(repo).ids()) and len(list(LocalStore.open(repo).ids())) == 40
+
+
+def lost_window(store: LocalStore, cid: bytes, *, synced: float, mtime: float) -> None:
+    """Leave the repository as a power loss would: `synced` records the last
+    flush, the chunk file carries `mtime`."""
+    (store.path / "synced").write_text(f"{synced}\n")
+    os.utime(chunk_file(store, cid), (mtime, mtime))
+
+
+def test_a_chunk_a_power_loss_emptied_is_written_again(tmp_path: Path) -> None:
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    first = LocalStore.open(tmp_path / "repo")
+    whole, lost, old = block(50), block(51), block(52)
+    for data in (whole, lost, old):
+        first.put(chunk_id_of(data), data)
+    first.flush()
+    # written after the last flush and before this boot: names that may have
+    # outlived their data; a chunk older than the last flush is trusted
+    lost_window(first, chunk_id_of(whole), synced=boot - 3600, mtime=boot - 60)
+    lost_window(first, chunk_id_of(lost), synced=boot - 3600, mtime=boot - 60)
+    lost_window(first, chunk_id_of(old), synced=boot - 3600, mtime=boot - 7200)
+    os.chmod(chunk_file(first, chunk_id_of(lost)), 0o644)
+    chunk_file(first, chunk_id_of(lost)).write_bytes(b"")  # what ext4 leaves after a crash
+    os.utime(chunk_file(first, chunk_id_of(lost)), (boot - 60, boot - 60))
+    again = LocalStore.open(tmp_path / "repo")
+    assert again.put(chunk_id_of(whole), whole) == 0      # checked, whole: kept
+    assert again.put(chunk_id_of(lost), lost) > 0         # checked, empty: written again
+    assert again.get(chunk_id_of(lost)) == lost
+    assert again.put(chunk_id_of(old), old) == 0          # before the last flush: durable
+    again.flush()
+    assert float((tmp_path / "repo" / "synced").read_text()) > boot
+
+
+# A backup whose store stalls in flush (after every put): killed there, nothing
+# may be committed. Builds the objects as `oneback backup` does.
+STALLED_BACKUP = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+from agent.backup import BackupOptions, backup_vm
+from agent.cli import runtime
+
+config, vm_id, marker = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+
+class StallingFlush:
+    def __init__(self, store):
+        self.store = store
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+    def flush(self):
+        marker.write_text(str(len(list(self.store.ids()))))
+        time.sleep(600)
+
+with runtime(config) as rt:
+    backup_vm(vm_id, BackupOptions(), cloud=rt.cloud, catalog=rt.catalog,
+              store=StallingFlush(rt.store), workspace=rt.workspace(), settings=rt.settings())
+print("committed", flush=True)
+"""
+
+
+def test_a_backup_killed_after_its_puts_and_before_flush_commits_nothing(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    disk = pattern(4 * 1024 * 1024, 7)
+    vm = cloud.vm("db", [cloud.image("db-os", disk)])
+    marker = cloud.tmp / "flushing"
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_BACKUP, str(cloud.config), str(vm),
+                             str(marker), str(ROOT)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                pytest.fail(f"the backup ended without flushing its store: {out} {err}")
+            assert time.monotonic() < deadline, "the backup never reached flush"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert int(marker.read_text()) >= 4  # its chunks were written ...
+    listed = cloud.run("list", "--json", capsys=capsys)
+    assert listed.code == 0 and listed.json() == []  # ... and nothing refers to them
+    done = cloud.run("backup", str(vm), "--json", capsys=capsys)
+    assert done.code == 0, done.err
+    assert done.json()["kind"] == "full"
+    out = cloud.tmp / "db.raw"
+    exported = cloud.run("export", str(done.json()["backup_id"]), "0", "-o", str(out),
+                         capsys=capsys)
+    assert exported.code == 0, exported.err
+    assert out.read_bytes() == disk

@@ -37,14 +37,23 @@ class ChunkStore(Protocol):
     (uncompressed) chunk. Implementations are safe to call from many threads."""
 
     def has(self, chunk_id: bytes) -> bool:
-        """True if the chunk is stored (durably, when the backend is durable)."""
+        """True if the chunk is stored (durable once a `flush` has returned
+        after its `put`, when the backend is durable)."""
         ...
 
     def put(self, chunk_id: bytes, data: Data) -> int:
         """Store `data` under `chunk_id`. Idempotent and safe to race with
-        itself; durable on return. Returns the bytes written to the backend,
-        0 if the chunk was already present. The caller vouches that
-        `chunk_id` is the SHA-256 of `data`."""
+        itself. On return the chunk is complete to every reader (`get`,
+        `has`, other processes); it is durable only once a later `flush`
+        returns (a backend may make it durable sooner). Returns the bytes
+        written to the backend, 0 if the chunk was already present. The
+        caller vouches that `chunk_id` is the SHA-256 of `data`."""
+        ...
+
+    def flush(self) -> None:
+        """Make every chunk put so far durable; on return a crash or power
+        loss keeps them. Call it before anything that refers to the chunks
+        is committed. Raises RepositoryError when the data may be lost."""
         ...
 
     def get(self, chunk_id: bytes) -> bytes:

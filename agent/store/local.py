@@ -6,13 +6,23 @@ Owns: the on-disk layout of a repository and crash-safe writes into it::
     REPO/chunks/ab/abcd...   one zstd-compressed chunk per file, named by its SHA-256
     REPO/manifests/VM/NAME   one immutable manifest per backup (agent.manifest)
     REPO/tmp/            chunks being written; leftovers of a crash are ignored
+    REPO/synced          the time before which every chunk file is durable
 
-A chunk is written like restic's `local.Save`: to a temp file, fsync, link
-into place (the name appears only complete), fsync the directory; files are
-read-only. Manifests are written the same way, but never over an existing
-name. A repository is created only by `init` (`oneback init`); `open` refuses
-a missing or empty directory (an unmounted filesystem) instead of silently
-starting a new repository there. Must not: know about backups or the catalog.
+A chunk is written to a temp file and linked into place, so its name appears
+only complete; files are read-only. `put` does not fsync: `flush` makes every
+chunk written so far durable with one `syncfs` of the repository's filesystem
+(as Proxmox Backup Server does before it finishes a backup) and records the
+time it started in `synced`, instead of two fsyncs per chunk. A power loss
+before a flush can leave a named chunk file whose data never reached the
+disk; such a file is older than this boot and newer than `synced`, and `put`
+checks (and rewrites) a chunk in that window instead of trusting its name.
+Without syncfs (not Linux), or when opened with `sync_each_put`, every put is
+durable on return as restic's `local.Save` does: fsync the file, link, fsync
+the directory. Manifests are always written durably (temp file, fsync, link,
+fsync the directory), and never over an existing name. A repository is
+created only by `init` (`oneback init`); `open` refuses a missing or empty
+directory (an unmounted filesystem) instead of silently starting a new
+repository there. Must not: know about backups or the catalog.
 """
 
 from __future__ import annotations
@@ -20,13 +30,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.errors import NotFound, RepositoryError
+from agent.errors import IntegrityError, NotFound, RepositoryError
 from agent.store import (
     DEFAULT_LEVEL,
     Codec,
@@ -43,6 +54,41 @@ TEMP_GRACE = 3600.0
 younger ones may belong to another process still writing."""
 
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+SYNCED = "synced"
+SYNC_MARGIN = 2.0
+"""Seconds `synced` is set back from the start of the syncfs that proves it:
+file times come from a coarse clock, and a file written just after the start
+must not count as covered."""
+
+
+HAVE_SYNCFS = sys.platform.startswith("linux")  # syncfs(2): Linux 2.6.39, glibc 2.14
+
+
+def syncfs(fd: int) -> None:
+    """Write back every dirty page and inode of the filesystem holding `fd`
+    (libc's syncfs, through ctypes: loaded only by a flush, not by every
+    command that opens a repository). Where libc lacks it: os.sync()."""
+    import ctypes
+
+    try:
+        func = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    func.argtypes = [ctypes.c_int]
+    func.restype = ctypes.c_int
+    if func(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def boot_time() -> float:
+    """When this machine booted, on the wall clock: files written since are
+    whole in the page cache whatever a flush did (a power loss reboots)."""
+    try:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        return float("inf")  # unknown: every unflushed-looking chunk is checked
 
 
 def fsync_dir(path: Path) -> None:
@@ -79,15 +125,19 @@ class LocalStore:
     """A repository directory. Thread-safe; several processes may share it
     (names appear atomically, temp files are unique)."""
 
-    def __init__(self, path: Path, repo_id: str, level: int) -> None:
+    def __init__(self, path: Path, repo_id: str, level: int,
+                 sync_each_put: bool = False) -> None:
         self.path = path
         self.id = repo_id
         self._chunks = path / "chunks"
         self._manifests = path / "manifests"
         self._tmp = path / "tmp"
         self._codec = Codec(level)
+        self.sync_each_put = sync_each_put or not HAVE_SYNCFS
+        self._synced = 0.0     # chunk files older than this are durable
+        self._boot = boot_time()
         # Per-id serialisation inside this process: a put that races another
-        # put (or a has) of the same id waits until that one is durable.
+        # put (or a has) of the same id waits until that one is complete.
         self._locks = [threading.Lock() for _ in range(256)]
 
     # -- opening -------------------------------------------------------------
@@ -113,12 +163,15 @@ class LocalStore:
         return cls.open(root, level=level)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], level: int = DEFAULT_LEVEL) -> LocalStore:
+    def open(cls, path: str | os.PathLike[str], level: int = DEFAULT_LEVEL, *,
+             sync_each_put: bool = False) -> LocalStore:
         """Open the existing repository at `path`. Removes temp files left by a
         crash more than TEMP_GRACE seconds ago. Raises RepositoryError when
         the path is missing, empty (a filesystem not mounted?), not a
         repository, or one of a newer format. Never creates anything but the
-        repository's own missing subdirectories."""
+        repository's own missing subdirectories. `sync_each_put`: every put
+        durable on return (two fsyncs per new chunk, the way before `flush`;
+        the bench compares the two)."""
         root = Path(path)
         try:
             if not (root / CONFIG).exists():
@@ -136,7 +189,7 @@ class LocalStore:
                     "run `oneback init` to create one"
                 )
             repo_id = cls._read_config(root)
-            store = cls(root, repo_id, level)
+            store = cls(root, repo_id, level, sync_each_put)
             store._prepare()
         except OSError as e:
             raise RepositoryError(
@@ -193,6 +246,13 @@ class LocalStore:
         self._chunks.mkdir(exist_ok=True)
         self._manifests.mkdir(exist_ok=True)
         self.clean_temp(TEMP_GRACE)
+        self._synced = self._read_synced()
+
+    def _read_synced(self) -> float:
+        try:
+            return float((self.path / SYNCED).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return 0.0  # never flushed (or a repository from before flush)
 
     def clean_temp(self, older_than: float = 0.0) -> int:
         """Remove temp files (unfinished writes) older than `older_than`
@@ -226,49 +286,104 @@ class LocalStore:
             return path.exists()
 
     def put(self, chunk_id: bytes, data: Data) -> int:
+        """See ChunkStore.put: complete and readable on return, durable after
+        the next `flush` (on return with `sync_each_put`)."""
         path = self._path(chunk_id)
         with self._lock(chunk_id):
-            if path.exists():
-                return 0
+            replace = False
+            try:
+                present = path.stat().st_mtime
+            except FileNotFoundError:
+                present = None
+            if present is not None:
+                if not self._maybe_lost(present) or self._whole(chunk_id, path):
+                    return 0
+                replace = True  # debris of a power loss before a flush: write it again
             encoded = self._codec.encode(data)
             try:
-                return self._save(path, encoded)
+                return self._save(path, encoded, replace)
             except OSError as e:
                 raise RepositoryError(
                     f"cannot write chunk {chunk_id.hex()} to {self.path}: "
                     f"{e.strerror or e}; check free space and permissions"
                 ) from e
 
-    def _save(self, path: Path, encoded: bytes) -> int:
+    def _maybe_lost(self, mtime: float) -> bool:
+        """A chunk file written before this boot and after the last flush
+        started: a power loss may have kept its name but not its data."""
+        return self._synced <= mtime < self._boot
+
+    def _whole(self, chunk_id: bytes, path: Path) -> bool:
+        try:
+            self._codec.decode(chunk_id, path.read_bytes(), str(path))
+        except (IntegrityError, OSError):
+            return False
+        return True
+
+    def _save(self, path: Path, encoded: bytes, replace: bool = False) -> int:
         tmp = self._tmp / f"{path.name}-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         try:
             try:
                 _write_all(fd, encoded)
-                os.fsync(fd)
+                if self.sync_each_put:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             if not path.parent.is_dir():
                 path.parent.mkdir(exist_ok=True)
-                fsync_dir(path.parent.parent)
+                if self.sync_each_put:
+                    fsync_dir(path.parent.parent)
             written = len(encoded)
-            try:
-                # link, not rename: if another process won the race, its
-                # complete file stays and we report that nothing was written.
-                os.link(tmp, path)
-            except FileExistsError:
-                written = 0
-            except OSError as e:
-                if e.errno not in _LINK_UNSUPPORTED:
-                    raise
+            if replace:
                 os.replace(tmp, path)
+            else:
+                try:
+                    # link, not rename: if another process won the race, its
+                    # complete file stays and we report that nothing was written.
+                    os.link(tmp, path)
+                except FileExistsError:
+                    written = 0
+                except OSError as e:
+                    if e.errno not in _LINK_UNSUPPORTED:
+                        raise
+                    os.replace(tmp, path)
         finally:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-        fsync_dir(path.parent)  # also when another process won: durable on return
+        if self.sync_each_put:
+            fsync_dir(path.parent)  # also when another process won: durable on return
         return written
+
+    def flush(self) -> None:
+        """Make every chunk put so far (by any process, on this filesystem)
+        durable: one syncfs of the repository's filesystem, then `synced`
+        records when it started. Raises RepositoryError when the filesystem
+        reports a write error (the chunks may not be on disk)."""
+        if self.sync_each_put:
+            return
+        started = time.time()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                syncfs(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot make the chunks in {self.path} durable (syncfs:"
+                f" {e.strerror or e}); check the disk and free space, then back up again"
+            ) from e
+        mark = max(self._synced, started - SYNC_MARGIN)
+        try:
+            write_file_durably(self.path / SYNCED, f"{mark:.6f}\n".encode(), self._tmp)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot write {self.path / SYNCED}: {e.strerror or e}; check free space"
+                " and permissions") from e
+        self._synced = mark
 
     def get(self, chunk_id: bytes) -> bytes:
         path = self._path(chunk_id)

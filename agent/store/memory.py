@@ -41,6 +41,9 @@ class MemoryStore:
             self.blobs[chunk_id] = encoded
         return len(encoded)
 
+    def flush(self) -> None:
+        """Nothing to do: a memory store is never durable."""
+
     def get(self, chunk_id: bytes) -> bytes:
         check_chunk_id(chunk_id)
         with self._lock:

@@ -139,10 +139,19 @@ class Oneback:
         if init.returncode != 0:
             raise OnebackUnavailable(f"oneback init failed: {init.stderr.strip()}")
 
-    def scan_cmd(self) -> list[str]:
+    def scan_cmd(self, read_depth: int = 16, direct: bool = True) -> list[str]:
         """oneback's read-and-scan phase alone on the VM's disk (tests/bench_support/scan.py)."""
         return [sys.executable, "-m", "tests.bench_support.scan", str(self.catalog),
-                str(self.vm_id), "0", str(self.guest_disk), str(4 * 1024 * 1024)]
+                str(self.vm_id), "0", str(self.guest_disk), str(4 * 1024 * 1024),
+                str(read_depth), "direct" if direct else "buffered"]
+
+    def list_args(self) -> list[str]:
+        return ["list", "--config", str(self.config)]
+
+    def fullstore_cmd(self, repo: Path, mode: str) -> list[str]:
+        """A full read-and-store of the VM's disk into `repo` (tests/bench_support/fullstore.py)."""
+        return [sys.executable, "-m", "tests.bench_support.fullstore", str(self.guest_disk),
+                str(4 * 1024 * 1024), str(repo), mode]
 
     def backup_cmd(self) -> list[str]:
         return [self.exe, "backup", str(self.vm_id), "--json", "--config", str(self.config)]
