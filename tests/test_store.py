@@ -465,7 +465,7 @@ store.flush()
 @pytest.mark.parametrize("mode", ["batch", "each"])
 def test_forty_new_chunks_cost_one_syncfs_not_eighty_fsyncs(tmp_path: Path, mode: str) -> None:
     repo = tmp_path / "repo"
-    LocalStore.open(repo)
+    LocalStore.init(repo)
     trace = tmp_path / "trace"
     p = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e",
                         "trace=fsync,fdatasync,syncfs,sync,write",
@@ -497,7 +497,7 @@ def lost_window(store: LocalStore, cid: bytes, *, synced: float, mtime: float) -
 
 def test_a_chunk_a_power_loss_emptied_is_written_again(tmp_path: Path) -> None:
     boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-    first = LocalStore.open(tmp_path / "repo")
+    first = LocalStore.init(tmp_path / "repo")
     whole, lost, old = block(50), block(51), block(52)
     for data in (whole, lost, old):
         first.put(chunk_id_of(data), data)
