@@ -1,8 +1,8 @@
 """The OpenNebula boundary: the only module that talks XML-RPC to oned.
 
 Owns: every XML-RPC call oneback makes, with a real per-call timeout; the
-translation of oned's documents into `model` value types and of oned's error
-arrays into `errors`; and the waits that turn oned's "accepted" into "done":
+translation of oned's error arrays into `errors` (its documents become
+`model` values in `onedoc.py`); and the waits that turn oned's "accepted" into "done":
 an operation is complete when the object leaves its transient state, and is
 then *checked* (a failed attach silently drops the disk, a failed snapshot
 disappears, a failed save-as leaves the image in ERROR). State numbers are
@@ -53,19 +53,17 @@ from agent.model import (
     VM_UNDEPLOYED,
     DatastoreInfo,
     DiskInfo,
-    DiskSnapshots,
     ImageInfo,
-    SnapshotInfo,
     VmInfo,
 )
+from agent.onedoc import IMAGE_TYPES as IMAGE_TYPES  # re-exported
+from agent.onedoc import image_error, int_of, parse_image, parse_vm, text_of
 from agent.vmtemplate import quote
 
 AUTHENTICATION, AUTHORIZATION, NO_EXISTS, ACTION, RPC_API, INTERNAL = (
     0x100, 0x200, 0x400, 0x800, 0x1000, 0x2000,
 )
 
-IMAGE_TYPES = {0: "OS", 1: "CDROM", 2: "DATABLOCK", 3: "KERNEL", 4: "RAMDISK",
-               5: "CONTEXT", 6: "BACKUP", 7: "FILESYSTEM"}
 
 # LCM states of a VM in which one of the operations we drive is still running.
 SNAPSHOT_BUSY = {51, 52, 53, 54, 55, 56, 57, 58, 59}
@@ -120,140 +118,36 @@ def _in_progress(vm: VmInfo) -> bool:
         VM_PENDING, VM_CLONING)
 
 
-class _TimeoutTransport(xmlrpc.client.Transport):
+class _Timed:
     """HTTP with a timeout on connect and on every read (the standard
     transport uses the process-wide socket default), sent once: the
     standard `request` resends after a dropped connection, which for a
     fresh connection can only repeat a call oned may have carried out."""
 
-    def __init__(self, timeout: float) -> None:
-        super().__init__()
-        self.timeout = timeout
+    timeout: float
 
     def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        conn = super().make_connection(host)
+        conn: http.client.HTTPConnection = super().make_connection(host)  # type: ignore[misc]
         conn.timeout = self.timeout
         return conn
 
     def request(self, host: Any, handler: str, request_body: Any,
                 verbose: bool = False) -> Any:
-        return self.single_request(host, handler, request_body, verbose)
+        return self.single_request(host, handler, request_body, verbose)  # type: ignore[attr-defined]
 
 
-class _TimeoutSafeTransport(xmlrpc.client.SafeTransport):
+class _TimeoutTransport(_Timed, xmlrpc.client.Transport):
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+
+class _TimeoutSafeTransport(_Timed, xmlrpc.client.SafeTransport):  # type: ignore[misc]
     """HTTPS (certificate and host name verified), timed and sent once."""
 
     def __init__(self, timeout: float, context: ssl.SSLContext) -> None:
         super().__init__(context=context)
         self.timeout = timeout
-
-    def make_connection(self, host: Any) -> http.client.HTTPSConnection:
-        conn = super().make_connection(host)
-        conn.timeout = self.timeout
-        return conn
-
-    def request(self, host: Any, handler: str, request_body: Any,
-                verbose: bool = False) -> Any:
-        return self.single_request(host, handler, request_body, verbose)
-
-
-def _text(el: etree._Element | None, path: str, default: str = "") -> str:
-    if el is None:
-        return default
-    found = el.find(path)
-    if found is None or found.text is None:
-        return default
-    return str(found.text)
-
-
-def _int(el: etree._Element | None, path: str, default: int = 0) -> int:
-    value = _text(el, path)
-    try:
-        return int(value)
-    except ValueError:
-        return default
-
-
-def _attributes(el: etree._Element) -> dict[str, str]:
-    """A template vector (DISK, CONTEXT ...) as a flat dict of its single values."""
-    return {str(c.tag): (c.text or "") for c in el if isinstance(c.tag, str) and len(c) == 0}
-
-
-def parse_vm(xml: str) -> VmInfo:
-    """A `<VM>` document (vm.info, vmpool.infoextended, hook message) -> VmInfo."""
-    root = xmldoc.parse(xml) if isinstance(xml, str) else xml
-    template = root.find("TEMPLATE")
-    disks = []
-    for d in template.findall("DISK") if template is not None else []:
-        attrs = _attributes(d)
-        image_id = attrs.get("IMAGE_ID")
-        disks.append(DiskInfo(
-            disk_id=int(attrs.get("DISK_ID", "-1")),
-            image_id=int(image_id) if image_id not in (None, "") else None,
-            size_mb=int(attrs.get("SIZE", "0") or 0),
-            target=attrs.get("TARGET", ""),
-            serial=attrs.get("SERIAL", ""),
-            type=attrs.get("TYPE", ""),
-            datastore_id=int(attrs["DATASTORE_ID"]) if attrs.get("DATASTORE_ID") else None,
-            persistent=attrs.get("PERSISTENT", "").upper() == "YES",
-            attach_pending=attrs.get("ATTACH", "").upper() == "YES",
-            attributes=attrs,
-        ))
-    snapshots = []
-    trees = {}
-    for s in root.findall("SNAPSHOTS"):
-        disk_id = _int(s, "DISK_ID", -1)
-        trees[disk_id] = DiskSnapshots(disk_id, _text(s, "ALLOW_ORPHANS", "NO").upper(),
-                                       _int(s, "NEXT_SNAPSHOT"))
-        for snap in s.findall("SNAPSHOT"):
-            snapshots.append(SnapshotInfo(
-                disk_id=disk_id,
-                snapshot_id=_int(snap, "ID", -1),
-                name=_text(snap, "NAME"),
-                date=_int(snap, "DATE"),
-                active=_text(snap, "ACTIVE").upper() == "YES",
-                size_mb=_int(snap, "SIZE"),
-                parent=_int(snap, "PARENT", -1),
-            ))
-    user = root.find("USER_TEMPLATE")
-    user_template = _attributes(user) if user is not None else {}
-    history = root.findall("HISTORY_RECORDS/HISTORY")
-    return VmInfo(
-        id=_int(root, "ID", -1),
-        name=_text(root, "NAME"),
-        uid=_int(root, "UID", -1),
-        gid=_int(root, "GID", -1),
-        state=_int(root, "STATE", -1),
-        lcm_state=_int(root, "LCM_STATE", -1),
-        disks=tuple(sorted(disks, key=lambda d: d.disk_id)),
-        snapshots=tuple(snapshots),
-        user_template=user_template,
-        error=user_template.get("ERROR", ""),
-        document=xml if isinstance(xml, str) else etree.tostring(root, encoding="unicode"),
-        running_end=_int(history[-1], "RETIME") if history else 0,
-        snapshot_trees=trees,
-    )
-
-
-def parse_image(xml: str) -> ImageInfo:
-    root = xmldoc.parse(xml)
-    return ImageInfo(
-        id=_int(root, "ID", -1),
-        name=_text(root, "NAME"),
-        state=_int(root, "STATE", -1),
-        type=IMAGE_TYPES.get(_int(root, "TYPE", -1), _text(root, "TYPE")),
-        size_mb=_int(root, "SIZE"),
-        datastore_id=_int(root, "DATASTORE_ID", -1),
-        persistent=_int(root, "PERSISTENT") == 1,
-        running_vms=_int(root, "RUNNING_VMS"),
-        document=xml,
-        uid=_int(root, "UID", -1),
-    )
-
-
-def _image_error(img: ImageInfo) -> str:
-    msg = _text(xmldoc.parse(img.document), "TEMPLATE/ERROR")
-    return f": {msg}" if msg else ""
 
 
 class Cloud:
@@ -355,21 +249,21 @@ class Cloud:
     def hosts(self) -> list[tuple[int, str, int]]:
         """(id, name, state) of every host; state 2 is MONITORED."""
         root = xmldoc.parse(str(self.call("hostpool.info")))
-        return [(_int(h, "ID", -1), _text(h, "NAME"), _int(h, "STATE", -1))
+        return [(int_of(h, "ID", -1), text_of(h, "NAME"), int_of(h, "STATE", -1))
                 for h in root.findall("HOST")]
 
     def hooks(self) -> dict[str, int]:
         """Registered hooks: name -> id."""
         root = xmldoc.parse(str(self.call("hookpool.info", -2, -1, -1)))
-        return {_text(h, "NAME"): _int(h, "ID", -1) for h in root.findall("HOOK")}
+        return {text_of(h, "NAME"): int_of(h, "ID", -1) for h in root.findall("HOOK")}
 
     def hook_allocate(self, template: str) -> int:
         return int(self.call("hook.allocate", template))
 
     def datastore(self, ds_id: int) -> DatastoreInfo:
         root = xmldoc.parse(str(self.call("datastore.info", ds_id)))
-        return DatastoreInfo(id=_int(root, "ID", -1), name=_text(root, "NAME"),
-                             type=_int(root, "TYPE", -1), free_mb=_int(root, "FREE_MB"))
+        return DatastoreInfo(id=int_of(root, "ID", -1), name=text_of(root, "NAME"),
+                             type=int_of(root, "TYPE", -1), free_mb=int_of(root, "FREE_MB"))
 
     # -- waiting ------------------------------------------------------------
 
@@ -468,7 +362,7 @@ class Cloud:
         img: ImageInfo = self._wait(what, probe)
         if img.state == IMAGE_ERROR:
             raise CloudError(f"OpenNebula failed to create image {image_id} ({what})"
-                             f"{_image_error(img)}")
+                             f"{image_error(img)}")
         return img
 
     def disk_saveas(self, vm_id: int, disk_id: int, name: str, snap_id: int = -1,
@@ -521,7 +415,7 @@ class Cloud:
         result = self._wait(f"deleting image {image_id}", gone)
         if isinstance(result, ImageInfo):
             raise CloudError(f"OpenNebula failed to delete image {image_id}"
-                             f"{_image_error(result)}", transient=True)
+                             f"{image_error(result)}", transient=True)
 
     # -- attach / detach ---------------------------------------------------------
 
@@ -662,8 +556,8 @@ class Cloud:
     def find_template(self, name: str) -> int | None:
         root = xmldoc.parse(str(self.call("templatepool.info", -2, -1, -1)))
         for t in root.findall("VMTEMPLATE"):
-            if _text(t, "NAME") == name:
-                return _int(t, "ID", -1)
+            if text_of(t, "NAME") == name:
+                return int_of(t, "ID", -1)
         return None
 
     def template_delete(self, template_id: int) -> None:
@@ -692,7 +586,7 @@ class Cloud:
     def user_id(self) -> int:
         """The id of the user this connection authenticates as (cached)."""
         if self._uid is None:
-            self._uid = _int(xmldoc.parse(str(self.call("user.info", -1))), "ID", -1)
+            self._uid = int_of(xmldoc.parse(str(self.call("user.info", -1))), "ID", -1)
         return self._uid
 
     def user_exists(self, uid: int) -> bool:
@@ -712,7 +606,7 @@ class Cloud:
     def templates(self) -> list[tuple[int, str, int]]:
         """(id, name, owner's user id) of every VM template this user can see."""
         root = xmldoc.parse(str(self.call("templatepool.info", -2, -1, -1)))
-        return [(_int(t, "ID", -1), _text(t, "NAME"), _int(t, "UID", -1))
+        return [(int_of(t, "ID", -1), text_of(t, "NAME"), int_of(t, "UID", -1))
                 for t in root.findall("VMTEMPLATE")]
 
     def vm_rename(self, vm_id: int, name: str) -> None:

@@ -114,6 +114,21 @@ def write_file_durably(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o444
     fsync_dir(path.parent)
 
 
+def _link_into_place(tmp: Path, path: Path) -> bool:
+    """Give the complete file `tmp` the name `path` unless that name exists
+    (a link, not a rename: a file that won a race stays whole). False if the
+    name was taken. Where links are not supported, a rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in _LINK_UNSUPPORTED:
+            raise
+        os.replace(tmp, path)
+    return True
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -337,17 +352,9 @@ class LocalStore:
             written = len(encoded)
             if replace:
                 os.replace(tmp, path)
-            else:
-                try:
-                    # link, not rename: if another process won the race, its
-                    # complete file stays and we report that nothing was written.
-                    os.link(tmp, path)
-                except FileExistsError:
-                    written = 0
-                except OSError as e:
-                    if e.errno not in _LINK_UNSUPPORTED:
-                        raise
-                    os.replace(tmp, path)
+            elif not _link_into_place(tmp, path):
+                # another process won the race: its complete file stays
+                written = 0
         finally:
             try:
                 os.unlink(tmp)
@@ -447,17 +454,11 @@ class LocalStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                try:
-                    os.link(tmp, path)   # never over an existing name
-                except FileExistsError:
+                if not _link_into_place(tmp, path):   # never over an existing name
                     raise RepositoryError(
                         f"manifest {name} already exists in {self.path}; a manifest is "
                         "written once (this is a bug in the writer)"
-                    ) from None
-                except OSError as e:
-                    if e.errno not in _LINK_UNSUPPORTED:
-                        raise
-                    os.replace(tmp, path)
+                    )
             finally:
                 try:
                     os.unlink(tmp)
