@@ -246,3 +246,24 @@ def pattern(size: int, seed: int) -> bytes:
 
 def env_without_oneback() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ONEBACK")}
+
+
+def offline_config(tmp: Path, storage: str = "") -> Path:
+    """A configuration for commands that never reach oned (its endpoint is a
+    closed port): a repository and catalog under `tmp`, plus `storage` lines."""
+    auth = tmp / "one_auth"
+    auth.write_text("oneadmin:x\n")
+    auth.chmod(0o600)
+    cfg = tmp / "oneback.toml"
+    cfg.write_text(f"""
+[opennebula]
+endpoint = "http://127.0.0.1:9/RPC2"
+credentials_file = "{auth}"
+[proxy]
+vm_id = 0
+[storage]
+repository = "{tmp / 'repo'}"
+catalog = "{tmp / 'catalog.sqlite'}"
+{storage}
+""")
+    return cfg

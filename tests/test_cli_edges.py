@@ -11,7 +11,7 @@ import click
 import pytest
 
 from agent.cli import cli
-from tests.agentkit import Cloud
+from tests.agentkit import Cloud, offline_config
 
 # Every command with an id, as (command words, argv with {} for the id under
 # test, the name the error must show, what the id is).
@@ -126,22 +126,7 @@ def test_block_sizes_in_range_are_accepted(tmp_path: Path, capsys: pytest.Captur
 
 
 def _config(tmp: Path, block_size: str) -> Path:
-    auth = tmp / "one_auth"
-    auth.write_text("oneadmin:x\n")
-    auth.chmod(0o600)
-    cfg = tmp / "oneback.toml"
-    cfg.write_text(f"""
-[opennebula]
-endpoint = "http://127.0.0.1:9/RPC2"
-credentials_file = "{auth}"
-[proxy]
-vm_id = 0
-[storage]
-repository = "{tmp / 'repo'}"
-catalog = "{tmp / 'catalog.sqlite'}"
-block_size = {block_size}
-""")
-    return cfg
+    return offline_config(tmp, f"block_size = {block_size}")
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -24,6 +24,7 @@ from tests.agentkit import (
     BLOCK,
     Cloud,
     init_repository,
+    offline_config,
     pattern,
 )
 
@@ -99,21 +100,7 @@ def test_a_newer_manifest_format_asks_for_an_upgrade() -> None:
 
 
 def _config(tmp: Path) -> Path:
-    auth = tmp / "one_auth"
-    auth.write_text("oneadmin:x\n")
-    auth.chmod(0o600)
-    cfg = tmp / "oneback.toml"
-    cfg.write_text(f"""
-[opennebula]
-endpoint = "http://127.0.0.1:9/RPC2"
-credentials_file = "{auth}"
-[proxy]
-vm_id = 0
-[storage]
-repository = "{tmp / 'repo'}"
-catalog = "{tmp / 'catalog.sqlite'}"
-""")
-    return cfg
+    return offline_config(tmp)
 
 
 def _run(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
