@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -85,6 +86,24 @@ class Cloud:
         """Start `oneback ARGS` as a real process."""
         return subprocess.Popen(self.command(*args), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, cwd=REPO, **kw)
+
+    def kill_during(self, method: str, *args: str) -> None:
+        """Run `oneback ARGS` as a real process and kill -9 it while its call
+        `method` is held in onesim (arm `sim.faults.delay_call(method, ...)`
+        first): oned goes on with the call the dead process made."""
+        from tests.onesim.testing import wait_until
+        seen = self.sim.faults.delayed(method)
+        proc = self.spawn(*args)
+        try:
+            wait_until(lambda: self.sim.faults.delayed(method) > seen or proc.poll() is not None,
+                       timeout=60, interval=0.02)
+            assert proc.poll() is None, f"oneback {' '.join(args)} ended before {method}"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
 
     def call(self, *args: str, timeout: float = 120) -> Result:
         """Run `oneback ARGS` as a real process and wait for it."""

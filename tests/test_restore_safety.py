@@ -6,7 +6,6 @@ survive; restored objects go back to their owners."""
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 import pytest
@@ -83,20 +82,8 @@ def test_restore_killed_during_instantiate_then_cleanup_leaves_the_namesake_runn
     web = production["web"]
     before = vm_ids(cloud)
     cloud.sim.faults.delay_call("one.template.instantiate", 2.0, count=1)
-    proc = cloud.spawn("restore", str(production["backup"]), "--name", "web")
-    try:
-        wait_until(lambda: any(t.NAME.startswith("oneback-tmp") for t in
-                               cloud.one.templatepool.info(-2, -1, -1).VMTEMPLATE),
-                   timeout=60, interval=0.02)
-        # the instantiate has reached oned and waits there
-        wait_until(lambda: cloud.sim.faults.delayed("one.template.instantiate") >= 1,
-                   timeout=60, interval=0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    cloud.kill_during("one.template.instantiate",
+                      "restore", str(production["backup"]), "--name", "web")
     # oned goes on with the call the dead process made: a new VM appears
     new = wait_until(lambda: vm_ids(cloud) - before or None, timeout=20)
     for vm_id in new:
@@ -114,21 +101,9 @@ def test_killed_after_the_commit_keeps_the_renamed_vm(
     """Renaming is the commit: once the VM has its final name no sweep removes it."""
     before = vm_ids(cloud)
     cloud.sim.faults.delay_call("one.vm.rename", 2.0, count=1)
-    proc = cloud.spawn("restore", str(production["backup"]), "--name", "again")
-    try:
-        new = wait_until(lambda: vm_ids(cloud) - before or None, timeout=60)
-        (vm_id,) = new
-        wait_until(lambda: not cloud.one.image.info(
-            int(_disks(cloud, vm_id)[0]["IMAGE_ID"])).NAME.startswith("oneback-tmp"),
-            timeout=60, interval=0.02)   # images renamed
-        wait_until(lambda: cloud.sim.faults.delayed("one.vm.rename") >= 1,
-                   timeout=60, interval=0.02)   # the VM's rename is in oned
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    cloud.kill_during("one.vm.rename",
+                      "restore", str(production["backup"]), "--name", "again")
+    (vm_id,) = vm_ids(cloud) - before
     wait_until(lambda: cloud.one.vm.info(vm_id).NAME == "again", timeout=20)
     r = cloud.run("cleanup", "--json", capsys=capsys)
     assert r.code == 0, r.err

@@ -4,7 +4,6 @@ the real CLI and pyone over HTTP to onesim."""
 from __future__ import annotations
 
 import base64
-import signal
 import time
 from typing import Any
 
@@ -99,17 +98,7 @@ def test_a_restore_killed_between_its_renames_leaves_no_image_behind(cloud: Clou
     # the process dies while its VM rename waits in oned, which never does it
     cloud.sim.faults.delay_call("one.vm.rename", 3.0, count=1)
     cloud.sim.faults.fail_call("one.vm.rename", "never done", count=1)
-    proc = cloud.spawn("restore", str(backup), "--name", "again")
-    try:
-        wait_until(lambda: {i.NAME for i in cloud.one.imagepool.info(-2, -1, -1).IMAGE}
-                   >= {"again-disk0", "again-disk1"} or None, timeout=60, interval=0.02)
-        time.sleep(0.3)   # the VM rename is now waiting in oned
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    cloud.kill_during("one.vm.rename", "restore", str(backup), "--name", "again")
     time.sleep(3.5)
     r = cloud.call("cleanup", "--json")
     assert r.code == 0, r.err
