@@ -260,3 +260,25 @@ def test_the_agent_verifies_in_the_background_and_status_shows_damage(
     r = cloud.call("status")
     assert "verify (background)" in r.out and f"disk 0 block 2: chunk {chunk.hex()}" in r.out
     a.wait_event("verify.pass", timeout=30)
+
+
+@pytest.mark.parametrize("rate", ['"0/7"', '"1/0"', '"-5%"', '"weekly"', "true", "-1"])
+def test_a_wrong_verify_rate_is_one_line_naming_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], rate: str) -> None:
+    from agent.cli import main
+    cfg = tmp_path / "oneback.toml"
+    cfg.write_text(f"""
+[opennebula]
+endpoint = "http://127.0.0.1:9/RPC2"
+[proxy]
+vm_id = 0
+[storage]
+repository = "{tmp_path / 'repo'}"
+[verify]
+rate = {rate}
+""")
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and err.count("\n") == 1, err
+    assert "verify.rate must be the share of the repository" in err and '"1/7"' in err
