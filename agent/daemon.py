@@ -650,7 +650,7 @@ def run_verifier(cfg: Config, store: Repository, catalog: Catalog,
         if step.pass_done:
             p = step.progress
             event("verify.pass", checked=p.pass_checked, damage=len(p.damage),
-                  seconds=round(time.time() - p.pass_started, 3))
+                  started=p.pass_started, seconds=round(time.time() - p.pass_started, 3))
 
 
 def _noted(status: str, note: str) -> str:

@@ -7,6 +7,7 @@ agent's continuous verify finds damage on its own and `oneback status` says so."
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,30 @@ rate = {rate}
     err = capsys.readouterr().err
     assert e.value.code == 3 and err.count("\n") == 1, err
     assert "verify.rate must be the share of the repository" in err and '"1/7"' in err
+
+
+def _background(c: Cloud) -> dict[str, Any]:
+    r = c.call("status", "--json")
+    assert r.code == 0, r.err
+    return dict(r.json()["verify"].get("background") or {})
+
+
+def test_a_restarted_agent_goes_on_with_its_verify_pass(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str],
+        agent: Callable[..., AgentProcess]) -> None:
+    vm = cloud.vm("app", [cloud.image("app-os", pattern(16 * BLOCK, 9))])
+    _backup(cloud, capsys, vm)
+    # A twentieth of the repository per step: a pass takes 20 steps.
+    a = agent(extra='[verify]\nrate = "8640/1"\ninterval = 0.5\n')
+    deadline = time.monotonic() + 30
+    while not (bg := _background(cloud)) or not 0 < bg["pass_share"] < 0.5:
+        assert time.monotonic() < deadline, bg
+        time.sleep(0.2)
+    a.stop()
+    stopped = _background(cloud)
+    assert stopped["pass_started"] == bg["pass_started"] and stopped["last_pass_finished"] is None
+    b = agent()
+    done = b.wait_event("verify.pass", timeout=30)
+    # The same pass went on (not started over) and covered every chunk once.
+    assert done["started"] == bg["pass_started"]
+    assert done["checked"] == 16 and done["damage"] == 0
