@@ -138,7 +138,8 @@ class Agent:
                 timeout=self.cfg.agent.connection_timeout)
             event("control.listening", address=self.control.address)
         workers = [self._start_worker(i) for i in range(self.cfg.agent.max_jobs)]
-        verifier = self._start_verifier(should_exit)
+        verify_stop = threading.Event()
+        verifier = self._start_verifier(verify_stop)
         self.wakeups.add(events_mod.everything("start"))
         next_reconcile = time.monotonic() + self.cfg.agent.reconcile_interval
         try:
@@ -164,8 +165,9 @@ class Agent:
             if self.control is not None:
                 self.control.close()
             self.shutdown(workers)
+            verify_stop.set()   # a step in progress stops between two chunks
             if verifier is not None:
-                verifier.join(self.cfg.opennebula.operation_timeout)
+                verifier.join(self.cfg.agent.shutdown_grace)
 
     def _event(self, topic: bytes, body: bytes) -> None:
         try:
@@ -455,13 +457,14 @@ class Agent:
 
     # -- the continuous verify ----------------------------------------------
 
-    def _start_verifier(self, should_exit: threading.Event) -> threading.Thread | None:
+    def _start_verifier(self, stop: threading.Event) -> threading.Thread | None:
         """The continuous verify on its own thread (`[verify] rate`; none when
-        off): it reads chunks beside the backups and never holds them up."""
+        off) until `stop`: it reads chunks beside the backups and never holds
+        them up."""
         if self.cfg.verify.rate <= 0:
             return None
         t = threading.Thread(target=run_verifier, name="oneback-verify", daemon=True,
-                             args=(self.cfg, self.store, self.catalog, should_exit))
+                             args=(self.cfg, self.store, self.catalog, stop))
         t.start()
         return t
 
