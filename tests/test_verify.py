@@ -310,3 +310,43 @@ def test_a_restarted_agent_goes_on_with_its_verify_pass(
     # The same pass went on (not started over) and covered every chunk once.
     assert done["started"] == bg["pass_started"]
     assert done["checked"] == 16 and done["damage"] == 0
+
+
+# -- the store's side: quarantine and heal, on every backend -----------------------------
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    from agent.store.local import LocalStore
+    from agent.store.memory import MemoryStore
+    return LocalStore.init(tmp_path / "repo") if request.param == "local" else MemoryStore()
+
+
+def _damage(store: Any, chunk: bytes) -> None:
+    from agent.store.memory import MemoryStore
+    if isinstance(store, MemoryStore):
+        store.blobs[chunk] = store.blobs[chunk][:-3] + b"xyz"
+    else:
+        _flip(store.path / "chunks" / chunk.hex()[:2] / chunk.hex())
+
+
+def test_store_quarantines_only_damaged_chunks_and_heal_replaces_them(store: Any) -> None:
+    from agent.errors import IntegrityError, NotFound
+    from agent.store import Healing
+    data = pattern(100_000, 3)
+    chunk = hashlib.sha256(data).digest()
+    assert store.put(chunk, data) > 0
+    assert store.quarantine(chunk) is False          # whole: stays
+    assert store.heal(chunk, data) == 0              # whole: nothing written
+    _damage(store, chunk)
+    assert store.put(chunk, data) == 0               # put trusts a present chunk ...
+    with pytest.raises(IntegrityError):
+        store.get(chunk)
+    assert Healing(store).put(chunk, data) > 0       # ... heal reads it back and replaces it
+    assert store.get(chunk) == data
+    _damage(store, chunk)
+    assert store.quarantine(chunk) is True
+    assert not store.has(chunk) and store.quarantine(chunk) is False
+    with pytest.raises(NotFound):
+        store.get(chunk)
+    assert store.put(chunk, data) > 0 and store.get(chunk) == data   # stored anew
