@@ -96,9 +96,11 @@ class _Found:
     detail: str = ""
     bytes_read: int = 0
     quarantined: bool = False
+    xxh3: bytes | None = None      # the chunk's actual xxh3-128, when read
 
 
-def _check(store: Repository, chunk: bytes, xxh3: bytes | None, read_data: bool) -> _Found:
+def _check(store: Repository, chunk: bytes, xxh3: set[bytes] | None,
+           read_data: bool) -> _Found:
     if not read_data:
         return _Found(None if store.has(chunk) else "missing")
     try:
@@ -109,9 +111,10 @@ def _check(store: Repository, chunk: bytes, xxh3: bytes | None, read_data: bool)
         return _Found("corrupt", e.message, 0, store.quarantine(chunk))
     except OnebackError as e:
         return _Found("unreadable", e.message)
-    if xxh3 is not None and bytes(xxhash.xxh3_128_digest(data)) != xxh3:
+    actual = bytes(xxhash.xxh3_128_digest(data))
+    if xxh3 is not None and xxh3 != {actual}:
         return _Found("checksum", "the chunk is whole but its xxh3-128 is not the one the "
-                      "manifest records", len(data))
+                      "manifest records", len(data), xxh3=actual)
     return _Found(None, "", len(data))
 
 
@@ -199,6 +202,9 @@ def _locate(store: Repository, catalog: VerifyCatalog,
             continue
         for chunk, found in bad.items():
             for disk_id, block in _blocks_of(m, chunk):
+                if found.xxh3 is not None and m.maps[disk_id].record(block).checksum == \
+                        found.xxh3:
+                    continue   # a checksum problem: this block records the right one
                 out.append(Damage(name, backup_id, m.vm_id, disk_id, block, chunk.hex(),
                                   found.problem or "", found.detail, found.quarantined))
     return out
@@ -221,7 +227,7 @@ def verify(store: Repository, catalog: VerifyCatalog, backup_ids: Sequence[int] 
     report = VerifyReport(read_data, sample)
     chosen = _chosen(store, catalog, backup_ids, report)
     xxh3: dict[bytes, bytes] = {}
-    conflicts: set[bytes] = set()
+    conflicts: dict[bytes, set[bytes]] = {}   # chunks recorded with several xxh3s
     readable: list[tuple[str, int | None, bool]] = []
     for name, backup_id, named in chosen:
         m = _read(store, name, backup_id, named, report)
@@ -235,8 +241,9 @@ def verify(store: Repository, catalog: VerifyCatalog, backup_ids: Sequence[int] 
                 if chunk == bytes(CHUNK_ID_SIZE):
                     continue
                 digest = bytes(dmap.checksums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE])
-                if xxh3.setdefault(chunk, digest) != digest:
-                    conflicts.add(chunk)
+                first = xxh3.setdefault(chunk, digest)
+                if first != digest:
+                    conflicts.setdefault(chunk, {first}).add(digest)
     report.chunks = len(xxh3)
     ids = sorted(xxh3)
     if sample is not None:
@@ -244,7 +251,7 @@ def verify(store: Repository, catalog: VerifyCatalog, backup_ids: Sequence[int] 
         ids = sorted((rng or random.Random()).sample(ids, k))
     bad: dict[bytes, _Found] = {}
     for chunk, found in _parallel(
-            lambda c: _check(store, c, None if c in conflicts else xxh3[c], read_data),
+            lambda c: _check(store, c, conflicts.get(c) or {xxh3[c]}, read_data),
             ids, workers, cancel):
         report.checked += 1
         report.bytes_read += found.bytes_read

@@ -263,6 +263,27 @@ def test_the_agent_verifies_in_the_background_and_status_shows_damage(
     a.wait_event("verify.pass", timeout=30)
 
 
+def test_a_manifest_recording_a_wrong_xxh3_is_named_alone(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str],
+        two_backups: tuple[int, list[dict[str, Any]], dict[int, bytes]]) -> None:
+    """The chunk is whole, but a manifest records another xxh3-128 for it (an
+    incremental would then skip a block that changed): only reading the
+    data finds it, and only that manifest's block is named."""
+    vm, backups, _ = two_backups
+    m = _latest_manifest(cloud, vm)
+    sums = bytearray(m.maps[0].checksums)
+    sums[16:32] = bytes(16)   # block 1
+    forged = mf.Manifest(**{**m.__dict__, "backup_id": 78, "catalog": "ee" * 16,
+                            "maps": {0: mf.DiskMap(sums, m.maps[0].chunks)}})
+    name = f"{vm}/29991231T000000Z-fedcba9876543210"
+    (_repo(cloud) / "manifests" / name).write_bytes(mf.encode(forged))
+    assert _verify(cloud, capsys)[0] == 0
+    code, doc, _ = _verify(cloud, capsys, "--read-data")
+    assert code == 9 and doc["quarantined"] == []
+    assert [(d["manifest"], d["block"], d["problem"]) for d in doc["damage"]] == [
+        (name, 1, "checksum")]
+
+
 @pytest.mark.parametrize("rate", ['"0/7"', '"1/0"', '"-5%"', '"weekly"', "true", "-1"])
 def test_a_wrong_verify_rate_is_one_line_naming_the_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], rate: str) -> None:
