@@ -294,8 +294,8 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
                     diff_against = _Changed(previous, lost)
                     if healed is not None:
                         healed.append(
-                            f"disk {disk.disk_id}: {lost.count(1)} unchanged block(s) stored"
-                            " again: their chunks were missing from the repository")
+                            f"disk {disk.disk_id}: {lost.count(1)} block(s) read and stored"
+                            " again: their chunks were missing from the repository (healed)")
             scan_store: ChunkStore = Healing(store) if options.full else store
             progress.phase(disk.disk_id, "read")
             scan = reader.scan(path, size, settings.block_size, diff_against, scan_store,
