@@ -34,6 +34,7 @@ SPACE = 1 << (8 * CHUNK_ID_SIZE)   # the chunk-id space, as integers
 BACKGROUND = "background"
 COMMAND = "command"
 DAY = 86400.0
+_HOLE = bytes(CHUNK_ID_SIZE)
 
 
 class VerifyCatalog(Protocol):
@@ -236,11 +237,12 @@ def verify(store: Repository, catalog: VerifyCatalog, backup_ids: Sequence[int] 
         report.manifests += 1
         readable.append((name, backup_id, named))
         for dmap in m.maps.values():
+            chunks, sums = bytes(dmap.chunks), bytes(dmap.checksums)
             for i in range(dmap.count):
-                chunk = bytes(dmap.chunks[i * CHUNK_ID_SIZE:(i + 1) * CHUNK_ID_SIZE])
-                if chunk == bytes(CHUNK_ID_SIZE):
+                chunk = chunks[i * CHUNK_ID_SIZE:(i + 1) * CHUNK_ID_SIZE]
+                if chunk == _HOLE:
                     continue
-                digest = bytes(dmap.checksums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE])
+                digest = sums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE]
                 first = xxh3.setdefault(chunk, digest)
                 if first != digest:
                     conflicts.setdefault(chunk, {first}).add(digest)
@@ -321,7 +323,12 @@ def background_slice(store: Repository, catalog: ProgressCatalog, share: float, 
         names = catalog.manifest_names()
         everything = [(n, names.get(n), n in names) for n in store.manifests()]
         damage = tuple(_locate(store, catalog, everything, bad))
-    listed = tuple(dict.fromkeys(pass_damage + damage))   # once each, in order
+    # Once per block, as first found (a chunk quarantined as corrupt is
+    # missing to the next pass until a backup heals it).
+    first: dict[tuple[str, int | None, int | None, str | None], Damage] = {}
+    for d in pass_damage + damage:
+        first.setdefault((d.manifest, d.disk_id, d.block, d.chunk), d)
+    listed = tuple(first.values())
     progress = VerifyProgress(
         BACKGROUND, now, checked, read, listed[:100],
         cursor=b"" if done else top.to_bytes(CHUNK_ID_SIZE, "big"),
