@@ -16,8 +16,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +31,7 @@ from agent.config import Config
 from agent.errors import Interrupted, NotFound, OnebackError, StateError
 from agent.lease import VmBusy, vm_lock
 from agent.model import (
+    CHUNK_ID_SIZE,
     LCM_RUNNING,
     VM_ACTIVE,
     VM_POWEROFF,
@@ -41,7 +44,7 @@ from agent.model import (
 )
 from agent.policy import BASE_SNAPSHOT, plan_disks
 from agent.progress import Progress, Quiet
-from agent.store import Repository
+from agent.store import ChunkStore, Healing, Repository
 
 
 @contextmanager
@@ -162,6 +165,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
     blocks: dict[int, Sequence[BlockRecord]] = {}  # packed BlockLists, with stored sizes
     previous: dict[int, reader.PreviousMap | None] = {}
     full = options.full
+    healed: list[str] = []   # blocks stored anew: their chunks were missing
     with ExitStack() as everything:
         # Snapshot every disk first, one after another, so all disks are
         # taken as close together in time as oned allows.
@@ -187,7 +191,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
                 result, s_s = _read_disk(
                     vm_id, disk, snaps[disk.disk_id], options, catalog=catalog,
                     store=store, workspace=workspace, settings=settings, progress=progress,
-                    cancel=cancel)
+                    cancel=cancel, healed=healed)
                 scan_seconds += s_s
                 disk_previous, disk_backup, scan = result
                 full = full or disk_previous is None
@@ -209,7 +213,8 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
         catalog, store, vm_id=vm_id, vm_name=vm.name,
         kind="full" if full or not plan.read else "incremental", started=started,
         vm_document=vm.document, image_documents=image_documents, disks=disks,
-        blocks=blocks, previous=previous, warnings=[*plan.warnings, *workspace.leftovers])
+        blocks=blocks, previous=previous,
+        warnings=[*plan.warnings, *healed, *workspace.leftovers])
     return BackupResult(record, cloud_seconds, scan_seconds, tuple(workspace.leftovers),
                         plan.refusals)
 
@@ -260,11 +265,16 @@ def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: s
 def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions, *,
                catalog: BackupCatalog, store: Repository, workspace: Workspace,
                settings: Settings, progress: Progress, cancel: threading.Event | None,
+               healed: list[str] | None = None,
                ) -> tuple[tuple[reader.PreviousMap | None, DiskBackup, reader.ScanResult],
                           float]:
     """Save, attach, scan, detach, delete one disk's snapshot image. Returns
     (the map the scan diffed against, None when the disk had no usable one;
-    its record; the scan) and the seconds spent scanning."""
+    its record; the scan) and the seconds spent scanning. Self-healing: a
+    block whose chunk the repository lacks (deleted, or quarantined by a
+    verify) is read and stored anew even if unchanged (noted in `healed`);
+    with --full, every chunk the scan would reuse is read back and a damaged
+    one replaced."""
     progress.phase(disk.disk_id, "save-as")
     with workspace.saved_image(vm_id, disk.disk_id, snap_id) as image_id:
         _check_cancel(cancel)
@@ -277,8 +287,18 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
             previous = None if options.full else catalog.previous_map(vm_id, disk.disk_id)
             if previous is not None and previous.block_size != settings.block_size:
                 previous = None
+            diff_against: reader.Previous | None = previous
+            if previous is not None:
+                lost = _lost_blocks(previous, store, settings.workers)
+                if lost:
+                    diff_against = _Changed(previous, lost)
+                    if healed is not None:
+                        healed.append(
+                            f"disk {disk.disk_id}: {lost.count(1)} block(s) read and stored"
+                            " again: their chunks were missing from the repository (healed)")
+            scan_store: ChunkStore = Healing(store) if options.full else store
             progress.phase(disk.disk_id, "read")
-            scan = reader.scan(path, size, settings.block_size, previous, store,
+            scan = reader.scan(path, size, settings.block_size, diff_against, scan_store,
                                full=options.full or previous is None,
                                workers=settings.workers, read_depth=settings.read_depth,
                                direct=settings.direct_io,
@@ -293,6 +313,60 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
         bytes_read=scan.bytes_read, bytes_changed=scan.bytes_changed,
         bytes_stored=scan.bytes_stored, attributes=dict(disk.attributes))
     return (previous, backup, scan), scan_seconds
+
+
+class _Changed:
+    """A previous map whose `lost` blocks count as changed (the scan reads
+    and stores them again): their chunks are not in the repository."""
+
+    def __init__(self, previous: reader.PreviousMap, lost: bytearray) -> None:
+        self._previous, self._lost = previous, lost
+
+    @property
+    def size(self) -> int:
+        return self._previous.size
+
+    @property
+    def block_size(self) -> int:
+        return self._previous.block_size
+
+    def checksum(self, index: int) -> bytes | None:
+        if 0 <= index < len(self._lost) and self._lost[index]:
+            return None
+        return self._previous.checksum(index)
+
+
+def _lost_blocks(previous: reader.PreviousMap, store: ChunkStore, workers: int) -> bytearray:
+    """One byte per block of `previous`: 1 where its chunk is not in `store`
+    (a hole has none). Empty when every chunk is there. Asks the store once
+    per run of equal chunk ids, `workers` questions at a time, in batches
+    (memory stays flat whatever the disk size)."""
+    n, size = previous.count, CHUNK_ID_SIZE
+    chunks = previous.chunks
+    hole = bytes(size)
+
+    def runs() -> Iterator[tuple[int, int, bytes]]:
+        i = 0
+        while i < n:
+            c = bytes(chunks[i * size:(i + 1) * size])
+            j = i + 1
+            while j < n and chunks[j * size:(j + 1) * size] == c:
+                j += 1
+            if c != hole:
+                yield i, j, c
+            i = j
+
+    lost = bytearray()
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="oneback-has") as pool:
+        pending = runs()
+        while batch := list(islice(pending, 4096)):
+            for (a, b, _), there in zip(batch, pool.map(lambda r: store.has(r[2]), batch),
+                                        strict=True):
+                if not there:
+                    if not lost:
+                        lost = bytearray(n)
+                    lost[a:b] = b"\x01" * (b - a)
+    return lost
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

@@ -41,6 +41,7 @@ from agent.render import (
     ProgressBar,
     backoff_json,
     backup_json,
+    damage_line,
     delete_json,
     disk_restore_json,
     emit_json,
@@ -51,6 +52,9 @@ from agent.render import (
     render_remarks,
     restore_json,
     set_json,
+    verify_json,
+    verify_progress_json,
+    verify_progress_lines,
 )
 
 # Commands that never talk to the cloud (--version, --help, list, show,
@@ -241,6 +245,60 @@ def catalog_rebuild(force: bool, config_file: str | None, as_json: bool) -> None
         for name, why in report.damaged:
             click.echo(f"  skipped {name}: {why}", err=True)
     error = repository.damaged_error(report)
+    if error is not None:
+        raise error
+
+
+class Percent(click.ParamType[float]):
+    """A share in percent: more than 0, at most 100."""
+
+    name = "percent"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        text = str(value).strip().removesuffix("%")
+        try:
+            number = float(text)
+        except ValueError:
+            number = -1.0
+        if not 0 < number <= 100:
+            self.fail(f"{str(value)[:24]!r} is not a percentage: use a number above 0 and up"
+                      " to 100, e.g. 10", param, ctx)
+        return number
+
+
+@cli.command("verify")
+@click.argument("backup_ids", type=BACKUP_ID, nargs=-1)
+@click.option("--read-data", is_flag=True,
+              help="Read every chunk back and check it (else: that each one exists).")
+@click.option("--sample", type=Percent(), default=None,
+              help="Check only this percentage of the chunks, drawn at random.")
+@config_option
+@json_option
+def verify_(backup_ids: tuple[int, ...], read_data: bool, sample: float | None,
+            config_file: str | None, as_json: bool) -> None:
+    """Check backups (all, or BACKUP_IDS): manifests read, chunks there (and whole)."""
+    from agent import verify
+    cancel = threading.Event()
+    with runtime(config_file, cloud=False) as rt, interruptible(cancel):
+        report = verify.verify(rt.store, rt.catalog, backup_ids, read_data=read_data,
+                               sample=sample, workers=max(rt.cfg.storage.workers,
+                                                          rt.cfg.storage.read_depth),
+                               cancel=cancel)
+        rt.catalog.verify_record(verify.as_progress(report))
+    if as_json:
+        emit_json(verify_json(report))
+    else:
+        what = "read back" if read_data else "found"
+        share = f" (a {sample:g}% sample)" if sample is not None else ""
+        click.echo(f"verified {report.manifests} backup(s): {report.checked} of"
+                   f" {report.chunks} chunk(s){share} {what}"
+                   + (f", {human_bytes(report.bytes_read)}" if read_data else "")
+                   + f" in {report.seconds:.1f}s: "
+                   + (f"{len(report.damage)} problem(s)" if report.damage else "no damage"))
+        for d in report.damage:
+            click.echo(f"  {damage_line(d)}")
+    error = verify.damage_error(report)
     if error is not None:
         raise error
 
@@ -615,11 +673,14 @@ def status(config_file: str | None, as_json: bool) -> None:
         running = rt.catalog.jobs(("running",))
         recent = rt.catalog.jobs(("done", "failed"), limit=20)
         failing = rt.catalog.backoffs()
+        checks = [p for p in (rt.catalog.verify_progress("background"),
+                              rt.catalog.verify_progress("command")) if p is not None]
     if as_json:
         emit_json({"queued": [job_json(j) for j in queued],
                    "running": [job_json(j) for j in running],
                    "recent": [job_json(j) for j in recent],
-                   "failing": [backoff_json(b) for b in failing]})
+                   "failing": [backoff_json(b) for b in failing],
+                   "verify": {p.key: verify_progress_json(p) for p in checks}})
         return
     for title, jobs in (("running", running), ("queued", queued), ("recent", recent)):
         click.echo(f"{title}: {len(jobs)}")
@@ -634,6 +695,9 @@ def status(config_file: str | None, as_json: bool) -> None:
         wait = max(0, int(b.next_try - now))
         click.echo(f"  {vm}{b.what}: failed {b.failures} time(s) in a row, next try in"
                    f" {wait}s: {b.error}")
+    for p in checks:
+        for line in verify_progress_lines(p):
+            click.echo(line)
 
 
 @cli.group()

@@ -133,6 +133,13 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class VerifyConfig:
+    rate: float = 1 / 7       # share of the repository the agent reads back per day; 0: off
+    interval: float = 300.0   # seconds between two steps of the continuous verify
+    workers: int = 2          # chunks read back at once
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     opennebula: OpenNebulaConfig
@@ -140,6 +147,7 @@ class Config:
     storage: StorageConfig
     agent: AgentConfig
     backup: BackupConfig = BackupConfig()
+    verify: VerifyConfig = VerifyConfig()
 
 
 def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -238,7 +246,8 @@ _REQUIRED = object()
 
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document (see `load`)."""
-    unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent", "backup"})
+    unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent", "backup",
+                                  "verify"})
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
 
@@ -335,8 +344,38 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     bk = _Section({"backup": data.get("backup", {})}, "backup", path)
     bk.check_known({"qcow2_base"})
     backup = BackupConfig(qcow2_base=bk.flag("qcow2_base", False))
+    vf = _Section({"verify": data.get("verify", {})}, "verify", path)
+    vf.check_known({"rate", "interval", "workers"})
+    verify = VerifyConfig(rate=_rate(vf.raw_default("rate", "1/7"), path),
+                          interval=vf.number("interval", 300.0),
+                          workers=vf.integer("workers", 2))
     return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
-                  agent=agent, backup=backup)
+                  agent=agent, backup=backup, verify=verify)
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)\s*|(%)\s*)?$")
+
+
+def _rate(raw: Any, path: Path) -> float:
+    """verify.rate: a share of the repository per day, "1/7" (all of it every
+    7 days), "15%", a number, or "off" (0)."""
+    if raw == "off" or (not isinstance(raw, bool) and raw == 0):
+        return 0.0
+    m = _RATE.match(raw) if isinstance(raw, str) else None
+    value = -1.0
+    if m is not None:
+        value = float(m.group(1))
+        if m.group(2) is not None:
+            value = value / float(m.group(2)) if float(m.group(2)) > 0 else -1.0
+        elif m.group(3):
+            value /= 100
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    if not value > 0:
+        raise ConfigError(
+            f"{path}: verify.rate must be the share of the repository to read back per day,"
+            f" e.g. \"1/7\" (all of it every 7 days), \"15%\", or \"off\"; got {raw!r}")
+    return value
 
 
 _VMID = re.compile(r"""^\s*(?:export\s+)?VMID\s*=\s*["']?(\d+)["']?\s*$""", re.M)

@@ -138,6 +138,8 @@ class Agent:
                 timeout=self.cfg.agent.connection_timeout)
             event("control.listening", address=self.control.address)
         workers = [self._start_worker(i) for i in range(self.cfg.agent.max_jobs)]
+        verify_stop = threading.Event()
+        verifier = self._start_verifier(verify_stop)
         self.wakeups.add(events_mod.everything("start"))
         next_reconcile = time.monotonic() + self.cfg.agent.reconcile_interval
         try:
@@ -163,6 +165,9 @@ class Agent:
             if self.control is not None:
                 self.control.close()
             self.shutdown(workers)
+            verify_stop.set()   # a step in progress stops between two chunks
+            if verifier is not None:
+                verifier.join(self.cfg.agent.shutdown_grace)
 
     def _event(self, topic: bytes, body: bytes) -> None:
         try:
@@ -450,6 +455,19 @@ class Agent:
         except OnebackError as e:
             event("status.failed", vm_id=vm.id, error=str(e))
 
+    # -- the continuous verify ----------------------------------------------
+
+    def _start_verifier(self, stop: threading.Event) -> threading.Thread | None:
+        """The continuous verify on its own thread (`[verify] rate`; none when
+        off) until `stop`: it reads chunks beside the backups and never holds
+        them up."""
+        if self.cfg.verify.rate <= 0:
+            return None
+        t = threading.Thread(target=run_verifier, name="oneback-verify", daemon=True,
+                             args=(self.cfg, self.store, self.catalog, stop))
+        t.start()
+        return t
+
     # -- doing --------------------------------------------------------------
 
     def _start_worker(self, i: int) -> threading.Thread:
@@ -607,6 +625,35 @@ class Agent:
         else:
             event("snapshot.taken", vm_id=vm.id, name=name, ttl=ttl)
         return outcome
+
+
+def run_verifier(cfg: Config, store: Repository, catalog: Catalog,
+                 should_exit: threading.Event) -> None:
+    """Every `interval` seconds, read back the share of the repository due
+    at `rate` per day (agent.verify.background_slice) until `should_exit`."""
+    from agent import verify
+    last = time.monotonic() - cfg.verify.interval
+    while not should_exit.wait(cfg.verify.interval):
+        now = time.monotonic()
+        share = verify.share_due(cfg.verify.rate, now - last)
+        last = now
+        try:
+            step = verify.background_slice(store, catalog, share, workers=cfg.verify.workers,
+                                           cancel=should_exit)
+        except Interrupted:
+            return
+        except Exception as e:   # the repository or catalog is busy or broken: next step
+            event("verify.failed", error=_error(e))
+            continue
+        if step.damage:
+            event("verify.damaged", chunks=sorted({d.chunk for d in step.damage if d.chunk}),
+                  backups=sorted({d.backup_id for d in step.damage if d.backup_id}),
+                  damage=[f"backup {d.backup_id} VM {d.vm_id} disk {d.disk_id} block"
+                          f" {d.block}: {d.problem}" for d in step.damage[:20]])
+        if step.pass_done:
+            p = step.progress
+            event("verify.pass", checked=p.pass_checked, damage=len(p.damage),
+                  started=p.pass_started, seconds=round(time.time() - p.pass_started, 3))
 
 
 def _noted(status: str, note: str) -> str:

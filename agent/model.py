@@ -450,3 +450,42 @@ ONE_ID_MAX = 2**31 - 1
 def is_one_id(value: object) -> bool:
     """True for an int (not a bool) in oned's id range."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= ONE_ID_MAX
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One block of one backup whose data the repository cannot give back
+    (found by a verify). `backup_id` is the catalog's (None: a backup of
+    another catalog sharing the repository); `problem` is `missing`,
+    `corrupt` (the chunk does not decode to its SHA-256), `unreadable` (an
+    I/O error), `checksum` (the chunk is whole but the manifest's xxh3-128
+    differs) or `manifest` (the manifest itself is missing or damaged;
+    disk and block are then None)."""
+
+    manifest: str
+    backup_id: int | None
+    vm_id: int | None
+    disk_id: int | None
+    block: int | None
+    chunk: str | None              # hex SHA-256
+    problem: str
+    detail: str = ""
+    quarantined: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyProgress:
+    """The last verify's result, kept in the catalog: `key` is `background`
+    (the agent's continuous verify; `cursor` is where its pass goes on) or
+    `command` (the last `oneback verify`)."""
+
+    key: str
+    last_run: float                # when it last finished (a slice, or a run)
+    checked: int                   # chunks checked by that slice or run
+    bytes_read: int
+    damage: tuple[Damage, ...]     # found by the current pass (background) or the run
+    cursor: bytes = b""            # background: the next chunk id of the pass
+    pass_started: float = 0.0
+    pass_checked: int = 0          # chunks checked by the current pass so far
+    last_pass_finished: float | None = None
+    read_data: bool = True

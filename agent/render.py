@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from agent.model import Backoff, BackupRecord, Job
+from agent.model import Backoff, BackupRecord, Damage, Job, VerifyProgress
 
 if TYPE_CHECKING:  # types only: the CLI's offline commands must not import the engine
     from agent.repository import InitResult, RebuildReport
     from agent.restore import DiskRestoreResult, RestoreResult
     from agent.snapshots import DeleteResult, SnapshotSet
+    from agent.verify import VerifyReport
 
 
 def emit_json(doc: Any) -> None:
@@ -50,6 +51,55 @@ def backup_json(record: BackupRecord) -> dict[str, Any]:
         ],
         "warnings": list(record.warnings),
     }
+
+
+def damage_line(d: Damage) -> str:
+    """One damaged block (or manifest) for people."""
+    who = (f"backup {d.backup_id}" if d.backup_id is not None
+           else f"backup of another catalog ({d.manifest})")
+    if d.problem == "manifest":
+        return f"{who}: manifest {d.manifest or '(none)'}: {d.detail}"
+    extra = "; quarantined" if d.quarantined else ""
+    return (f"{who} (VM {d.vm_id}) disk {d.disk_id} block {d.block}: chunk {d.chunk}"
+            f" {d.problem}{extra}")
+
+
+def verify_json(r: VerifyReport) -> dict[str, Any]:
+    return {"read_data": r.read_data, "sample_percent": r.sample, "manifests": r.manifests,
+            "chunks": r.chunks, "checked": r.checked, "bytes_read": r.bytes_read,
+            "seconds": round(r.seconds, 3), "clean": not r.damage,
+            "damaged_backups": r.damaged_backups, "quarantined": list(r.quarantined),
+            "damage": [asdict(d) for d in r.damage]}
+
+
+def verify_progress_json(p: VerifyProgress) -> dict[str, Any]:
+    doc: dict[str, Any] = {"last_run": p.last_run, "checked": p.checked,
+                           "bytes_read": p.bytes_read, "read_data": p.read_data,
+                           "damage": [asdict(d) for d in p.damage]}
+    if p.key == "background":
+        doc.update(pass_started=p.pass_started, pass_checked=p.pass_checked,
+                   pass_share=round(int.from_bytes(p.cursor, "big") / 2 ** 256, 4)
+                   if p.cursor else 0.0,
+                   last_pass_finished=p.last_pass_finished)
+    return doc
+
+
+def verify_progress_lines(p: VerifyProgress) -> list[str]:
+    """`oneback status`'s lines on the last verify."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.last_run))
+    if p.key == "background":
+        done = (int.from_bytes(p.cursor, "big") * 100 // 2 ** 256) if p.cursor else 0
+        last = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.last_pass_finished))
+                if p.last_pass_finished else "never")
+        head = (f"verify (background): last step {when} read {p.checked} chunk(s)"
+                f" ({human_bytes(p.bytes_read)}); this pass {done}% done, {p.pass_checked}"
+                f" chunk(s); last whole pass {last}")
+    else:
+        how = "read back" if p.read_data else "found"
+        head = f"verify (last `oneback verify`): {when}, {p.checked} chunk(s) {how}"
+    lines = [f"{head}; damage found: {len(p.damage) or 'none'}"]
+    lines += [f"  {damage_line(d)}" for d in p.damage]
+    return lines
 
 
 def restore_json(r: RestoreResult) -> dict[str, Any]:

@@ -87,6 +87,7 @@ class Bench:
         if self.ob:
             self.oneback_restore(self.ob)
             self.oneback_export(self.ob)
+            self.oneback_verify(self.ob)
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -256,6 +257,18 @@ class Bench:
                       note="the restore's data path alone, to a sparse file"
                       + ("" if same else "; DIFFERS from the image"))
         target.unlink(missing_ok=True)
+
+    def oneback_verify(self, ob: Oneback) -> None:
+        """`oneback verify --read-data` against a plain read of the same chunk files."""
+        chunks = ob.repository / "chunks"
+        m = run(["sh", "-c", f"find '{chunks}' -type f -exec cat {{}} + > /dev/null"])
+        self.measured("cat", "read repository chunks", m, "cat.read.repo",
+                      note="every chunk file, one reader: the repository's plain read")
+        m = run([ob.exe, "verify", "--read-data", "--json", "--config", str(ob.config)])
+        doc = ob.parse(m)
+        note = (f"{doc['checked']} chunks of {doc['manifests']} backups, parallel; "
+                + ("clean" if doc["clean"] else "DAMAGE FOUND")) if doc else ""
+        self.measured("oneback", "verify --read-data", m, "oneback.verify", note=note)
 
 
 # -- the tables ------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from sqlite_utils import Database
 
 from agent.catalog.jobs import JobQueue
 from agent.catalog.schema import _KNOWN, MIGRATIONS
+from agent.catalog.verify import VerifyRecords
 from agent.errors import IntegrityError, InternalError, NotFound, RepositoryError
 from agent.model import (
     CHECKSUM_SIZE,
@@ -53,7 +54,7 @@ KINDS = ("full", "incremental")
 # ---------------------------------------------------------------------------
 
 
-class Catalog(JobQueue):
+class Catalog(JobQueue, VerifyRecords):
     """An open catalog. Thread-safe (calls are serialised). Every writing
     call is one transaction, durable on return (WAL, synchronous=FULL)."""
 

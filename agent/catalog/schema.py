@@ -168,3 +168,23 @@ def m004_repository(db: Database) -> None:
         ALTER TABLE backups ADD COLUMN manifest TEXT;
         """
     )
+
+
+@_migration
+def m005_verify(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE verify (                     -- the last verify's result, and progress
+            key TEXT PRIMARY KEY,                 -- 'background' (the agent) | 'command'
+            last_run REAL NOT NULL,
+            checked INTEGER NOT NULL,             -- chunks checked by the last slice / run
+            bytes_read INTEGER NOT NULL,
+            damage TEXT NOT NULL DEFAULT '[]',    -- JSON list of what was found damaged
+            cursor BLOB NOT NULL DEFAULT x'',     -- background: next chunk id of the pass
+            pass_started REAL NOT NULL DEFAULT 0,
+            pass_checked INTEGER NOT NULL DEFAULT 0,
+            last_pass_finished REAL,
+            read_data INTEGER NOT NULL DEFAULT 1
+        ) WITHOUT ROWID;
+        """
+    )

@@ -69,6 +69,19 @@ class ChunkStore(Protocol):
         """Every stored chunk id, in no particular order."""
         ...
 
+    def quarantine(self, chunk_id: bytes) -> bool:
+        """Move the chunk aside if its stored bytes are (still) damaged: it is
+        kept, for inspection, but no longer stored (`has` is False, `get`
+        raises NotFound, a later `put` writes it anew). Returns True if it was
+        moved; False if it is absent or reads back whole (healed meanwhile)."""
+        ...
+
+    def heal(self, chunk_id: bytes, data: Data) -> int:
+        """`put`, but a chunk already stored is read back first and, if it
+        does not decode to `chunk_id`, quarantined and written anew. Costs a
+        read of every present chunk (a `--full` backup's way to repair)."""
+        ...
+
 
 @runtime_checkable
 class ManifestStore(Protocol):
@@ -124,6 +137,38 @@ def check_chunk_id(chunk_id: bytes) -> None:
     """Reject anything that is not a 32-byte id (a caller bug, not bad data)."""
     if not isinstance(chunk_id, bytes) or len(chunk_id) != CHUNK_ID_SIZE:
         raise TypeError(f"a chunk id is 32 bytes (SHA-256), not {chunk_id!r:.80}")
+
+
+class Healing:
+    """A store whose `put` is the wrapped store's `heal`: a scan through it
+    replaces every damaged chunk it would otherwise have reused."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self._store = store
+
+    def has(self, chunk_id: bytes) -> bool:
+        return self._store.has(chunk_id)
+
+    def put(self, chunk_id: bytes, data: Data) -> int:
+        return self._store.heal(chunk_id, data)
+
+    def flush(self) -> None:
+        self._store.flush()
+
+    def get(self, chunk_id: bytes) -> bytes:
+        return self._store.get(chunk_id)
+
+    def delete(self, chunk_id: bytes) -> None:
+        self._store.delete(chunk_id)
+
+    def ids(self) -> Iterator[bytes]:
+        return self._store.ids()
+
+    def quarantine(self, chunk_id: bytes) -> bool:
+        return self._store.quarantine(chunk_id)
+
+    def heal(self, chunk_id: bytes, data: Data) -> int:
+        return self._store.heal(chunk_id, data)
 
 
 class Codec:

@@ -6,6 +6,7 @@ Owns: the on-disk layout of a repository and crash-safe writes into it::
     REPO/chunks/ab/abcd...   one zstd-compressed chunk per file, named by its SHA-256
     REPO/manifests/VM/NAME   one immutable manifest per backup (agent.manifest)
     REPO/tmp/            chunks being written; leftovers of a crash are ignored
+    REPO/quarantine/     damaged chunks moved aside by a verify (kept, never read)
     REPO/synced          the time before which every chunk file is durable
 
 A chunk is written to a temp file and linked into place, so its name appears
@@ -55,6 +56,7 @@ younger ones may belong to another process still writing."""
 
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 SYNCED = "synced"
+QUARANTINE = "quarantine"
 SYNC_MARGIN = 2.0
 """Seconds `synced` is set back from the start of the syncfs that proves it:
 file times come from a coarse clock, and a file written just after the start
@@ -417,6 +419,52 @@ class LocalStore:
                     f"{e.strerror or e}"
                 ) from e
             fsync_dir(path.parent)
+
+    def quarantine(self, chunk_id: bytes) -> bool:
+        """See ChunkStore.quarantine: re-read under the chunk's lock (a heal
+        may have replaced it), then moved to `quarantine/HEX.TIME-RANDOM`."""
+        path = self._path(chunk_id)
+        with self._lock(chunk_id):
+            if not path.exists() or self._whole(chunk_id, path):
+                return False
+            self._move_aside(chunk_id, path)
+        return True
+
+    def heal(self, chunk_id: bytes, data: Data) -> int:
+        """See ChunkStore.heal."""
+        path = self._path(chunk_id)
+        with self._lock(chunk_id):
+            if path.exists():
+                if self._whole(chunk_id, path):
+                    return 0
+                self._move_aside(chunk_id, path)
+            encoded = self._codec.encode(data)
+            try:
+                return self._save(path, encoded)
+            except OSError as e:
+                raise RepositoryError(
+                    f"cannot write chunk {chunk_id.hex()} to {self.path}: "
+                    f"{e.strerror or e}; check free space and permissions"
+                ) from e
+
+    def _move_aside(self, chunk_id: bytes, path: Path) -> None:
+        """Rename a damaged chunk file into quarantine/ (durably). Call with
+        the chunk's lock held."""
+        target = self.path / QUARANTINE
+        name = f"{chunk_id.hex()}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-" \
+               f"{uuid.uuid4().hex[:8]}"
+        try:
+            target.mkdir(exist_ok=True)
+            os.rename(path, target / name)
+            fsync_dir(target)
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            return   # another process moved or deleted it meanwhile
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot move damaged chunk {chunk_id.hex()} to {target}: "
+                f"{e.strerror or e}; check permissions and free space"
+            ) from e
 
     def ids(self) -> Iterator[bytes]:
         with os.scandir(self._chunks) as fans:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from agent.errors import NotFound, RepositoryError
+from agent.errors import IntegrityError, NotFound, RepositoryError
 from agent.store import DEFAULT_LEVEL, Codec, Data, check_chunk_id, check_manifest_name
 
 
@@ -21,6 +21,7 @@ class MemoryStore:
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.blobs: dict[bytes, bytes] = {}
         self.manifest_blobs: dict[str, bytes] = {}
+        self.quarantined: list[tuple[bytes, bytes]] = []   # (chunk id, its damaged bytes)
         self._codec = Codec(level)
         self._lock = threading.Lock()
 
@@ -61,6 +62,31 @@ class MemoryStore:
         with self._lock:
             snapshot = list(self.blobs)
         return iter(snapshot)
+
+    def _damaged(self, chunk_id: bytes, stored: bytes) -> bool:
+        try:
+            self._codec.decode(chunk_id, stored, "the memory store")
+        except IntegrityError:
+            return True
+        return False
+
+    def quarantine(self, chunk_id: bytes) -> bool:
+        check_chunk_id(chunk_id)
+        with self._lock:
+            stored = self.blobs.get(chunk_id)
+            if stored is None or not self._damaged(chunk_id, stored):
+                return False
+            del self.blobs[chunk_id]
+            self.quarantined.append((chunk_id, stored))
+        return True
+
+    def heal(self, chunk_id: bytes, data: Data) -> int:
+        check_chunk_id(chunk_id)
+        with self._lock:
+            stored = self.blobs.get(chunk_id)
+        if stored is not None and self._damaged(chunk_id, stored):
+            self.quarantine(chunk_id)
+        return self.put(chunk_id, data)
 
     def put_manifest(self, name: str, data: bytes) -> int:
         check_manifest_name(name)
