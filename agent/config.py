@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.model import ONE_ID_MAX
+from agent.retention import RULES, KeepPolicy
 
 DEFAULT_PATH = Path("/etc/oneback/oneback.toml")
 DEFAULT_CONTEXT_FILE = Path("/run/one-context/one_env")
@@ -140,6 +141,8 @@ class Config:
     storage: StorageConfig
     agent: AgentConfig
     backup: BackupConfig = BackupConfig()
+    retention: KeepPolicy = KeepPolicy()   # [retention]: the default of every VM
+                                           # without ONEBACK_KEEP (empty: keep all)
 
 
 def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -238,7 +241,8 @@ _REQUIRED = object()
 
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document (see `load`)."""
-    unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent", "backup"})
+    unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent", "backup",
+                                  "retention"})
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
 
@@ -335,8 +339,11 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     bk = _Section({"backup": data.get("backup", {})}, "backup", path)
     bk.check_known({"qcow2_base"})
     backup = BackupConfig(qcow2_base=bk.flag("qcow2_base", False))
+    rt = _Section({"retention": data.get("retention", {})}, "retention", path)
+    rt.check_known({f"keep_{r}" for r in RULES})
+    retention = KeepPolicy(**{r: rt.integer(f"keep_{r}", 0, minimum=0) for r in RULES})
     return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
-                  agent=agent, backup=backup)
+                  agent=agent, backup=backup, retention=retention)
 
 
 _VMID = re.compile(r"""^\s*(?:export\s+)?VMID\s*=\s*["']?(\d+)["']?\s*$""", re.M)

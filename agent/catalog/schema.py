@@ -168,3 +168,13 @@ def m004_repository(db: Database) -> None:
         ALTER TABLE backups ADD COLUMN manifest TEXT;
         """
     )
+
+
+@_migration
+def m006_retention(db: Database) -> None:
+    db.executescript(
+        """
+        -- forgetting a backup finds its block rows without scanning lineages
+        CREATE INDEX blocks_backup ON blocks (backup);
+        """
+    )
