@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -406,3 +407,89 @@ def test_the_agent_applies_oneback_keep_after_each_backup(
     names = {p.parent.name for p in (c.tmp / "repo" / "manifests").rglob("*") if p.is_file()}
     assert names == {str(tagged), str(default)}
     assert len([p for p in (c.tmp / "repo" / "manifests").rglob("*") if p.is_file()]) == 3
+
+
+# -- disk full -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    """mount(dir, MiB): a tmpfs of that size over `dir` (its files kept), unmounted after."""
+    import subprocess
+    mounted: list[Path] = []
+
+    def mount(where: Path, mib: int) -> Path:
+        saved = tmp_path / f"saved-{len(mounted)}"
+        shutil.copytree(where, saved)
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {p.stderr.strip()}")
+        mounted.append(where)
+        shutil.copytree(saved, where, dirs_exist_ok=True)
+        return where
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_repository_fails_the_backup_cleanly_and_prune_frees_its_chunks(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str], small_fs: Any) -> None:
+    c = cloud
+    repo = small_fs(c.tmp / "repo", 12)
+    data = os.urandom(6 * BLOCK)             # incompressible: ~6 MiB of chunks
+    vm = c.vm("full", [c.image("f0", data)])
+    ballast = repo / "ballast"
+    ballast.write_bytes(b"\xff" * (9 * BLOCK))   # leaves ~3 MiB
+    r = c.run("backup", str(vm), "--json", capsys=capsys)
+    assert r.code == 8, (r.out, r.err)
+    assert "free space" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert c.run("list", "--json", capsys=capsys).json() == []
+    assert _manifest_ids(c) == [] and c.leftovers() == []
+    assert not any(repo.joinpath("running").iterdir())
+    written = _chunk_files(c)
+    assert written   # the failed backup's chunks, referenced by nothing
+    ballast.unlink()
+    _age_chunks(c, 60)
+    report = c.run("prune", "--json", capsys=capsys).json()
+    assert report["deleted"] == len(written) and _chunk_files(c) == {}
+    done = _backup(c, capsys, vm)
+    assert done["kind"] == "full"
+    assert _export(c, capsys, done["backup_id"], 0) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_full_catalog_fails_the_backup_cleanly(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str], small_fs: Any) -> None:
+    c = cloud
+    vm = c.vm("cat", [c.image("c0", pattern(2 * BLOCK, 61))])
+    first = _backup(c, capsys, vm)
+    home = c.tmp / "catalog-fs"
+    home.mkdir()
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        src = Path(f"{c.tmp / 'catalog.sqlite'}{suffix}")
+        if src.exists():
+            shutil.move(src, home / src.name)
+    small_fs(home, 2)
+    c.config.write_text(c.config.read_text().replace(
+        str(c.tmp / "catalog.sqlite"), str(home / "catalog.sqlite")))
+    _change(c, vm, 0, [0, 1], 62)
+    fill = home / "ballast"
+    with open(fill, "wb", buffering=0) as f:      # fill the filesystem to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    r = c.run("backup", str(vm), "--json", capsys=capsys)
+    assert r.code == 8, (r.out, r.err)
+    assert "catalog" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert _manifest_ids(c) == [first["backup_id"]] and c.leftovers() == []
+    fill.unlink()
+    assert [b["backup_id"] for b in c.run("list", "--json", capsys=capsys).json()] == [
+        first["backup_id"]]
+    done = _backup(c, capsys, vm)
+    assert done["kind"] == "incremental"
+    assert _export(c, capsys, done["backup_id"], 0) == _disk_sha(c, vm, 0)
