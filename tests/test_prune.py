@@ -8,6 +8,7 @@ applies ONEBACK_KEEP after each backup."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -110,7 +111,6 @@ def _call(c: Cloud, config: Path, *args: str, timeout: float = 120) -> Any:
 
         @staticmethod
         def json() -> Any:
-            import json
             return json.loads(p.stdout)
     return R
 
@@ -296,6 +296,31 @@ def test_a_backup_whose_base_was_forgotten_and_pruned_meanwhile_is_never_committ
     again = _backup(c, capsys, vm)
     assert again["kind"] == "full"
     assert _export(c, capsys, again["backup_id"], 0) == _disk_sha(c, vm, 0)
+
+
+def test_a_backup_whose_base_was_forgotten_meanwhile_commits_whole_maps(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same race without a prune: the commit finds the backup it diffed
+    against gone from the catalog and commits the whole maps; the backup
+    succeeds and restores byte for byte, and the next one is incremental."""
+    c = cloud
+    vm = c.vm("w", [c.image("w0", pattern(4 * BLOCK, 35))])
+    first = _backup(c, capsys, vm)
+    _change(c, vm, 0, [1], 36)
+    c.sim.faults.slow_driver("unplug", 2.0, count=1)
+    proc = c.spawn("backup", str(vm), "--json")
+    wait_until(lambda: len(_chunk_files(c)) == 5, 30, 0.02)   # scanned against backup 1
+    assert c.run("forget", str(first["backup_id"]), capsys=capsys).code == 0
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert doc["kind"] == "incremental"
+    assert _export(c, capsys, doc["backup_id"], 0) == _disk_sha(c, vm, 0)
+    _change(c, vm, 0, [3], 37)
+    nxt = _backup(c, capsys, vm)
+    assert nxt["kind"] == "incremental"
+    assert _export(c, capsys, nxt["backup_id"], 0) == _disk_sha(c, vm, 0)
+    assert _export(c, capsys, doc["backup_id"], 0) != _disk_sha(c, vm, 0)
 
 
 def test_backups_of_two_vms_in_two_processes_beside_a_forget_and_prune_loop(
