@@ -317,7 +317,9 @@ class LocalStore:
                 if not self._maybe_lost(present) or self._whole(chunk_id, path):
                     if self._touch(path):   # fresh again: a prune running now keeps it
                         return 0
-                    present = None   # a prune took it just now: write it again
+                    # a prune took it just now, or another account's file: write it
+                    # (again), a new file with a fresh mtime
+                    replace = True
                 else:
                     replace = True  # debris of a power loss before a flush: write it again
             encoded = self._codec.encode(data)
