@@ -253,7 +253,7 @@ def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: s
     encoded = mf.encode(manifest)
     _touch_all(store, vm_id, maps)
     based_on = {d: p.backup_id for d, p in previous.items() if p is not None}
-    del manifest
+    del maps, manifest
     try:
         store.put_manifest(name, encoded)
         try:
@@ -266,10 +266,11 @@ def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: s
             # The backup the scan diffed against was forgotten meanwhile: its
             # rows left the catalog, so commit the whole maps instead (every
             # chunk was touched above, so a prune keeps them).
+            whole = mf.decode(encoded, name).maps
             return catalog.commit_backup(
                 vm_id=vm_id, vm_name=vm_name, kind=kind, started=started, finished=finished,
                 vm_document=vm_document, image_documents=image_documents, disks=disks,
-                blocks={d: list(m.records()) for d, m in maps.items()}, warnings=warnings,
+                blocks={d: list(m.records()) for d, m in whole.items()}, warnings=warnings,
                 backup_id=backup_id, manifest=name)
     except BaseException:
         # Remove the manifest only when the commit provably did not happen (a
