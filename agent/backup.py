@@ -26,9 +26,10 @@ from typing import Protocol
 from agent import devices, reader
 from agent import manifest as mf
 from agent.attach import Journal, Workspace
+from agent.catalog import BaseGone
 from agent.cloud import Cloud
 from agent.config import Config
-from agent.errors import Interrupted, NotFound, OnebackError, StateError
+from agent.errors import Interrupted, NotFound, OnebackError, RepositoryError, StateError
 from agent.lease import VmBusy, vm_lock
 from agent.model import (
     CHUNK_ID_SIZE,
@@ -41,10 +42,12 @@ from agent.model import (
     DiskBackup,
     DiskInfo,
     ReadVia,
+    VmInfo,
 )
-from agent.policy import BASE_SNAPSHOT, plan_disks
+from agent.policy import BASE_SNAPSHOT, DiskPlan, plan_disks
 from agent.progress import Progress, Quiet
 from agent.store import ChunkStore, Healing, Repository
+from agent.store.local import LocalStore
 
 
 @contextmanager
@@ -75,6 +78,7 @@ class BackupCatalog(Journal, Protocol):
                       disks: list[DiskBackup], blocks: Mapping[int, Sequence[BlockRecord]],
                       warnings: list[str], chunk_sizes: Mapping[bytes, int] | None = None,
                       backup_id: int | None = None, manifest: str | None = None,
+                      based_on: Mapping[int, int] | None = None,
                       ) -> BackupRecord: ...
 
 
@@ -142,7 +146,6 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
     temporary object is removed (or left journaled for the next sweep)."""
     progress = progress or Quiet()
     started = time.time()
-    scan_seconds = 0.0
     t_start = time.monotonic()
     if vm_id == settings.proxy_vm_id:
         raise StateError(f"VM {vm_id} is the proxy VM oneback runs in; it cannot back itself up")
@@ -161,6 +164,18 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
             except NotFound:
                 pass
 
+    with running(store, f"backup-vm{vm_id}"):   # before the first chunk, until the manifest
+        return _backup_disks(vm_id, vm, plan, image_documents, options, started, t_start,
+                             cloud=cloud, catalog=catalog, store=store, workspace=workspace,
+                             settings=settings, progress=progress, cancel=cancel)
+
+
+def _backup_disks(vm_id: int, vm: VmInfo, plan: DiskPlan, image_documents: dict[int, str],
+                  options: BackupOptions, started: float, t_start: float, *,
+                  cloud: Cloud, catalog: BackupCatalog, store: Repository,
+                  workspace: Workspace, settings: Settings, progress: Progress,
+                  cancel: threading.Event | None) -> BackupResult:
+    scan_seconds = 0.0
     disks: list[DiskBackup] = []
     blocks: dict[int, Sequence[BlockRecord]] = {}  # packed BlockLists, with stored sizes
     previous: dict[int, reader.PreviousMap | None] = {}
@@ -240,13 +255,27 @@ def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: s
         previous={d: (p.backup_id if p is not None else None) for d, p in previous.items()})
     name = mf.new_name(vm_id, started)
     encoded = mf.encode(manifest)
+    _touch_all(store, vm_id, maps)
+    based_on = {d: p.backup_id for d, p in previous.items() if p is not None}
     del maps, manifest
     try:
         store.put_manifest(name, encoded)
-        return catalog.commit_backup(
-            vm_id=vm_id, vm_name=vm_name, kind=kind, started=started, finished=finished,
-            vm_document=vm_document, image_documents=image_documents, disks=disks,
-            blocks=blocks, warnings=warnings, backup_id=backup_id, manifest=name)
+        try:
+            return catalog.commit_backup(
+                vm_id=vm_id, vm_name=vm_name, kind=kind, started=started, finished=finished,
+                vm_document=vm_document, image_documents=image_documents, disks=disks,
+                blocks=blocks, warnings=warnings, backup_id=backup_id, manifest=name,
+                based_on=based_on)
+        except BaseGone:
+            # The backup the scan diffed against was forgotten meanwhile: its
+            # rows left the catalog, so commit the whole maps instead (every
+            # chunk was touched above, so a prune keeps them).
+            whole = mf.decode(encoded, name).maps
+            return catalog.commit_backup(
+                vm_id=vm_id, vm_name=vm_name, kind=kind, started=started, finished=finished,
+                vm_document=vm_document, image_documents=image_documents, disks=disks,
+                blocks={d: list(m.records()) for d, m in whole.items()}, warnings=warnings,
+                backup_id=backup_id, manifest=name)
     except BaseException:
         # Remove the manifest only when the commit provably did not happen (a
         # signal may land just after it): otherwise it stays, a complete backup.
@@ -373,3 +402,57 @@ def _check_cancel(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Interrupted("backup interrupted; its temporary cloud objects were removed")
 
+
+HEARTBEAT = 30.0
+"""Seconds between two heartbeats of a running backup's marker (a prune
+ignores a marker whose heartbeat is older than `agent.prune.STALE`)."""
+
+
+@contextmanager
+def running(store: Repository, what: str) -> Iterator[None]:
+    """Hold a marker in the repository's running/ directory while the block
+    runs, refreshed every HEARTBEAT seconds: a prune (in any process or on
+    any host) keeps every chunk written or touched since it started."""
+    if not isinstance(store, LocalStore):
+        yield
+        return
+    marker = store.running_start(what)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT):
+            marker.beat()
+
+    thread = threading.Thread(target=beat, name="oneback-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        marker.end()
+
+
+def _touch_all(store: Repository, vm_id: int, maps: Mapping[int, mf.DiskMap]) -> None:
+    """Touch every chunk the backup references, just before its manifest: a
+    block unchanged since the previous backup was never written, and its
+    chunk file may be old; touched, a prune that has not yet taken it keeps
+    it (`LocalStore.retire`). A chunk already gone (its last backup was
+    forgotten and pruned during this one) fails the backup: it is never
+    committed referencing a missing chunk."""
+    if not isinstance(store, LocalStore):
+        return
+    hole = bytes(CHUNK_ID_SIZE)
+    for disk_id, m in sorted(maps.items()):
+        last = hole
+        chunks = memoryview(m.chunks)
+        for i in range(m.count):
+            chunk = bytes(chunks[i * CHUNK_ID_SIZE:(i + 1) * CHUNK_ID_SIZE])
+            if chunk == hole or chunk == last:
+                continue
+            last = chunk
+            if not store.touch(chunk):
+                raise RepositoryError(
+                    f"chunk {chunk.hex()} of VM {vm_id} disk {disk_id} block {i} was removed"
+                    " while the backup ran (the backup it was compared against was forgotten"
+                    f" and pruned); back VM {vm_id} up again")

@@ -303,6 +303,82 @@ def verify_(backup_ids: tuple[int, ...], read_data: bool, sample: float | None,
         raise error
 
 
+@cli.command("forget")
+@click.argument("backup_ids", metavar="[BACKUP_ID]...", type=BACKUP_ID, nargs=-1)
+@click.option("--vm", "vm_ids", type=ONE_ID, multiple=True,
+              help="Apply the keep rules to this VM's backups only (repeatable).")
+@click.option("--keep-last", type=click.IntRange(0), default=0, help="Keep the N newest.")
+@click.option("--keep-hourly", type=click.IntRange(0), default=0,
+              help="Keep the newest of each of the last N hours (UTC) with a backup.")
+@click.option("--keep-daily", type=click.IntRange(0), default=0, help="... of N days.")
+@click.option("--keep-weekly", type=click.IntRange(0), default=0, help="... of N ISO weeks.")
+@click.option("--keep-monthly", type=click.IntRange(0), default=0, help="... of N months.")
+@click.option("--keep-yearly", type=click.IntRange(0), default=0, help="... of N years.")
+@click.option("--dry-run", is_flag=True, help="Show what would be forgotten; change nothing.")
+@config_option
+@json_option
+def forget_(backup_ids: tuple[int, ...], vm_ids: tuple[int, ...], keep_last: int,
+            keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
+            keep_yearly: int, dry_run: bool, config_file: str | None, as_json: bool) -> None:
+    """Forget backups: the ones named, or those the keep rules do not keep.
+    Their chunks are freed by `oneback prune`."""
+    from agent import repository
+    from agent.render import forget_json
+    from agent.retention import Decision, KeepPolicy
+    policy = KeepPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
+                        weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly)
+    if backup_ids and (not policy.empty or vm_ids):
+        raise UsageError("give backup ids or keep rules (--keep-* with an optional --vm),"
+                         " not both")
+    if not backup_ids and policy.empty:
+        raise UsageError("nothing to forget: give backup ids, or keep rules such as"
+                         " --keep-last 7 or --keep-daily 7 --keep-weekly 4")
+    with runtime(config_file, cloud=False) as rt:
+        if backup_ids:
+            decisions = []
+            for b in dict.fromkeys(backup_ids):
+                record = rt.catalog.get_backup(b)   # NotFound before anything is forgotten
+                decisions.append((record.vm_id, Decision(b, record.started, ())))
+            plan = repository.ForgetPlan(tuple(decisions))
+        else:
+            plan = repository.plan_forget(rt.catalog, policy, list(vm_ids) or None)
+        forgotten = plan.forget if dry_run else repository.forget(
+            rt.catalog, rt.store, plan.forget)
+    if as_json:
+        emit_json(forget_json(plan, forgotten, dry_run))
+        return
+    verb = "would forget" if dry_run else "forgot"
+    for vm, d in plan.decisions:
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(d.started))
+        why = f"keep ({', '.join(d.reasons)})" if d.keep else verb
+        click.echo(f"VM {vm} backup {d.backup_id} {when}: {why}")
+    click.echo(f"{verb} {len(forgotten)} backup(s); `oneback prune` frees their chunks")
+
+
+@cli.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@config_option
+@json_option
+def prune_(dry_run: bool, config_file: str | None, as_json: bool) -> None:
+    """Delete the chunks no backup's manifest references (safe beside running backups)."""
+    from agent import prune
+    from agent.render import prune_json
+    with runtime(config_file, cloud=False) as rt:
+        report = prune.prune(rt.store, dry_run=dry_run)
+    if as_json:
+        emit_json(prune_json(report))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {report.deleted} chunk(s), {human_bytes(report.freed)}; "
+               f"{report.referenced} referenced by {report.manifests} backup(s)")
+    if report.kept_recent:
+        click.echo(f"  kept {report.kept_recent} unreferenced chunk(s) newer than the cut-off"
+                   f" ({len(report.running)} backup(s) running); a later prune frees them")
+    if report.stale:
+        click.echo(f"  ignored {len(report.stale)} stale running marker(s) of crashed"
+                   " processes" + ("" if dry_run else " (removed)"))
+
+
 @cli.command()
 @click.argument("vm_id", type=ONE_ID)
 @click.option("--full", is_flag=True, help="Ignore earlier checksums and read every block.")

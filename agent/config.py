@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.model import ONE_ID_MAX
+from agent.retention import RULES, KeepPolicy
 
 DEFAULT_PATH = Path("/etc/oneback/oneback.toml")
 DEFAULT_CONTEXT_FILE = Path("/run/one-context/one_env")
@@ -148,6 +149,8 @@ class Config:
     agent: AgentConfig
     backup: BackupConfig = BackupConfig()
     verify: VerifyConfig = VerifyConfig()
+    retention: KeepPolicy = KeepPolicy()   # [retention]: the default of every VM
+                                           # without ONEBACK_KEEP (empty: keep all)
 
 
 def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -247,7 +250,7 @@ _REQUIRED = object()
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document (see `load`)."""
     unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent", "backup",
-                                  "verify"})
+                                  "verify", "retention"})
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
 
@@ -349,8 +352,11 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     verify = VerifyConfig(rate=_rate(vf.raw_default("rate", "1/7"), path),
                           interval=vf.number("interval", 300.0),
                           workers=vf.integer("workers", 2))
+    rt = _Section({"retention": data.get("retention", {})}, "retention", path)
+    rt.check_known({f"keep_{r}" for r in RULES})
+    retention = KeepPolicy(**{r: rt.integer(f"keep_{r}", 0, minimum=0) for r in RULES})
     return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
-                  agent=agent, backup=backup, verify=verify)
+                  agent=agent, backup=backup, verify=verify, retention=retention)
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)\s*|(%)\s*)?$")

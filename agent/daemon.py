@@ -592,11 +592,30 @@ class Agent:
                                store=self.store, workspace=workspace, settings=settings,
                                cancel=self.cancel)
         rec = result.record
+        forgotten = self._retain(vm)
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.finished))
         status = "ok" if not result.refused else "warning: " + " | ".join(result.refused)
         self._set_status(self.cloud.vm(vm.id), _noted(status, note)[:1000],
                          {LAST_BACKUP: f"{when} backup {rec.id} ({rec.kind})"})
-        return json.dumps({"backup_id": rec.id, "kind": rec.kind})
+        return json.dumps({"backup_id": rec.id, "kind": rec.kind, "forgotten": forgotten})
+
+    def _retain(self, vm: VmInfo) -> list[int]:
+        """Apply the VM's keep policy (ONEBACK_KEEP, else [retention]) after a
+        successful backup: forget what it no longer keeps (chunks are freed by
+        `oneback prune`). A failure here is logged; the backup stands."""
+        from agent import repository
+        keep = vm_policy(vm).keep or self.cfg.retention
+        if keep.empty:
+            return []
+        try:
+            plan = repository.plan_forget(self.catalog, keep, [vm.id])
+            forgotten = repository.forget(self.catalog, self.store, plan.forget)
+        except OnebackError as e:
+            event("retention.failed", vm_id=vm.id, error=e.message)
+            return []
+        if forgotten:
+            event("retention.forgot", vm_id=vm.id, backups=forgotten, policy=keep.text())
+        return forgotten
 
     def _snapshot(self, vm: VmInfo, job: Job) -> str:
         name = job.params.get("name", "")

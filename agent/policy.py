@@ -22,6 +22,8 @@ from agent.model import (
     ReadVia,
     VmInfo,
 )
+from agent.retention import KeepPolicy
+from agent.retention import parse as parse_keep
 
 EXCLUDE_ATTRIBUTE = "ONEBACK_EXCLUDE_DISKS"
 
@@ -218,7 +220,7 @@ class VmPolicy:
 
     opted_in: bool
     interval: int
-    keep: int | None
+    keep: KeepPolicy | None       # ONEBACK_KEEP; None: the configured [retention]
     exclude: frozenset[int]
     on: frozenset[str]
     snapshot: str | None          # a requested pre-change snapshot set
@@ -263,11 +265,10 @@ def vm_policy(vm: VmInfo, min_interval: int = 0) -> VmPolicy:
         interval = min_interval
     keep = None
     if (k := tags.get("ONEBACK_KEEP", "").strip()):
-        if re.fullmatch(r"[0-9]{1,9}", k) and int(k) > 0:
-            keep = int(k)
-        else:
-            errors.append(f"ONEBACK_KEEP is {shown(k)}: it must be a positive number of"
-                          f" backups")
+        try:
+            keep = parse_keep(k, "ONEBACK_KEEP")
+        except UsageError as e:
+            errors.append(e.message)
     exclude: frozenset[int] = frozenset()
     try:
         exclude = parse_disk_ids(tags.get(EXCLUDE_ATTRIBUTE, ""), EXCLUDE_ATTRIBUTE)

@@ -16,7 +16,8 @@ import click
 from agent.model import Backoff, BackupRecord, Damage, Job, VerifyProgress
 
 if TYPE_CHECKING:  # types only: the CLI's offline commands must not import the engine
-    from agent.repository import InitResult, RebuildReport
+    from agent.prune import PruneReport
+    from agent.repository import ForgetPlan, InitResult, RebuildReport
     from agent.restore import DiskRestoreResult, RestoreResult
     from agent.snapshots import DeleteResult, SnapshotSet
     from agent.verify import VerifyReport
@@ -223,3 +224,14 @@ def rebuild_json(r: RebuildReport) -> dict[str, Any]:
             "damaged": [{"manifest": n, "error": why} for n, why in r.damaged],
             "duplicates": list(r.duplicates),
             "replaced": None if r.replaced is None else str(r.replaced)}
+
+
+def forget_json(plan: ForgetPlan, forgotten: list[int], dry_run: bool) -> dict[str, Any]:
+    return {"dry_run": dry_run, "forgotten": forgotten,
+            "backups": [{"vm_id": vm, "backup_id": d.backup_id, "started": d.started,
+                         "keep": d.keep, "reasons": list(d.reasons)}
+                        for vm, d in plan.decisions]}
+
+
+def prune_json(r: PruneReport) -> dict[str, Any]:
+    return asdict(r)

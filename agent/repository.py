@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import manifest as mf
+from agent import retention
 from agent.catalog import Catalog
 from agent.errors import IntegrityError, OnebackError, RepositoryError
 from agent.lease import is_alive, owners_dir
 from agent.manifest import DiskMap
 from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, block_count
+from agent.retention import Decision, KeepPolicy
 from agent.store import Repository
 from agent.store.local import LocalStore, fsync_dir
 
@@ -278,3 +280,47 @@ def damaged_error(report: RebuildReport) -> IntegrityError | None:
         f"{len(report.damaged)} damaged manifest(s) skipped: {names}; their backups are "
         "not in the rebuilt catalog"
     )
+
+
+# -- retention ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForgetPlan:
+    """What a forget decided: each backup of the VMs it looked at, newest first
+    per VM, with why it stays (no reasons: forgotten)."""
+
+    decisions: tuple[tuple[int, Decision], ...]    # (VM id, decision)
+
+    @property
+    def forget(self) -> list[int]:
+        return sorted(d.backup_id for _, d in self.decisions if not d.keep)
+
+
+def plan_forget(catalog: Catalog, policy: KeepPolicy, vm_ids: list[int] | None = None
+                ) -> ForgetPlan:
+    """Apply `policy` to each VM of `vm_ids` (None: every VM with backups)."""
+    backups = catalog.list_backups()
+    by_vm: dict[int, list[tuple[int, float]]] = {}
+    for b in backups:
+        if vm_ids is None or b.vm_id in vm_ids:
+            by_vm.setdefault(b.vm_id, []).append((b.id, b.started))
+    decisions = [(vm, d) for vm in sorted(by_vm) for d in retention.apply(policy, by_vm[vm])]
+    return ForgetPlan(tuple(decisions))
+
+
+def forget(catalog: Catalog, store: Repository, backup_ids: list[int]) -> list[int]:
+    """Forget each backup: first from the catalog (one transaction, which
+    keeps every other backup's map whole), then its manifest from the
+    repository, so a crash between the two leaves a manifest (its chunks
+    stay until a later forget or a rebuild), never a catalog backup whose
+    chunks a prune may take. Chunks are freed by `oneback prune`. Returns
+    the ids forgotten; NotFound for an unknown id (the earlier ones stay
+    forgotten)."""
+    done = []
+    for backup_id in backup_ids:
+        manifest = catalog.forget_backup(backup_id)
+        if manifest is not None:
+            store.delete_manifest(manifest)
+        done.append(backup_id)
+    return done

@@ -34,7 +34,7 @@ from sqlite_utils import Database
 from agent.catalog.jobs import JobQueue
 from agent.catalog.schema import _KNOWN, MIGRATIONS
 from agent.catalog.verify import VerifyRecords
-from agent.errors import IntegrityError, InternalError, NotFound, RepositoryError
+from agent.errors import IntegrityError, InternalError, NotFound, RepositoryError, StateError
 from agent.model import (
     CHECKSUM_SIZE,
     CHUNK_ID_SIZE,
@@ -50,6 +50,11 @@ from agent.model import (
 )
 
 KINDS = ("full", "incremental")
+
+
+class BaseGone(StateError):
+    """The backup a commit's changed blocks are relative to was forgotten."""
+
 
 # ---------------------------------------------------------------------------
 
@@ -301,6 +306,7 @@ class Catalog(JobQueue, VerifyRecords):
         chunk_sizes: Mapping[bytes, int] | None = None,
         backup_id: int | None = None,
         manifest: str | None = None,
+        based_on: Mapping[int, int] | None = None,
     ) -> BackupRecord:
         """Commit a backup in one transaction; call only when every chunk its
         blocks reference is durable in the store. `blocks[disk_id]` holds the
@@ -314,7 +320,10 @@ class Catalog(JobQueue, VerifyRecords):
         written then. The VM must not be backed up concurrently (its previous
         map must still be the latest when this commits). `backup_id`: one
         from `reserve_backup_id` (or a rebuild's), else a new one is taken;
-        `manifest`: the name of the backup's manifest in the repository."""
+        `manifest`: the name of the backup's manifest in the repository;
+        `based_on`: {disk id: the backup whose map the scan diffed against}:
+        BaseGone, with nothing written, if one was forgotten meanwhile (its
+        rows are gone, so the changed blocks alone no longer make a map)."""
         if kind not in KINDS:
             raise InternalError(f"backup kind must be one of {KINDS}, not {kind!r}")
         disk_ids = [d.disk_id for d in disks]
@@ -327,6 +336,11 @@ class Catalog(JobQueue, VerifyRecords):
             )
         sizes = chunk_sizes or {}
         with self._guard(f"committing a backup of VM {vm_id}", write=True) as conn:
+            for disk_id, diffed in sorted((based_on or {}).items()):
+                if conn.execute("SELECT 1 FROM backups WHERE id = ?",
+                                (diffed,)).fetchone() is None:
+                    raise BaseGone(f"backup {diffed}, which the backup of VM {vm_id} disk "
+                                   f"{disk_id} was compared against, was forgotten")
             conn.execute(
                 "INSERT INTO vms (id, name, gone) VALUES (?, ?, 0) "
                 "ON CONFLICT (id) DO UPDATE SET name = excluded.name, gone = 0",
@@ -517,6 +531,56 @@ class Catalog(JobQueue, VerifyRecords):
                 yield BlockRecord(idx, checksum, chunk)
         if expected != n:
             raise incomplete(expected)
+
+    def forget_backup(self, backup_id: int) -> str | None:
+        """Remove the backup from the catalog in one transaction, keeping every
+        other backup's map intact: a block row of the forgotten backup that
+        the next backup reading the same disk inherited (it has no row of its
+        own at that index) moves to that backup; the others go, with their
+        chunk references. Returns the backup's manifest name (None: it had
+        none). NotFound if there is no such backup."""
+        with self._guard(f"forgetting backup {backup_id}", write=True) as conn:
+            row = conn.execute("SELECT manifest FROM backups WHERE id = ?",
+                               (backup_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"backup {backup_id} does not exist; `oneback list` shows"
+                               " backups")
+            manifest = None if row[0] is None else str(row[0])
+            for lineage, in conn.execute(
+                    "SELECT lineage FROM disks WHERE backup_id = ? AND volatile = 0 AND "
+                    "excluded = 0", (backup_id,)).fetchall():
+                nxt = conn.execute(
+                    "SELECT backup_id, size, block_size FROM disks WHERE lineage = ? AND "
+                    "backup_id > ? AND volatile = 0 AND excluded = 0 ORDER BY backup_id "
+                    "LIMIT 1", (lineage, backup_id)).fetchone()
+                if nxt is not None:
+                    conn.execute(
+                        "UPDATE blocks SET backup = ? WHERE lineage = ? AND backup = ? "
+                        "AND idx < ? AND idx NOT IN (SELECT idx FROM blocks WHERE "
+                        "lineage = ? AND backup = ?)",
+                        (nxt[0], lineage, backup_id, block_count(nxt[1], nxt[2]),
+                         lineage, nxt[0]))
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS forgotten (chunk INTEGER PRIMARY KEY, n INTEGER)")
+            conn.execute("DELETE FROM temp.forgotten")
+            conn.execute(
+                "INSERT INTO temp.forgotten (chunk, n) SELECT chunk, count(*) FROM blocks "
+                "WHERE backup = ? AND chunk IS NOT NULL GROUP BY chunk", (backup_id,))
+            conn.execute("DELETE FROM blocks WHERE backup = ?", (backup_id,))
+            conn.execute(
+                "UPDATE chunks SET refs = refs - (SELECT n FROM temp.forgotten f WHERE "
+                "f.chunk = chunks.id) WHERE id IN (SELECT chunk FROM temp.forgotten)")
+            conn.execute(
+                "DELETE FROM chunks WHERE refs <= 0 AND id IN (SELECT chunk FROM "
+                "temp.forgotten)")
+            conn.execute("DELETE FROM temp.forgotten")
+            conn.execute("DELETE FROM disks WHERE backup_id = ?", (backup_id,))
+            conn.execute("DELETE FROM backup_images WHERE backup_id = ?", (backup_id,))
+            conn.execute("DELETE FROM backups WHERE id = ?", (backup_id,))
+            conn.execute(
+                "DELETE FROM documents WHERE id NOT IN (SELECT vm_document FROM backups) "
+                "AND id NOT IN (SELECT document FROM backup_images)")
+        return manifest
 
     def chunks(self) -> Iterator[bytes]:
         """Every chunk id the catalog references (to find orphans in a store)."""

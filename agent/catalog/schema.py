@@ -188,3 +188,13 @@ def m005_verify(db: Database) -> None:
         ) WITHOUT ROWID;
         """
     )
+
+
+@_migration
+def m006_retention(db: Database) -> None:
+    db.executescript(
+        """
+        -- forgetting a backup finds its block rows without scanning lineages
+        CREATE INDEX blocks_backup ON blocks (backup);
+        """
+    )

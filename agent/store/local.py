@@ -7,6 +7,9 @@ Owns: the on-disk layout of a repository and crash-safe writes into it::
     REPO/manifests/VM/NAME   one immutable manifest per backup (agent.manifest)
     REPO/tmp/            chunks being written; leftovers of a crash are ignored
     REPO/quarantine/     damaged chunks moved aside by a verify (kept, never read)
+    REPO/running/NAME    one marker per backup (or prune) running now: its start and
+                         heartbeat, so a prune keeps what it may still reference
+    REPO/trash/          chunks a prune is about to delete (see `retire`)
     REPO/synced          the time before which every chunk file is durable
 
 A chunk is written to a temp file and linked into place, so its name appears
@@ -314,8 +317,13 @@ class LocalStore:
                 present = None
             if present is not None:
                 if not self._maybe_lost(present) or self._whole(chunk_id, path):
-                    return 0
-                replace = True  # debris of a power loss before a flush: write it again
+                    if self._touch(path):   # fresh again: a prune running now keeps it
+                        return 0
+                    # a prune took it just now, or another account's file: write it
+                    # (again), a new file with a fresh mtime
+                    replace = True
+                else:
+                    replace = True  # debris of a power loss before a flush: write it again
             encoded = self._codec.encode(data)
             try:
                 return self._save(path, encoded, replace)
@@ -466,6 +474,150 @@ class LocalStore:
                 f"{e.strerror or e}; check permissions and free space"
             ) from e
 
+    # -- what a prune needs (not in the Protocol: a local repository's own) ---
+
+    def _touch(self, path: Path) -> bool:
+        """Set the file's mtime to now (the filesystem's clock); False if it
+        is gone."""
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            # not the owner (another account wrote it): rewrite it instead
+            return False
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot update {path}: {e.strerror or e}; check the repository's disk"
+            ) from e
+        return True
+
+    def touch(self, chunk_id: bytes) -> bool:
+        """Mark the chunk as used now (its mtime); False if it is missing. A
+        backup touches every chunk it references without writing it, so a
+        prune running beside it keeps them (see `retire`)."""
+        return self._touch(self._path(chunk_id))
+
+    def chunk_files(self) -> Iterator[tuple[bytes, float, int]]:
+        """(id, mtime, stored bytes) of every chunk file, in no order."""
+        for fan in sorted(os.listdir(self._chunks)):
+            if len(fan) != 2:
+                continue
+            try:
+                with os.scandir(self._chunks / fan) as entries:
+                    found = [(e.name, e.stat(follow_symlinks=False)) for e in entries
+                             if len(e.name) == 64 and e.name.startswith(fan)]
+            except FileNotFoundError:
+                continue
+            for name, st in found:
+                try:
+                    yield bytes.fromhex(name), st.st_mtime, st.st_size
+                except ValueError:
+                    continue
+
+    def retire(self, chunk_id: bytes, cutoff: float) -> int | None:
+        """Delete the chunk unless it was used (written or touched) at or
+        after `cutoff`. The file is first renamed into trash/, so no later
+        touch or dedup can reach it (a touch then fails, and `put` writes the
+        chunk again); then its mtime is read once more, and a chunk touched
+        before the rename goes back into place. Returns the bytes freed, or
+        None if the chunk was kept (or already gone)."""
+        path = self._path(chunk_id)
+        trash = self.path / "trash"
+        held = trash / f"{chunk_id.hex()}-{uuid.uuid4().hex}"
+        try:
+            trash.mkdir(exist_ok=True)
+            with self._lock(chunk_id):
+                try:
+                    os.rename(path, held)
+                except FileNotFoundError:
+                    return None
+            st = os.stat(held)
+            if st.st_mtime >= cutoff:
+                try:
+                    os.link(held, path)   # back; a chunk written meanwhile wins
+                except FileExistsError:
+                    pass
+                os.unlink(held)
+                return None
+            os.unlink(held)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot delete chunk {chunk_id.hex()} from {self.path}: {e.strerror or e}"
+            ) from e
+        return int(st.st_size)
+
+    def now(self) -> float:
+        """The repository filesystem's clock now (the mtime a new file gets):
+        the clock chunk mtimes are compared against."""
+        probe = self._tmp / f"clock-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot write to {self._tmp}: {e.strerror or e}; check free space and "
+                "permissions") from e
+
+    def running_start(self, what: str) -> RunningMarker:
+        """Write REPO/running/<what>-<random>: this process runs something
+        that writes or may reference chunks (a backup). Its start time is
+        the marker's mtime at creation (the filesystem's clock), recorded in
+        it; `RunningMarker.beat` refreshes the mtime."""
+        directory = self.path / "running"
+        name = f"{what}-{uuid.uuid4().hex[:12]}"
+        path = directory / name
+        try:
+            directory.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                started = os.fstat(fd).st_mtime
+                _write_all(fd, json.dumps({"started": started, "pid": os.getpid(),
+                                           "what": what}).encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(directory)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot write {path}: {e.strerror or e}; check free space and permissions"
+            ) from e
+        return RunningMarker(path, started)
+
+    def running(self) -> list[tuple[str, float, float]]:
+        """(name, started, heartbeat) of every marker in REPO/running/."""
+        found: list[tuple[str, float, float]] = []
+        directory = self.path / "running"
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return found
+        for name in names:
+            path = directory / name
+            try:
+                beat = os.stat(path).st_mtime
+            except OSError:
+                continue   # ended meanwhile
+            try:
+                started = float(json.loads(path.read_bytes())["started"])
+            except (OSError, ValueError, KeyError, TypeError):
+                started = beat   # being written: it was created just now
+            found.append((name, started, beat))
+        return found
+
+    def end_running(self, name: str) -> None:
+        """Remove the marker REPO/running/<name> (a crashed process's). Idempotent."""
+        if "/" in name or name.startswith("."):
+            return
+        try:
+            os.unlink(self.path / "running" / name)
+        except OSError:
+            pass
+
     def ids(self) -> Iterator[bytes]:
         with os.scandir(self._chunks) as fans:
             dirs = sorted(e.name for e in fans if len(e.name) == 2 and e.is_dir())
@@ -563,3 +715,24 @@ class LocalStore:
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.path)!r})"
+
+
+class RunningMarker:
+    """A running backup's marker in REPO/running/ (see `LocalStore.running_start`)."""
+
+    def __init__(self, path: Path, started: float) -> None:
+        self.path = path
+        self.started = started
+
+    def beat(self) -> None:
+        """Refresh the heartbeat (the marker's mtime). Best effort."""
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def end(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
