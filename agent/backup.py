@@ -125,6 +125,7 @@ class BackupResult:
     scan_seconds: float    # spent reading, hashing and storing
     leftovers: tuple[str, ...]
     refused: tuple[str, ...] = ()   # disks not read, so no snapshot stays forever, and why
+    cloud_bytes_copied: int = 0     # what OpenNebula's drivers copied (attach.tm_copied)
 
 
 BACKUP_STATES = "RUNNING, POWEROFF or SUSPENDED"
@@ -211,7 +212,7 @@ def backup_vm(vm_id: int, options: BackupOptions, *, cloud: Cloud, catalog: Back
         vm_document=vm.document, image_documents=image_documents, disks=disks,
         blocks=blocks, previous=previous, warnings=[*plan.warnings, *workspace.leftovers])
     return BackupResult(record, cloud_seconds, scan_seconds, tuple(workspace.leftovers),
-                        plan.refusals)
+                        plan.refusals, workspace.cloud_bytes_copied)
 
 
 def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: str,
@@ -264,12 +265,18 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
                           float]:
     """Save, attach, scan, detach, delete one disk's snapshot image. Returns
     (the map the scan diffed against, None when the disk had no usable one;
-    its record; the scan) and the seconds spent scanning."""
+    its record; the scan) and the seconds spent scanning. The saved image is
+    the one copy of the disk OpenNebula makes: it is attached read-only and,
+    where its datastore links persistent images, persistent (a link, not a
+    clone; `Workspace.saved_image`)."""
+    if snap_id != -1:   # the snapshot taken for this backup (a copy of a raw file)
+        workspace.copied("snapshot", disk.attributes, disk.size_bytes)
     progress.phase(disk.disk_id, "save-as")
     with workspace.saved_image(vm_id, disk.disk_id, snap_id) as image_id:
         _check_cancel(cancel)
         progress.phase(disk.disk_id, "attach")
-        with workspace.attached(image_id, gone=settings.device_gone) as proxy_disk:
+        with workspace.attached(image_id, gone=settings.device_gone,
+                                readonly=True) as proxy_disk:
             path = settings.device(proxy_disk, cancel)
             t1 = time.monotonic()
             size = devices.device_size(path)
