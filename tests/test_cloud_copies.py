@@ -103,7 +103,7 @@ def test_a_restore_writes_each_byte_once(cloud: Cloud,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     data = [pattern(size, 10 + i) for i, size in enumerate(SIZES)]
     d0 = cloud.image("r0", data[0])
-    d1 = cloud.image("r1", data[1], persistent=True)
+    d1 = cloud.image("r1", data[1], persistent=True, image_type="OS")
     vm = cloud.vm("app", [d0, d1])
     r = cloud.run("backup", str(vm), "--json", capsys=capsys)
     assert r.code == 0, r.err
@@ -132,6 +132,7 @@ def test_a_restore_writes_each_byte_once(cloud: Cloud,
     images = {int(i.ID): i for i in cloud.one.imagepool.info(-2, -1, -1).IMAGE}
     by_disk = {int(d.DISK_ID): int(d.IMAGE_ID) for d in doc_disks(cloud, restored)}
     assert images[by_disk[0]].PERSISTENT == 0 and images[by_disk[1]].PERSISTENT == 1
+    assert images[by_disk[0]].TYPE == 2 and images[by_disk[1]].TYPE == 0   # DATABLOCK, OS
     assert cloud.leftovers() == []
 
 
