@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -46,6 +46,36 @@ from agent.policy import permanent_snapshot
 
 TEMP_PREFIX = OBJECT_PREFIX + "tmp-"
 SERIAL_MAX = 20  # virtio-blk truncates serials to 20 bytes
+MiB = 1024 * 1024
+# TM_MADs whose clone and snapshot of a qcow2 disk are overlays, not copies
+# (src/tm_mad/qcow2/clone `qemu-img create -b`, snap_create[_live]; `shared`
+# is a link to `qcow2` in 7.x).
+_OVERLAY_TMS = ("qcow2", "shared")
+
+
+def tm_copied(op: str, disk: Mapping[str, str], size: int) -> int:
+    """The bytes OpenNebula's transfer manager copies for one operation on
+    a disk of `size` bytes, from what oned shows of the DISK (TM_MAD,
+    FORMAT, LN_TARGET, CLONE) and what its drivers do (src/tm_mad/*):
+    `snapshot` copies a raw file (`cp`) but overlays a qcow2 one (ceph: an
+    rbd snapshot); `cpds` (a save-as) is a full copy; `attach` of a
+    non-persistent image is a clone (a copy; a qcow2 overlay on qcow2/shared),
+    of a persistent one a link: nothing where LN_TARGET is NONE, else a copy
+    into the system datastore and, on detach (`mvds`), one back."""
+    tm_mad = disk.get("TM_MAD", "")
+    qcow2 = (disk.get("FORMAT") or disk.get("DRIVER") or "").lower() == "qcow2"
+    if op == "snapshot":
+        return 0 if qcow2 or tm_mad == "ceph" else size
+    if op == "cpds":
+        return size
+    if op == "attach":
+        if (disk.get("CLONE") or "").upper() == "YES":
+            standalone = (disk.get("QCOW2_STANDALONE") or "").upper() == "YES"
+            return 0 if tm_mad in _OVERLAY_TMS and qcow2 and not standalone else size
+        if (disk.get("LN_TARGET") or "NONE").upper() == "NONE":
+            return 0
+        return 2 * size if (disk.get("SAVE") or "").upper() == "YES" else size
+    raise ValueError(f"unknown transfer operation {op!r}")
 
 
 def new_serial() -> str:
@@ -98,6 +128,16 @@ class Workspace:
     proxy_vm_id: int
     leftovers: list[str] = field(default_factory=list)
     attach_slots: threading.Semaphore | None = None  # limits disks on the proxy at once
+    copies: list[int] = field(default_factory=list)  # bytes OpenNebula copied (tm_copied)
+
+    def copied(self, op: str, disk: Mapping[str, str], size: int) -> None:
+        """Count what OpenNebula copies for `op` on a disk (`tm_copied`)."""
+        self.copies.append(tm_copied(op, disk, size))
+
+    @property
+    def cloud_bytes_copied(self) -> int:
+        """The bytes OpenNebula's drivers copied for this job's disks so far."""
+        return sum(self.copies)
 
     def name(self, what: str) -> str:
         """A name for a new object that no other object has:
@@ -164,28 +204,42 @@ class Workspace:
             lambda snap_id: self.cloud.snapshot_delete(vm_id, disk_id, snap_id),
             vm_id=vm_id, disk_id=disk_id)
 
-    def saved_image(self, vm_id: int, disk_id: int, snap_id: int) -> AbstractContextManager[int]:
-        """The snapshot saved as a new image, deleted on exit. Yields its id."""
+    @contextmanager
+    def saved_image(self, vm_id: int, disk_id: int, snap_id: int) -> Iterator[int]:
+        """The snapshot saved as a new image (the one copy of the disk a
+        backup makes), deleted on exit. Yields its id. Made persistent where
+        its datastore links persistent images in place (`links_in_place`), so
+        its attachment to the proxy is a link, not a clone into the system
+        datastore; a persistent image no VM uses is deleted like any other
+        (the journal holds it either way)."""
         name = self.name(f"vm{vm_id}-d{disk_id}")
-        return self._journaled(
-            JournalKind.IMAGE, name,
-            lambda: self.cloud.disk_saveas(vm_id, disk_id, name, snap_id),
-            self.cloud.image_delete, vm_id=vm_id, disk_id=disk_id)
+        with self._journaled(
+                JournalKind.IMAGE, name,
+                lambda: self.cloud.disk_saveas(vm_id, disk_id, name, snap_id),
+                self.cloud.image_delete, vm_id=vm_id, disk_id=disk_id) as image_id:
+            image = self.cloud.image(image_id)
+            self.copied("cpds", {}, image.size_mb * MiB)   # oned's SIZE of the copy
+            if not image.persistent and self.cloud.links_in_place(image.datastore_id):
+                self.cloud.image_persistent(image_id, True)
+            yield image_id
 
     @contextmanager
-    def attached(self, image_id: int,
-                 gone: Callable[[str], None] | None = None) -> Iterator[DiskInfo]:
+    def attached(self, image_id: int, gone: Callable[[str], None] | None = None,
+                 readonly: bool = False) -> Iterator[DiskInfo]:
         """The image attached to the proxy VM with a SERIAL of its own
-        (`new_serial`, journaled before the attach), detached on exit; then
-        `gone(serial)` waits until the proxy VM no longer shows it (a
-        DeviceError from it is reported in `leftovers`). The yielded disk's
-        `size_mb` is the image's size."""
-        with self.attach_slots or nullcontext(), self._attached(image_id, gone) as disk:
+        (`new_serial`, journaled before the attach), READONLY="YES" when
+        `readonly`, detached on exit; then `gone(serial)` waits until the
+        proxy VM no longer shows it (a DeviceError from it is reported in
+        `leftovers`). The yielded disk's `size_mb` is the image's size; what
+        OpenNebula copied to attach it (and will copy back on detach) is
+        counted in `copies`."""
+        with self.attach_slots or nullcontext(), \
+                self._attached(image_id, gone, readonly) as disk:
             yield disk
 
     @contextmanager
-    def _attached(self, image_id: int,
-                  gone: Callable[[str], None] | None) -> Iterator[DiskInfo]:
+    def _attached(self, image_id: int, gone: Callable[[str], None] | None,
+                  readonly: bool) -> Iterator[DiskInfo]:
         proxy = self.cloud.wait_settled(self.proxy_vm_id)
         if not (proxy.state == VM_ACTIVE and proxy.lcm_state == LCM_RUNNING):
             raise StateError(
@@ -196,9 +250,10 @@ class Workspace:
 
         def create() -> int:
             with hotplug(self.cloud, self.journal.path, self.proxy_vm_id):
-                disk = self.cloud.attach(self.proxy_vm_id, image_id, serial)
+                disk = self.cloud.attach(self.proxy_vm_id, image_id, serial, readonly)
             if disk.size_mb <= 0:  # oned copies the image's SIZE into the DISK
                 disk = replace(disk, size_mb=self.cloud.image(image_id).size_mb)
+            self.copied("attach", disk.attributes, disk.size_bytes)
             disks[disk.disk_id] = disk
             return disk.disk_id
 

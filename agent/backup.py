@@ -132,6 +132,7 @@ class BackupResult:
     scan_seconds: float    # spent reading, hashing and storing
     leftovers: tuple[str, ...]
     refused: tuple[str, ...] = ()   # disks not read, so no snapshot stays forever, and why
+    cloud_bytes_copied: int = 0     # what OpenNebula's drivers copied (attach.tm_copied)
 
 
 BACKUP_STATES = "RUNNING, POWEROFF or SUSPENDED"
@@ -231,7 +232,7 @@ def _backup_disks(vm_id: int, vm: VmInfo, plan: DiskPlan, image_documents: dict[
         blocks=blocks, previous=previous,
         warnings=[*plan.warnings, *healed, *workspace.leftovers])
     return BackupResult(record, cloud_seconds, scan_seconds, tuple(workspace.leftovers),
-                        plan.refusals)
+                        plan.refusals, workspace.cloud_bytes_copied)
 
 
 def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: str,
@@ -303,12 +304,17 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
     block whose chunk the repository lacks (deleted, or quarantined by a
     verify) is read and stored anew even if unchanged (noted in `healed`);
     with --full, every chunk the scan would reuse is read back and a damaged
-    one replaced."""
+    one replaced. The saved image is the one copy of the disk OpenNebula
+    makes: it is attached read-only and, where its datastore links persistent
+    images, persistent (a link, not a clone; `Workspace.saved_image`)."""
+    if snap_id != -1:   # the snapshot taken for this backup (a copy of a raw file)
+        workspace.copied("snapshot", disk.attributes, disk.size_bytes)
     progress.phase(disk.disk_id, "save-as")
     with workspace.saved_image(vm_id, disk.disk_id, snap_id) as image_id:
         _check_cancel(cancel)
         progress.phase(disk.disk_id, "attach")
-        with workspace.attached(image_id, gone=settings.device_gone) as proxy_disk:
+        with workspace.attached(image_id, gone=settings.device_gone,
+                                readonly=True) as proxy_disk:
             path = settings.device(proxy_disk, cancel)
             t1 = time.monotonic()
             size = devices.device_size(path)

@@ -409,6 +409,7 @@ def backup(vm_id: int, full: bool, exclude: tuple[int, ...], config_file: str | 
         doc = backup_json(rec)
         doc["cloud_seconds"] = round(result.cloud_seconds, 3)
         doc["scan_seconds"] = round(result.scan_seconds, 3)
+        doc["cloud_bytes_copied"] = result.cloud_bytes_copied
         emit_json(doc)
         return
     click.echo(f"backup {rec.id} of VM {rec.vm_id} ({rec.vm_name}): {rec.kind}")

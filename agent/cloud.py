@@ -265,6 +265,16 @@ class Cloud:
         return DatastoreInfo(id=int_of(root, "ID", -1), name=text_of(root, "NAME"),
                              type=int_of(root, "TYPE", -1), free_mb=int_of(root, "FREE_MB"))
 
+    def links_in_place(self, ds_id: int) -> bool:
+        """Whether a persistent image of this datastore is attached by a
+        link to the image itself (its TM_MAD_CONF LN_TARGET is NONE: shared,
+        qcow2, ceph, lvm...: no byte copied), not by a copy into the system
+        datastore that its detach copies back (LN_TARGET SYSTEM: ssh, local,
+        fs_lvm...; src/tm_mad/ssh/ln is a link to its clone, ssh/mvds rsyncs
+        it back). Datastore::disk_attribute gives every disk this LN_TARGET."""
+        root = xmldoc.parse(str(self.call("datastore.info", ds_id)))
+        return (root.findtext("TEMPLATE/LN_TARGET") or "NONE").strip().upper() == "NONE"
+
     # -- waiting ------------------------------------------------------------
 
     def _wait(self, what: str, probe: Callable[[], Any | None],
@@ -419,15 +429,18 @@ class Cloud:
 
     # -- attach / detach ---------------------------------------------------------
 
-    def attach(self, vm_id: int, image_id: int, serial: str) -> DiskInfo:
-        """Attach an image to a VM with a SERIAL; returns the new disk once
+    def attach(self, vm_id: int, image_id: int, serial: str, readonly: bool = False) -> DiskInfo:
+        """Attach an image to a VM with a SERIAL (and READONLY="YES" when
+        `readonly`: Image::disk_attribute keeps a READONLY the DISK brings;
+        the guest gets a read-only device); returns the new disk once
         present. oned's "wrong state" refusal (another hot-plug, by another
         process or agent, got in between) is retried (`_hotplug`)."""
+        ro = ",READONLY=\"YES\"" if readonly else ""
         with self._vm_lock(vm_id):
             before = self._hotplug(
                 vm_id, "attach", f"attaching image {image_id} to VM {vm_id}", "vm.attach",
                 vm_id, f"DISK=[IMAGE_ID={quote(str(image_id))},SERIAL={quote(serial)},"
-                       f"DEV_PREFIX=\"vd\"]")
+                       f"DEV_PREFIX=\"vd\"{ro}]")
             assert before is not None  # only a detach is skipped
             after = self.wait_vm(
                 vm_id, lambda v: v.lcm_state not in HOTPLUG_BUSY or v.state != VM_ACTIVE,

@@ -2,8 +2,9 @@
 
 Owns: the order of a restore — disks first (excluded disks become empty
 images of the same size; data disks are written through the proxy VM into a
-new empty image, saved as the final image, detached, and the empty image
-deleted; volatile disks are recreated from their definition), then a template
+new empty persistent image, attached read-write (a link, no clone), detached,
+and given the original's persistence; volatile disks are recreated from their
+definition), then a template
 from the saved VM document, instantiated (deployed into the chosen SYSTEM
 datastore), the template deleted, and the VM waited for until RUNNING; then
 the VM and images are given to their original owner and group (when these
@@ -25,12 +26,11 @@ from functools import partial
 from typing import Protocol
 
 from agent import policy, vmtemplate, writer, xmldoc
-from agent.attach import Journal, Workspace, hotplug
+from agent.attach import Journal, Workspace
 from agent.backup import Settings
 from agent.cloud import IMAGE_TYPES, Cloud
 from agent.errors import (
     CloudError,
-    DeviceError,
     NotFound,
     OnebackError,
     StateError,
@@ -42,7 +42,6 @@ from agent.model import (
     BackupRecord,
     BlockRecord,
     DiskBackup,
-    DiskInfo,
     JournalKind,
 )
 from agent.progress import Progress, Quiet
@@ -208,54 +207,44 @@ class _Restorer:
                 {"NAME": name, "TYPE": "DATABLOCK", "SIZE": str(size_mb)}, ds),
             self.cloud.image_delete))
 
-    def _proxy_saveas(self, disk: DiskInfo, name: str, image_type: str) -> int:
-        """Save a disk of the proxy VM as a new image, under the proxy's
-        hot-plug lock: the save-as holds the proxy VM in HOTPLUG_SAVEAS, in
-        which oned refuses every other process's attach and detach. Only
-        while `disk.disk_id` still carries `disk.serial`: once this
-        attachment is gone, oned gives the id to the next disk attached,
-        another run's or agent's, whose bytes must never become this image."""
-        proxy_vm_id = self.settings.proxy_vm_id
-        with hotplug(self.cloud, self.workspace.journal.path, proxy_vm_id):
-            now = self.cloud.vm(proxy_vm_id).disk(disk.disk_id)
-            if now is None or now.serial != disk.serial:
-                raise DeviceError(
-                    f"disk {disk.disk_id} of the proxy VM {proxy_vm_id} is no longer the"
-                    f" attachment {disk.serial} this restore wrote (detached by someone"
-                    f" else); nothing was saved: run the restore again")
-            return self.cloud.disk_saveas(proxy_vm_id, disk.disk_id, name, -1, image_type)
-
     def data_image(self, stack: ExitStack, disk: DiskBackup, ds: int) -> RestoredImage:
         """Write the backup's blocks through the proxy VM into a new image,
-        kept (under a temporary name) if the restore succeeds."""
+        kept (under a temporary name) if the restore succeeds. The image is
+        allocated empty and persistent, so its attachment to the proxy is a
+        link to the image itself (no clone of it into the system datastore)
+        and the blocks are written once, into the image; after the detach it
+        takes the original's persistence. No save-as of a written disk."""
         size_mb = max(1, -(-disk.size // MiB))
-        tmp_name = self.workspace.name(f"r{self.backup.id}-d{disk.disk_id}")
         name = self.workspace.name(f"r{self.backup.id}-d{disk.disk_id}-image")
         image_type, persistent = self.original(disk)
+        # An empty image can be an OS disk or a DATABLOCK (Image::insert's mkfs)
+        new_type = image_type if image_type in ("OS", "DATABLOCK") else "DATABLOCK"
         self.progress.phase(disk.disk_id, "create")
-        with self.workspace.temporary(
-                JournalKind.IMAGE, tmp_name,
-                lambda: self.cloud.image_allocate(
-                    {"NAME": tmp_name, "TYPE": "DATABLOCK", "SIZE": str(size_mb)}, ds),
-                self.cloud.image_delete) as tmp_id:
-            self.progress.phase(disk.disk_id, "attach")
-            with self.workspace.attached(tmp_id, gone=self.settings.device_gone) as proxy_disk:
-                path = self.settings.device(proxy_disk, self.cancel)
-                self.progress.disk_size(disk.disk_id, disk.size)
-                self.progress.phase(disk.disk_id, "write")
-                written = writer.write_disk(
-                    path, self.catalog.blocks(self.backup.id, disk.disk_id), self.store,
-                    size=disk.size, block_size=disk.block_size, workers=self.settings.workers,
-                    progress=self.progress.advanced, cancel=self.cancel,
-                    where=f"backup {self.backup.id} disk {disk.disk_id}")
-                self.progress.phase(disk.disk_id, "save-as")
-                image_id = stack.enter_context(self.workspace.provisional(
-                    JournalKind.IMAGE, name,
-                    lambda: self._proxy_saveas(proxy_disk, name, image_type),
-                    self.cloud.image_delete))
-                self.progress.phase(disk.disk_id, "detach")
-        if persistent:
-            self.cloud.image_persistent(image_id, True)
+        image_id = stack.enter_context(self.workspace.provisional(
+            JournalKind.IMAGE, name,
+            lambda: self.cloud.image_allocate(
+                {"NAME": name, "TYPE": new_type, "SIZE": str(size_mb),
+                 "PERSISTENT": "YES"}, ds),
+            self.cloud.image_delete))
+        self.progress.phase(disk.disk_id, "attach")
+        with self.workspace.attached(image_id, gone=self.settings.device_gone) as proxy_disk:
+            path = self.settings.device(proxy_disk, self.cancel)
+            self.progress.disk_size(disk.disk_id, disk.size)
+            self.progress.phase(disk.disk_id, "write")
+            written = writer.write_disk(
+                path, self.catalog.blocks(self.backup.id, disk.disk_id), self.store,
+                size=disk.size, block_size=disk.block_size, workers=self.settings.workers,
+                progress=self.progress.advanced, cancel=self.cancel,
+                where=f"backup {self.backup.id} disk {disk.disk_id}")
+            self.progress.phase(disk.disk_id, "detach")
+        if self.cloud.image(image_id).running_vms > 0:
+            # its detach failed (in `leftovers`): the written image is still
+            # the proxy's disk, and no VM can use it
+            raise CloudError(f"image {image_id}, the restored disk {disk.disk_id}, is still"
+                             f" attached to the proxy VM {self.settings.proxy_vm_id}: its"
+                             f" detach failed", transient=True)
+        if not persistent:   # only once no VM uses it (ImageAPI::persistent)
+            self.cloud.image_persistent(image_id, False)
         return RestoredImage(disk.disk_id, image_id, written)
 
     def give(self, what: str, chown: Callable[[int, int], None], uid: int, gid: int) -> None:

@@ -121,7 +121,7 @@ def test_damaged_chunk_fails_the_restore_naming_backup_disk_and_block(
     assert cloud.leftovers() == []
 
 
-@pytest.mark.parametrize("fault", ["deploy", "saveas", "image"])
+@pytest.mark.parametrize("fault", ["deploy", "attach", "image"])
 def test_failure_at_a_step_removes_everything_the_restore_made(
         cloud: Cloud, capsys: pytest.CaptureFixture[str], backed_up: dict, fault: str) -> None:
     images_before = {i.ID for i in cloud.one.imagepool.info(-2, -1, -1).IMAGE}

@@ -18,12 +18,43 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 MIB = 1024 * 1024
 CHUNK = MIB  # read size
 BLOCK = 64 * 1024  # zero blocks of this size are skipped, not written
+
+
+class CopyMeter:
+    """The bytes the transfer manager's drivers would copy, per operation
+    (`snapshot`, `cpds` for a save-as, `clone`, `ln`, `mvds`), as each
+    TM_MAD's scripts do (`disks.transfer_bytes`). oned reports none of this
+    (no document carries it): it is a probe for tests, read with
+    `Simulator.copied_bytes()`. onesim's own files are always whole copies
+    (they hold the guest's view); this counts what the real driver moves.
+    In memory: a restart starts from zero."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes: dict[str, int] = {}
+
+    def add(self, op: str, count: int) -> None:
+        with self._lock:
+            self._bytes[op] = self._bytes.get(op, 0) + count
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._bytes)
+
+
+def file_size(path: Path) -> int:
+    """The logical size of a disk file (what a `cp` or `tar` of it reads)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def new_source(base: Path) -> Path:

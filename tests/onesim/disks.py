@@ -241,3 +241,46 @@ def next_disk_id(vm: Vm) -> int:
 def is_image_ds(core: Oned, ds_id: int) -> bool:
     ds = core.store.datastores.get(ds_id)
     return ds is not None and ds.type == DatastoreType.IMAGE_DS
+
+
+# TM_MADs whose `clone` of a qcow2 image is an overlay (`qemu-img create -b`,
+# src/tm_mad/qcow2/clone; `shared` is a link to `qcow2` in 7.x) and whose
+# snapshots of a qcow2 disk are overlays too (qcow2/snap_create[_live]).
+_QCOW2_OVERLAY_TMS = ("qcow2", "shared")
+
+
+def transfer_bytes(op: str, disk: dict[str, str], size: int) -> int:
+    """The bytes a TM driver copies for one operation on a disk of `size`
+    bytes, as its scripts in src/tm_mad/ do:
+    - `clone` (a non-persistent image, CLONE=YES): qcow2/shared with a
+      qcow2 image make an overlay (0 unless QCOW2_STANDALONE); every other
+      driver copies (`cp`, ssh/local `tar`, ceph `rbd copy`, lvm `dd`).
+    - `ln` (a persistent image, CLONE=NO): a symlink in place when the
+      datastore's LN_TARGET is NONE (qcow2/ln, ceph, lvm...: 0); a copy into
+      the system datastore when it is SYSTEM (ssh/ln and local/ln are links
+      to their `clone`; fs_lvm's ln makes an LV).
+    - `mvds` (detach or epilog of a SAVE=YES disk): qcow2/mvds is `exit 0`
+      (0); with LN_TARGET SYSTEM the disk is copied back (ssh/mvds rsync,
+      local/mvds tar).
+    - `snapshot`: a qcow2 disk gets an overlay (0), ceph an rbd snapshot
+      (0); a raw file is copied (`cp` in qcow2/snap_create[_live]).
+    - `cpds` (disk save-as): always a full copy (`cp`, `qemu-img convert`).
+    """
+    tm_mad = disk.get("TM_MAD", "")
+    qcow2 = (disk.get("FORMAT") or disk.get("DRIVER") or "").lower() == "qcow2"
+    linked_in_place = (disk.get("LN_TARGET") or "NONE").upper() == "NONE"
+    if op == "clone":
+        standalone = (disk.get("QCOW2_STANDALONE") or "").upper() == "YES"
+        return 0 if tm_mad in _QCOW2_OVERLAY_TMS and qcow2 and not standalone else size
+    if op in ("ln", "mvds"):
+        return 0 if linked_in_place else size
+    if op == "snapshot":
+        return 0 if qcow2 or tm_mad == "ceph" else size
+    if op == "cpds":
+        return size
+    raise ValueError(f"unknown transfer operation {op!r}")
+
+
+def record_transfer(core: Oned, op: str, disk: dict[str, str], size: int) -> None:
+    """Count one driver operation's copied bytes in `core.copies`."""
+    core.copies.add(op, transfer_bytes(op, disk, size))

@@ -24,6 +24,7 @@ from tests.onesim.disks import (
     datastore_disk_attribute,
     is_volatile,
     next_disk_id,
+    record_transfer,
     used_targets,
 )
 from tests.onesim.lifecycle import Lifecycle, WrongState, close_cp_history
@@ -187,6 +188,9 @@ class Hotplug:
             self._back_to(vm, running)
             self.core.update_vm(vm)
             return
+        if (disk.get("SAVE") or "").upper() == "YES":   # TransferManager: MVDS, else DELETE
+            record_transfer(self.core, "mvds", disk, dataplane.file_size(
+                dataplane.disk_file(self.core.ds_path(vm.system_ds()), vm.id, op["disk"])))
         self._delete_disk(vm, disk, files=True)
         self._back_to(vm, running)
         self.core.update_vm(vm)
@@ -297,6 +301,7 @@ class Hotplug:
         if message is None:
             try:
                 if kind == "snapshot_create":
+                    record_transfer(self.core, "snapshot", disk, dataplane.file_size(current))
                     dataplane.sparse_copy(current, copy)
                 elif kind == "snapshot_revert":
                     dataplane.sparse_copy(copy, current)
@@ -406,6 +411,7 @@ class Hotplug:
             src = (dataplane.snap_file(base, vm.id, op["disk"], snap) if snap != -1
                    else dataplane.disk_file(base, vm.id, op["disk"]))
             try:
+                record_transfer(self.core, "cpds", disk, dataplane.file_size(src))
                 dataplane.sparse_copy(src, self.core.root / img.source)
             except OSError as exc:
                 message = str(exc)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tests.onesim import dataplane
 from tests.onesim.constants import Action, DatastoreType, Lcm, VmState, state_str
-from tests.onesim.disks import is_volatile, volatile_info
+from tests.onesim.disks import is_volatile, record_transfer, volatile_info
 from tests.onesim.model import Datastore, History, Host, Vm, now
 from tests.onesim.oned import Caller, Oned
 
@@ -199,6 +199,9 @@ class Lifecycle:
         if source is None or not source.exists():
             dataplane.volatile_disk(target, int(disk.get("SIZE", "0") or 0))
             return
+        # the bytes the TM's clone / ln copies (disks.transfer_bytes)
+        record_transfer(self.core, "clone" if disk.get("CLONE") == "YES" else "ln", disk,
+                        dataplane.file_size(source))
         if disk.get("CLONE") == "YES":
             dataplane.clone_disk(source, target)
             size = int(disk.get("SIZE", "0") or 0)

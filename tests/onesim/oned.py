@@ -129,6 +129,7 @@ class Oned:
         self.root = config.root
         self._engine: Any = None
         self._tls = threading.local()
+        self.copies = dataplane.CopyMeter()   # bytes the TM drivers copy (a test probe)
 
     @property
     def engine(self) -> Any:

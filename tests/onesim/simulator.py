@@ -185,6 +185,13 @@ class Simulator:
             self.store.datastores[ds_id].total_mb = total_mb
             self.store.save()
 
+    def copied_bytes(self) -> dict[str, int]:
+        """The bytes the transfer manager's drivers would have copied so
+        far, per operation (`snapshot`, `cpds`, `clone`, `ln`, `mvds`), as
+        each TM_MAD does (`disks.transfer_bytes`). A test probe: oned
+        reports nothing of the kind."""
+        return self.core.copies.totals()
+
     def published(self) -> list[tuple[str, str]]:
         """Every (key, decoded body) published so far (drop/garble faults
         do not show here)."""
