@@ -88,6 +88,8 @@ class Bench:
             self.oneback_restore(self.ob)
             self.oneback_export(self.ob)
             self.oneback_verify(self.ob)
+            self.oneback_manifests(self.ob)
+            self.oneback_prune(self.ob)
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -269,6 +271,34 @@ class Bench:
         note = (f"{doc['checked']} chunks of {doc['manifests']} backups, parallel; "
                 + ("clean" if doc["clean"] else "DAMAGE FOUND")) if doc else ""
         self.measured("oneback", "verify --read-data", m, "oneback.verify", note=note)
+
+
+    def oneback_manifests(self, ob: Oneback) -> None:
+        """What a backup's manifest costs in the repository, per backup and per
+        block of the disk (the issue's bound: about 50 bytes per block)."""
+        files = [p for p in (ob.repository / "manifests").rglob("*") if p.is_file()]
+        if not files:
+            self.add(Row("oneback", "manifests", note="no manifest found", key="oneback.manifest"))
+            return
+        per_backup = sum(p.stat().st_size for p in files) / len(files)
+        blocks = max(1, -(-self.size // (4 * MiB)))
+        self.add(Row("oneback", "manifests", note=f"{per_backup:.0f} bytes per backup over"
+                     f" {len(files)} backups: {per_backup / blocks:.1f} bytes per 4 MiB block",
+                     key="oneback.manifest"))
+
+    def oneback_prune(self, ob: Oneback) -> None:
+        """Forget all but the newest backup, then time `oneback prune` (its
+        wall time and peak memory) over what that left unreferenced."""
+        cfg = ["--config", str(ob.config)]
+        forgot = ob.parse(run([ob.exe, "forget", "--keep-last", "1", "--json", *cfg]))
+        before = du(ob.repository)
+        m = run([ob.exe, "prune", "--json", *cfg])
+        doc = ob.parse(m)
+        note = (f"{doc['deleted']} of {doc['chunks']} chunks freed"
+                f" ({doc['freed'] / MiB:.1f} MiB), {doc['manifests']} backups kept"
+                f" after forgetting {len((forgot or {}).get('forgotten', []))}") if doc else ""
+        self.measured("oneback", "prune", m, "oneback.prune", note=note, repo=ob.repository,
+                      before=before)
 
 
 # -- the tables ------------------------------------------------------------------------
