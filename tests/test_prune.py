@@ -395,6 +395,9 @@ def test_backups_of_two_vms_in_two_processes_beside_a_forget_and_prune_loop(
             kept += 1
     assert kept >= 4
     assert _referenced(c) <= set(_chunk_files(c))
+    for config in (c.config, other):   # and every chunk they reference reads back whole
+        r = _call(c, config, "verify", "--read-data", "--json")
+        assert r.code == 0 and r.json()["clean"], r.out + r.err
 
 
 # -- the agent applies the VM's policy -----------------------------------------------------
