@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.bench_support import netdisk
 from tests.bench_support.image import BLOCK, change_blocks, changed_blocks, make_image
 from tests.bench_support.oneback import Oneback, OnebackUnavailable
 from tests.bench_support.tools import (
@@ -90,6 +91,7 @@ class Bench:
             self.oneback_verify(self.ob)
             self.oneback_manifests(self.ob)
             self.oneback_prune(self.ob)
+        self.network_disk()
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -300,6 +302,52 @@ class Bench:
         self.measured("oneback", "prune", m, "oneback.prune", note=note, repo=ob.repository,
                       before=before)
 
+    def network_disk(self) -> None:
+        """The same disk served through FUSE with a per-request latency and a bounded
+        number of requests in flight (tests/bench_support/netdisk.py: an RBD or iSCSI
+        volume), read by dd, oneback's scan at several read depths, restic and borg."""
+        lat, flight = netdisk.DEFAULT_LATENCY, netdisk.DEFAULT_IN_FLIGHT
+        shape = f"{lat * 1000:.0f} ms a request, {flight} in flight"
+        netdisk.ensure_fusepy()
+        why = netdisk.available()
+        if why:
+            self.add(Row("netdisk", "all", note=f"skipped: {why}", key="netdisk"))
+            return
+        source = self.ob.guest_disk if self.ob else self.image
+        try:
+            mounted = netdisk.Mounted(source, self.work / "netdisk", latency=lat,
+                                      in_flight=flight, log=self.work / "netdisk.log")
+        except OSError as e:
+            self.add(Row("netdisk", "all", note=f"skipped: {e}", key="netdisk"))
+            return
+        with mounted:
+            path = mounted.path
+            m = run(["dd", f"if={path}", "of=/dev/null", "bs=4M", "status=none"])
+            self.measured("dd", "read network disk", m, "netdisk.dd",
+                          note=f"FUSE, {shape}: the plain read, kernel readahead")
+            if self.ob:
+                for depth in (1, 4, 16, 32):
+                    self.netdisk_scan(self.ob, path, depth)
+            for tool in self.tools:
+                m = tool.backup(path, "netdisk")
+                self.measured(tool.name, "backup from network disk", m,
+                              f"netdisk.{tool.name}",
+                              note="the same disk's bytes again (an incremental), from FUSE")
+
+    def netdisk_scan(self, ob: Oneback, path: Path, depth: int) -> None:
+        m = run(ob.scan_cmd(read_depth=depth, path=path))
+        try:
+            doc = json.loads(m.out)
+            seconds = float(doc["seconds"])
+        except (ValueError, KeyError):
+            self.add(Row("oneback", f"scan network disk, read_depth {depth}",
+                         note=m.last_error(), key=f"netdisk.scan.{depth}"))
+            return
+        how = "O_DIRECT" if doc.get("direct") else "buffered"
+        self.add(Row("oneback", f"scan network disk, read_depth {depth}", seconds, self.size,
+                     None, None, m.rss_kib, f"the scan alone from FUSE, {how}",
+                     f"netdisk.scan.{depth}"))
+
 
 # -- the tables ------------------------------------------------------------------------
 
@@ -372,6 +420,12 @@ def targets(rows: list[Row]) -> list[Target]:
         ("borg restore / oneback export", ratio(wall("borg.restore"), restore), "info", None),
         ("restic restore / oneback restore VM (with OpenNebula ops)",
          ratio(wall("restic.restore"), wall("oneback.restore")), "info", None),
+        ("network disk: oneback scan rate (read_depth 16) / borg's read of the same path",
+         ratio(wall("netdisk.borg"), wall("netdisk.scan.16")), ">= 3x", at_least(3.0)),
+        ("network disk: oneback scan rate (read_depth 16) / dd's read of the same path",
+         ratio(wall("netdisk.dd"), wall("netdisk.scan.16")), "info", None),
+        ("network disk: oneback scan rate, read_depth 32 / read_depth 1",
+         ratio(wall("netdisk.scan.1"), wall("netdisk.scan.32")), "info", None),
     ]
 
 

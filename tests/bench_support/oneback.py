@@ -139,10 +139,13 @@ class Oneback:
         if init.returncode != 0:
             raise OnebackUnavailable(f"oneback init failed: {init.stderr.strip()}")
 
-    def scan_cmd(self, read_depth: int = 16, direct: bool = True) -> list[str]:
-        """oneback's read-and-scan phase alone on the VM's disk (tests/bench_support/scan.py)."""
+    def scan_cmd(self, read_depth: int = 16, direct: bool = True,
+                 path: Path | None = None) -> list[str]:
+        """oneback's read-and-scan phase alone on the VM's disk, or on `path` holding the
+        same bytes (the network disk), against the disk's last backup
+        (tests/bench_support/scan.py)."""
         return [sys.executable, "-m", "tests.bench_support.scan", str(self.catalog),
-                str(self.vm_id), "0", str(self.guest_disk), str(4 * 1024 * 1024),
+                str(self.vm_id), "0", str(path or self.guest_disk), str(4 * 1024 * 1024),
                 str(read_depth), "direct" if direct else "buffered"]
 
     def list_args(self) -> list[str]:
