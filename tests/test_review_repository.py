@@ -1,0 +1,73 @@
+"""Findings of the hostile review of issue 11 (the repository: init,
+manifests, rebuild, verify, forget, prune), each driven through the real CLI,
+onesim, real SQLite files and a real repository directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agent import prune
+from agent.store.local import LocalStore
+from tests.agentkit import BLOCK, Cloud, pattern
+
+
+def _backup(c: Cloud, capsys: pytest.CaptureFixture[str], vm: int) -> dict:
+    r = c.run("backup", str(vm), "--json", capsys=capsys)
+    assert r.code == 0, r.err
+    doc: dict = r.json()
+    return doc
+
+
+def _age_chunks(c: Cloud, seconds: float) -> None:
+    then = time.time() - seconds
+    for p in (c.tmp / "repo" / "chunks").rglob("*"):
+        if p.is_file():
+            os.utime(p, (then, then))
+
+
+def test_a_prune_beside_the_backfill_of_init_never_takes_the_chunks_it_describes(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    """`oneback init` on a catalog from before manifests (an upgrade, the
+    repository maybe shared with another agent that already prunes) writes a
+    manifest for each old backup. A prune that listed the manifests just
+    before must not delete the chunks those manifests reference: the
+    backfill, like a backup, holds a running marker and touches every chunk
+    before its manifest. Before the fix the backfill did neither, and the
+    prune deleted every chunk of the committed old backups."""
+    c = cloud
+    vm = c.vm("old", [c.image("old-os", pattern(3 * BLOCK, 1))])
+    first = _backup(c, capsys, vm)
+    with open(c.disk_path(vm, 0), "r+b") as f:
+        f.write(pattern(100, 77))
+    _backup(c, capsys, vm)
+    # What the m004 migration leaves of an older catalog and repository:
+    with sqlite3.connect(c.tmp / "catalog.sqlite") as db:
+        db.execute("DELETE FROM meta WHERE key = 'repository_id'")
+        db.execute("UPDATE backups SET manifest = NULL")
+    shutil.rmtree(c.tmp / "repo" / "manifests")
+    _age_chunks(c, 3600)   # written long ago, by the older oneback
+
+    store = LocalStore.open(c.tmp / "repo")
+    listed = store.manifests
+
+    def list_then_init() -> Iterator[str]:
+        names = list(listed())            # the prune's mark phase lists: none yet
+        r = c.run("init", "--json", capsys=capsys)   # the other proxy upgrades now
+        assert r.code == 0 and r.json()["backfilled"] == 2, r.err
+        return iter(names)
+
+    store.manifests = list_then_init  # type: ignore[method-assign]
+    prune.prune(store)
+
+    out = c.tmp / "first.raw"
+    r = c.run("export", str(first["backup_id"]), "0", "-o", str(out), capsys=capsys)
+    assert r.code == 0, r.err
+    assert out.read_bytes() == pattern(3 * BLOCK, 1)
+    r = c.run("verify", capsys=capsys)
+    assert r.code == 0, r.out + r.err
