@@ -9,10 +9,12 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from agent import prune
+from agent.store import chunk_id_of
 from agent.store.local import LocalStore
 from tests.agentkit import BLOCK, Cloud, pattern
 
@@ -71,3 +73,33 @@ def test_a_prune_beside_the_backfill_of_init_never_takes_the_chunks_it_describes
     assert out.read_bytes() == pattern(3 * BLOCK, 1)
     r = c.run("verify", capsys=capsys)
     assert r.code == 0, r.out + r.err
+
+
+def test_a_stalled_backup_whose_marker_a_prune_removed_is_protected_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup whose process stalled for longer than `prune.STALE` (the
+    proxy VM suspended, swapped out, SIGSTOPped) looks crashed: a prune
+    removes its running marker. When the process resumes, its heartbeat must
+    put the marker back (with its start), or every later prune ignores the
+    backup and deletes the chunks it wrote and has not yet committed. Before
+    the fix the heartbeat failed silently and the second prune deleted them."""
+    from agent import backup
+
+    monkeypatch.setattr(backup, "HEARTBEAT", 0.05)
+    store = LocalStore.init(tmp_path / "repo")
+    data = pattern(BLOCK, 3)
+    chunk = chunk_id_of(data)
+    with backup.running(store, "backup-vm9"):
+        (name, started, _), = store.running()
+        assert store.put(chunk, data) > 0          # written by the running backup
+        marker = tmp_path / "repo" / "running" / name
+        os.utime(marker, (started - 700, started - 700))   # no heartbeat for 700 s
+        first = prune.prune(store)
+        assert first.stale == [name] and not marker.exists()
+        assert store.has(chunk)                    # newer than that prune's cut-off
+        time.sleep(2.5)                            # resumed; the chunk ages past MARGIN
+        assert [(n, s) for n, s, _ in store.running()] == [(name, started)]
+        second = prune.prune(store)
+        assert second.running == [name], second
+        assert store.has(chunk), "a prune deleted a chunk of a running backup"
+    assert store.running() == []

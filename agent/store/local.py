@@ -725,9 +725,32 @@ class RunningMarker:
         self.started = started
 
     def beat(self) -> None:
-        """Refresh the heartbeat (the marker's mtime). Best effort."""
+        """Refresh the heartbeat (the marker's mtime). Best effort. A marker
+        that is gone was taken for a crash leftover by a prune (this process
+        stalled longer than `agent.prune.STALE`): it is written again, with
+        its start, so later prunes keep what this backup wrote and touched."""
         try:
             os.utime(self.path)
+        except FileNotFoundError:
+            self._restore()
+        except OSError:
+            pass
+
+    def _restore(self) -> None:
+        tmp = self.path.parent.parent / "tmp" / f"{self.path.name}-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, json.dumps({"started": self.started, "pid": os.getpid(),
+                                           "restored": True}).encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, self.path)   # whole, never over a name (ended meanwhile?)
+            finally:
+                os.unlink(tmp)
+            fsync_dir(self.path.parent)
         except OSError:
             pass
 
