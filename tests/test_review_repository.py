@@ -103,3 +103,40 @@ def test_a_stalled_backup_whose_marker_a_prune_removed_is_protected_again(
         assert second.running == [name], second
         assert store.has(chunk), "a prune deleted a chunk of a running backup"
     assert store.running() == []
+
+
+def test_a_verify_never_quarantines_a_chunk_another_process_just_healed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verify (the CLI, or the agent's background slice) and a healing
+    backup (another process, or another store object: the per-chunk locks
+    are per object) race on one damaged chunk: the verify reads it damaged,
+    the backup moves the damaged file aside and writes the chunk whole, then
+    the verify moves aside whatever has the name now. Before the fix that was
+    the healed, whole chunk: the backup just committed referenced a chunk
+    missing from chunks/."""
+    LocalStore.init(tmp_path / "repo")
+    verifier = LocalStore.open(tmp_path / "repo")
+    backup = LocalStore.open(tmp_path / "repo")
+    data = pattern(BLOCK, 4)
+    chunk = chunk_id_of(data)
+    backup.put(chunk, data)
+    path = tmp_path / "repo" / "chunks" / chunk.hex()[:2] / chunk.hex()
+    path.chmod(0o644)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+    real = verifier._whole
+
+    raced: list[bool] = []
+
+    def whole_then_healed(chunk_id: bytes, p: Path) -> bool:
+        found = real(chunk_id, p)            # damaged, as the verify read it
+        if not raced:
+            raced.append(True)
+            assert backup.heal(chunk_id, data) > 0   # the other process heals it now
+        return found
+
+    monkeypatch.setattr(verifier, "_whole", whole_then_healed)
+    verifier.quarantine(chunk)
+    assert verifier.get(chunk) == data, "the healed chunk was quarantined"

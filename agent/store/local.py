@@ -435,7 +435,21 @@ class LocalStore:
         with self._lock(chunk_id):
             if not path.exists() or self._whole(chunk_id, path):
                 return False
-            self._move_aside(chunk_id, path)
+            moved = self._move_aside(chunk_id, path)
+            if moved is not None and self._whole(chunk_id, moved):
+                # another process (its own locks) healed it between the read
+                # and the move: the whole chunk goes back into place
+                try:
+                    os.link(moved, path)
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise RepositoryError(
+                        f"cannot move chunk {chunk_id.hex()} back from {moved}: "
+                        f"{e.strerror or e}; move it back to {path} by hand") from e
+                os.unlink(moved)
+                fsync_dir(path.parent)
+                return False
         return True
 
     def heal(self, chunk_id: bytes, data: Data) -> int:
@@ -455,9 +469,9 @@ class LocalStore:
                     f"{e.strerror or e}; check free space and permissions"
                 ) from e
 
-    def _move_aside(self, chunk_id: bytes, path: Path) -> None:
-        """Rename a damaged chunk file into quarantine/ (durably). Call with
-        the chunk's lock held."""
+    def _move_aside(self, chunk_id: bytes, path: Path) -> Path | None:
+        """Rename a damaged chunk file into quarantine/ (durably); its new
+        path, None if it was gone. Call with the chunk's lock held."""
         target = self.path / QUARANTINE
         name = f"{chunk_id.hex()}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-" \
                f"{uuid.uuid4().hex[:8]}"
@@ -467,12 +481,13 @@ class LocalStore:
             fsync_dir(target)
             fsync_dir(path.parent)
         except FileNotFoundError:
-            return   # another process moved or deleted it meanwhile
+            return None   # another process moved or deleted it meanwhile
         except OSError as e:
             raise RepositoryError(
                 f"cannot move damaged chunk {chunk_id.hex()} to {target}: "
                 f"{e.strerror or e}; check permissions and free space"
             ) from e
+        return target / name
 
     # -- what a prune needs (not in the Protocol: a local repository's own) ---
 
