@@ -16,7 +16,7 @@ import pytest
 from agent import prune
 from agent.store import chunk_id_of
 from agent.store.local import LocalStore
-from tests.agentkit import BLOCK, Cloud, pattern
+from tests.agentkit import BLOCK, Cloud, init_repository, pattern
 
 
 def _backup(c: Cloud, capsys: pytest.CaptureFixture[str], vm: int) -> dict:
@@ -140,3 +140,42 @@ def test_a_verify_never_quarantines_a_chunk_another_process_just_healed(
     monkeypatch.setattr(verifier, "_whole", whole_then_healed)
     verifier.quarantine(chunk)
     assert verifier.get(chunk) == data, "the healed chunk was quarantined"
+
+
+@pytest.mark.xfail(strict=True, reason="review finding: a rebuilt catalog adopts every "
+                   "catalog's manifests, and its forget deletes another agent's backups")
+def test_a_rebuilt_catalog_never_forgets_the_backups_another_catalog_holds(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two agents share a repository; the first loses its catalog and
+    rebuilds it. The rebuild imports the second agent's backups too (they
+    are manifests in the repository), so the first agent's `oneback forget
+    --keep-last 1` (no --vm: every VM its catalog lists) forgets the second
+    agent's older backup and deletes its manifest; a prune then frees its
+    chunks, while the second catalog still lists the backup: its export
+    fails. A backup one catalog holds must stay restorable whatever another
+    catalog forgets."""
+    c = cloud
+    a = c.vm("a", [c.image("a-os", pattern(2 * BLOCK, 1))])
+    b = c.vm("b", [c.image("b-os", pattern(2 * BLOCK, 2))])
+    _backup(c, capsys, a)
+    second_cfg = c.tmp / "second.toml"
+    second_cfg.write_text(c.config.read_text().replace("catalog.sqlite", "second.sqlite"))
+    init_repository(second_cfg)
+    second = Cloud(c.sim, c.one, c.proxy_id, second_cfg, c.tmp)
+    old = _backup(second, capsys, b)
+    with open(c.disk_path(b, 0), "r+b") as f:
+        f.write(pattern(BLOCK, 9))           # block 0 changes: the old chunk is old's alone
+    _backup(second, capsys, b)
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{c.tmp / 'catalog.sqlite'}{suffix}").unlink(missing_ok=True)
+    assert c.run("catalog", "rebuild", capsys=capsys).code == 0
+    r = c.run("forget", "--keep-last", "1", capsys=capsys)
+    assert r.code == 0, r.err
+    _age_chunks(c, 3600)
+    assert c.run("prune", capsys=capsys).code == 0
+
+    out = c.tmp / "old.raw"
+    r = second.run("export", str(old["backup_id"]), "0", "-o", str(out), capsys=capsys)
+    assert r.code == 0, r.err
+    assert out.read_bytes() == pattern(2 * BLOCK, 2)
