@@ -179,3 +179,26 @@ def test_a_rebuilt_catalog_never_forgets_the_backups_another_catalog_holds(
     r = second.run("export", str(old["backup_id"]), "0", "-o", str(out), capsys=capsys)
     assert r.code == 0, r.err
     assert out.read_bytes() == pattern(2 * BLOCK, 2)
+
+
+def test_a_full_backup_keeps_the_old_chunks_it_checked_from_a_prune(tmp_path: Path) -> None:
+    """`backup --full` stores every block through `Healing`: a chunk that is
+    already there and whole is kept, not written. Like `put`'s dedup hit it
+    must be touched then, so a prune beside the backup keeps it (the block
+    is in the backup being written). Before the fix the chunk kept its old
+    mtime: a prune deleted it, and the backup failed at its commit."""
+    from agent import backup
+    from agent.store import Healing
+
+    store = LocalStore.init(tmp_path / "repo")
+    data = pattern(BLOCK, 6)
+    chunk = chunk_id_of(data)
+    store.put(chunk, data)
+    path = tmp_path / "repo" / "chunks" / chunk.hex()[:2] / chunk.hex()
+    then = time.time() - 3600
+    os.utime(path, (then, then))      # stored long ago; its backup was just forgotten
+    with backup.running(store, "backup-vm7"):
+        assert Healing(store).put(chunk, data) == 0   # whole: kept as it is
+        report = prune.prune(store)
+        assert report.deleted == 0, report
+        assert store.touch(chunk)

@@ -456,13 +456,17 @@ class LocalStore:
         """See ChunkStore.heal."""
         path = self._path(chunk_id)
         with self._lock(chunk_id):
+            replace = False
             if path.exists():
-                if self._whole(chunk_id, path):
-                    return 0
-                self._move_aside(chunk_id, path)
+                if not self._whole(chunk_id, path):
+                    self._move_aside(chunk_id, path)
+                elif self._touch(path):
+                    return 0   # fresh again, as a put's dedup hit: a prune keeps it
+                else:
+                    replace = True   # a prune took it just now, or another account's file
             encoded = self._codec.encode(data)
             try:
-                return self._save(path, encoded)
+                return self._save(path, encoded, replace)
             except OSError as e:
                 raise RepositoryError(
                     f"cannot write chunk {chunk_id.hex()} to {self.path}: "
