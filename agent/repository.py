@@ -111,10 +111,12 @@ def _backfill(catalog: Catalog, store: Repository) -> int:
         name = mf.new_name(record.vm_id, record.started)
         if isinstance(store, LocalStore):
             for dmap in maps.values():
+                last = hole
                 for i in range(dmap.count):
                     chunk = bytes(dmap.chunks[i * CHUNK_ID_SIZE:(i + 1) * CHUNK_ID_SIZE])
-                    if chunk != hole:
+                    if chunk not in (hole, last):
                         store.touch(chunk)   # missing already: `oneback verify` names it
+                    last = chunk
         store.put_manifest(name, mf.encode(m))
         catalog.set_manifest(backup_id, name)
         done += 1
