@@ -74,8 +74,20 @@ def init(repository: Path, catalog_path: Path) -> InitResult:
 def backfill(catalog: Catalog, store: Repository) -> int:
     """Write a manifest for every backup of `catalog` that has none (one
     committed by a oneback older than manifests), so the repository describes
-    it too. Idempotent; returns how many were written."""
+    it too. Idempotent; returns how many were written. Like a backup, it
+    holds a running marker and touches every chunk of a manifest just before
+    writing it: the old backups' chunks are referenced by no manifest yet, so
+    a prune running meanwhile (another agent sharing the repository) would
+    otherwise delete them under the manifests being written."""
+    from agent.backup import running  # lazily: init needs no cloud code otherwise
+
+    with running(store, "backfill"):
+        return _backfill(catalog, store)
+
+
+def _backfill(catalog: Catalog, store: Repository) -> int:
     done = 0
+    hole = bytes(CHUNK_ID_SIZE)
     for backup_id in catalog.backups_without_manifest():
         record = catalog.get_backup(backup_id)
         maps = {}
@@ -97,6 +109,14 @@ def backfill(catalog: Catalog, store: Repository) -> int:
             image_documents=catalog.image_documents(backup_id), disks=record.disks,
             warnings=record.warnings, maps=maps)
         name = mf.new_name(record.vm_id, record.started)
+        if isinstance(store, LocalStore):
+            for dmap in maps.values():
+                last = hole
+                for i in range(dmap.count):
+                    chunk = bytes(dmap.chunks[i * CHUNK_ID_SIZE:(i + 1) * CHUNK_ID_SIZE])
+                    if chunk not in (hole, last):
+                        store.touch(chunk)   # missing already: `oneback verify` names it
+                    last = chunk
         store.put_manifest(name, mf.encode(m))
         catalog.set_manifest(backup_id, name)
         done += 1

@@ -435,29 +435,47 @@ class LocalStore:
         with self._lock(chunk_id):
             if not path.exists() or self._whole(chunk_id, path):
                 return False
-            self._move_aside(chunk_id, path)
+            moved = self._move_aside(chunk_id, path)
+            if moved is not None and self._whole(chunk_id, moved):
+                # another process (its own locks) healed it between the read
+                # and the move: the whole chunk goes back into place
+                try:
+                    os.link(moved, path)
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise RepositoryError(
+                        f"cannot move chunk {chunk_id.hex()} back from {moved}: "
+                        f"{e.strerror or e}; move it back to {path} by hand") from e
+                os.unlink(moved)
+                fsync_dir(path.parent)
+                return False
         return True
 
     def heal(self, chunk_id: bytes, data: Data) -> int:
         """See ChunkStore.heal."""
         path = self._path(chunk_id)
         with self._lock(chunk_id):
+            replace = False
             if path.exists():
-                if self._whole(chunk_id, path):
-                    return 0
-                self._move_aside(chunk_id, path)
+                if not self._whole(chunk_id, path):
+                    self._move_aside(chunk_id, path)
+                elif self._touch(path):
+                    return 0   # fresh again, as a put's dedup hit: a prune keeps it
+                else:
+                    replace = True   # a prune took it just now, or another account's file
             encoded = self._codec.encode(data)
             try:
-                return self._save(path, encoded)
+                return self._save(path, encoded, replace)
             except OSError as e:
                 raise RepositoryError(
                     f"cannot write chunk {chunk_id.hex()} to {self.path}: "
                     f"{e.strerror or e}; check free space and permissions"
                 ) from e
 
-    def _move_aside(self, chunk_id: bytes, path: Path) -> None:
-        """Rename a damaged chunk file into quarantine/ (durably). Call with
-        the chunk's lock held."""
+    def _move_aside(self, chunk_id: bytes, path: Path) -> Path | None:
+        """Rename a damaged chunk file into quarantine/ (durably); its new
+        path, None if it was gone. Call with the chunk's lock held."""
         target = self.path / QUARANTINE
         name = f"{chunk_id.hex()}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-" \
                f"{uuid.uuid4().hex[:8]}"
@@ -467,12 +485,13 @@ class LocalStore:
             fsync_dir(target)
             fsync_dir(path.parent)
         except FileNotFoundError:
-            return   # another process moved or deleted it meanwhile
+            return None   # another process moved or deleted it meanwhile
         except OSError as e:
             raise RepositoryError(
                 f"cannot move damaged chunk {chunk_id.hex()} to {target}: "
                 f"{e.strerror or e}; check permissions and free space"
             ) from e
+        return target / name
 
     # -- what a prune needs (not in the Protocol: a local repository's own) ---
 
@@ -725,9 +744,32 @@ class RunningMarker:
         self.started = started
 
     def beat(self) -> None:
-        """Refresh the heartbeat (the marker's mtime). Best effort."""
+        """Refresh the heartbeat (the marker's mtime). Best effort. A marker
+        that is gone was taken for a crash leftover by a prune (this process
+        stalled longer than `agent.prune.STALE`): it is written again, with
+        its start, so later prunes keep what this backup wrote and touched."""
         try:
             os.utime(self.path)
+        except FileNotFoundError:
+            self._restore()
+        except OSError:
+            pass
+
+    def _restore(self) -> None:
+        tmp = self.path.parent.parent / "tmp" / f"{self.path.name}-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, json.dumps({"started": self.started, "pid": os.getpid(),
+                                           "restored": True}).encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, self.path)   # whole, never over a name (ended meanwhile?)
+            finally:
+                os.unlink(tmp)
+            fsync_dir(self.path.parent)
         except OSError:
             pass
 
