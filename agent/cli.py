@@ -222,15 +222,20 @@ def catalog_() -> None:
 
 @catalog_.command("rebuild")
 @click.option("--force", is_flag=True, help="Replace an existing catalog (kept beside it).")
+@click.option("--as-catalog", "as_catalog", metavar="CATALOG_ID", default=None,
+              help="Take over this lost catalog's identity (default: the only catalog the"
+                   " manifests name).")
 @config_option
 @json_option
-def catalog_rebuild(force: bool, config_file: str | None, as_json: bool) -> None:
+def catalog_rebuild(force: bool, as_catalog: str | None, config_file: str | None,
+                    as_json: bool) -> None:
     """Rebuild the catalog from the repository's manifests alone."""
     from agent import repository
     from agent.store.local import LocalStore
     cfg = config_mod.load(config_file)
     store = LocalStore.open(cfg.storage.repository)
-    report = repository.rebuild(store, store.id, cfg.storage.catalog, force=force)
+    report = repository.rebuild(store, store.id, cfg.storage.catalog, force=force,
+                                as_catalog=as_catalog)
     if as_json:
         emit_json(rebuild_json(report))
     else:
@@ -242,6 +247,10 @@ def catalog_rebuild(force: bool, config_file: str | None, as_json: bool) -> None
             click.echo(f"  backup {i.backup_id}: VM {i.vm_id} {i.kind} {i.manifest}{moved}")
         if report.replaced is not None:
             click.echo(f"  the old catalog is kept as {report.replaced}")
+        if report.foreign:
+            click.echo(f"  {report.foreign} backup(s) belong to other catalogs sharing the"
+                       f" repository (this one is {report.catalog_id}): they list and restore"
+                       " here, and forgetting them here keeps them for their own catalog")
         for name, why in report.damaged:
             click.echo(f"  skipped {name}: {why}", err=True)
     error = repository.damaged_error(report)

@@ -223,7 +223,8 @@ def rebuild_json(r: RebuildReport) -> dict[str, Any]:
             "imported": [asdict(i) for i in r.imported],
             "damaged": [{"manifest": n, "error": why} for n, why in r.damaged],
             "duplicates": list(r.duplicates),
-            "replaced": None if r.replaced is None else str(r.replaced)}
+            "replaced": None if r.replaced is None else str(r.replaced),
+            "catalog_id": r.catalog_id, "foreign": r.foreign}
 
 
 def forget_json(plan: ForgetPlan, forgotten: list[int], dry_run: bool) -> dict[str, Any]:

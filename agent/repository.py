@@ -178,10 +178,12 @@ class RebuildReport:
     damaged: list[tuple[str, str]] = field(default_factory=list)   # (manifest, why)
     duplicates: list[str] = field(default_factory=list)   # a backup's second manifest
     replaced: Path | None = None   # where the old catalog was moved
+    catalog_id: str = ""           # the identity the rebuilt catalog has
+    foreign: int = 0               # imported backups another catalog wrote
 
 
 def rebuild(store: Repository, repository_id: str, catalog_path: Path, *,
-            force: bool = False) -> RebuildReport:
+            force: bool = False, as_catalog: str | None = None) -> RebuildReport:
     """Build a new catalog at `catalog_path` from the manifests in `store`.
     Each backup keeps the id its manifest records; when manifests from two
     catalogs claim one id, the one that finished first keeps it and the others
@@ -189,7 +191,14 @@ def rebuild(store: Repository, repository_id: str, catalog_path: Path, *,
     is reported and skipped (every manifest holds a full map, so the others
     stay whole). Refuses an existing catalog unless `force` (the old one is
     then kept beside it as `<catalog>.replaced-<time>`), and one in use by a
-    running oneback process."""
+    running oneback process.
+
+    The rebuilt catalog takes over the identity of the catalog whose
+    backups it is rebuilding (`as_catalog`, or the only catalog the manifests
+    name): those backups are its own again, and `forget` deletes their
+    manifests. Backups another catalog sharing the repository wrote are
+    imported for listing and restoring, but stay that catalog's: forgetting
+    them here never deletes their manifests (`foreign`)."""
     if catalog_path.exists() and not force:
         raise RepositoryError(
             f"catalog {catalog_path} exists; pass --force to replace it (the old one is "
@@ -208,6 +217,13 @@ def rebuild(store: Repository, repository_id: str, catalog_path: Path, *,
             continue
         found.append((m.backup_id, m.finished, name, m.catalog))
     found.sort()
+    owners = {f[3] for f in found}
+    if as_catalog is not None and as_catalog not in owners:
+        raise RepositoryError(
+            f"no manifest in the repository was written by catalog {as_catalog!r}; the"
+            f" catalogs there are: {', '.join(sorted(owners)) or 'none'}")
+    adopt = as_catalog if as_catalog is not None else (
+        next(iter(owners)) if len(owners) == 1 else None)
     ids: dict[str, tuple[int, int | None]] = {}
     taken: set[int] = set()
     seen: set[tuple[str, int]] = set()
@@ -231,6 +247,10 @@ def rebuild(store: Repository, repository_id: str, catalog_path: Path, *,
     try:
         with Catalog.open(tmp) as catalog:
             catalog.bind_repository(repository_id)
+            if adopt is not None:
+                catalog.adopt_catalog_id(adopt)
+            report.catalog_id = catalog.catalog_id
+            report.foreign = sum(1 for f in found if f[3] != report.catalog_id)
             # the previous imported map of each (VM, disk): size, block size, map
             bases: dict[tuple[int, int], tuple[int, int, DiskMap]] = {}
             for name, (backup_id, old_id) in order:
@@ -338,9 +358,21 @@ def forget(catalog: Catalog, store: Repository, backup_ids: list[int]) -> list[i
     the ids forgotten; NotFound for an unknown id (the earlier ones stay
     forgotten)."""
     done = []
+    own = catalog.catalog_id
     for backup_id in backup_ids:
         manifest = catalog.forget_backup(backup_id)
-        if manifest is not None:
+        if manifest is not None and _written_by(store, manifest) == own:
             store.delete_manifest(manifest)
         done.append(backup_id)
     return done
+
+
+def _written_by(store: Repository, manifest: str) -> str | None:
+    """The catalog that wrote a manifest; None if it cannot be read. Only
+    that catalog may delete it: another catalog sharing the repository (or a
+    rebuilt one that imported it) forgets the backup for itself alone, and
+    the chunks stay for the catalog that still lists it."""
+    try:
+        return mf.decode(store.get_manifest(manifest), manifest).catalog
+    except OnebackError:
+        return None

@@ -142,8 +142,6 @@ def test_a_verify_never_quarantines_a_chunk_another_process_just_healed(
     assert verifier.get(chunk) == data, "the healed chunk was quarantined"
 
 
-@pytest.mark.xfail(strict=True, reason="review finding: a rebuilt catalog adopts every "
-                   "catalog's manifests, and its forget deletes another agent's backups")
 def test_a_rebuilt_catalog_never_forgets_the_backups_another_catalog_holds(
         cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
     """Two agents share a repository; the first loses its catalog and
@@ -202,3 +200,27 @@ def test_a_full_backup_keeps_the_old_chunks_it_checked_from_a_prune(tmp_path: Pa
         report = prune.prune(store)
         assert report.deleted == 0, report
         assert store.touch(chunk)
+
+
+def test_a_rebuilt_catalog_takes_over_its_own_backups_and_forgets_them_for_good(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    """The other side of the rule above: a proxy that lost its catalog and
+    rebuilds it from manifests only it wrote takes over that catalog's
+    identity, so retention deletes its forgotten backups' manifests and a
+    prune frees their chunks (else a rebuilt catalog could never free any)."""
+    c = cloud
+    a = c.vm("a", [c.image("a-os", pattern(2 * BLOCK, 1))])
+    _backup(c, capsys, a)
+    with open(c.disk_path(a, 0), "r+b") as f:
+        f.write(pattern(BLOCK, 7))
+    _backup(c, capsys, a)
+    manifests = c.tmp / "repo" / "manifests"
+    before = sorted(p for p in manifests.rglob("*") if p.is_file())
+    assert len(before) == 2
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{c.tmp / 'catalog.sqlite'}{suffix}").unlink(missing_ok=True)
+    r = c.run("catalog", "rebuild", "--json", capsys=capsys)
+    assert r.code == 0 and r.json()["foreign"] == 0, r.out + r.err
+    assert c.run("forget", "--keep-last", "1", capsys=capsys).code == 0
+    after = sorted(p for p in manifests.rglob("*") if p.is_file())
+    assert len(after) == 1 and after[0] in before   # one manifest is gone for good

@@ -181,6 +181,12 @@ class Catalog(JobQueue, VerifyRecords):
             raise InternalError(f"catalog {self.path} has no catalog_id")
         return found
 
+    def adopt_catalog_id(self, catalog_id: str) -> None:
+        """Take over the identity of a lost catalog (a rebuild): the backups
+        its manifests record become this catalog's own again."""
+        with self._guard("taking over a catalog's identity", write=True) as conn:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'catalog_id'", (catalog_id,))
+
     def repository_id(self) -> str | None:
         """The id of the repository this catalog belongs to; None before
         `oneback init` bound it."""
