@@ -13,9 +13,10 @@ or talk to pyone, SQL or /dev directly (it uses cloud, catalog, devices).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -202,12 +203,28 @@ def _backup_disks(vm_id: int, vm: VmInfo, plan: DiskPlan, image_documents: dict[
                 snaps[disk.disk_id] = stack.enter_context(
                     workspace.snapshot(vm_id, disk.disk_id))
 
-        for disk in plan.read:
+        # With more than one disk, disk N+1 is saved, attached and found
+        # (`_Prepared`, on a thread of its own) while disk N is read.
+        ahead: dict[int, _Prepared] = {}
+        if len(plan.read) > 1:
+            everything.callback(_close_all, ahead)   # before the snapshots are deleted
+
+        def prepare(i: int) -> None:
+            if i < len(plan.read) and i not in ahead:
+                d = plan.read[i]
+                ahead[i] = _Prepared(functools.partial(
+                    _attach_disk, vm_id, d, snaps[d.disk_id], workspace=workspace,
+                    settings=settings, progress=progress, cancel=cancel))
+
+        for i, disk in enumerate(plan.read):
             with per_disk[disk.disk_id]:
+                if len(plan.read) > 1:
+                    prepare(i)
+                    prepare(i + 1)
                 result, s_s = _read_disk(
                     vm_id, disk, snaps[disk.disk_id], options, catalog=catalog,
                     store=store, workspace=workspace, settings=settings, progress=progress,
-                    cancel=cancel, healed=healed)
+                    cancel=cancel, healed=healed, prepared=ahead.get(i))
                 scan_seconds += s_s
                 disk_previous, disk_backup, scan = result
                 full = full or disk_previous is None
@@ -295,7 +312,7 @@ def _commit(catalog: BackupCatalog, store: Repository, *, vm_id: int, vm_name: s
 def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions, *,
                catalog: BackupCatalog, store: Repository, workspace: Workspace,
                settings: Settings, progress: Progress, cancel: threading.Event | None,
-               healed: list[str] | None = None,
+               healed: list[str] | None = None, prepared: _Prepared | None = None,
                ) -> tuple[tuple[reader.PreviousMap | None, DiskBackup, reader.ScanResult],
                           float]:
     """Save, attach, scan, detach, delete one disk's snapshot image. Returns
@@ -307,47 +324,126 @@ def _read_disk(vm_id: int, disk: DiskInfo, snap_id: int, options: BackupOptions,
     one replaced. The saved image is the one copy of the disk OpenNebula
     makes: it is attached read-only and, where its datastore links persistent
     images, persistent (a link, not a clone; `Workspace.saved_image`)."""
-    if snap_id != -1:   # the snapshot taken for this backup (a copy of a raw file)
-        workspace.copied("snapshot", disk.attributes, disk.size_bytes)
-    progress.phase(disk.disk_id, "save-as")
-    with workspace.saved_image(vm_id, disk.disk_id, snap_id) as image_id:
+    with ExitStack() as stack:
+        if prepared is None:
+            path = _attach_disk(vm_id, disk, snap_id, stack, threading.Event(),
+                                workspace=workspace, settings=settings, progress=progress,
+                                cancel=cancel)
+        else:   # made ready ahead, on its own thread; released (detached) by the caller
+            stack.callback(prepared.close)
+            path = prepared.path()
+        t1 = time.monotonic()
+        size = devices.device_size(path)
+        progress.disk_size(disk.disk_id, size)
+        previous = None if options.full else catalog.previous_map(vm_id, disk.disk_id)
+        if previous is not None and previous.block_size != settings.block_size:
+            previous = None
+        diff_against: reader.Previous | None = previous
+        if previous is not None:
+            lost = _lost_blocks(previous, store, settings.workers)
+            if lost:
+                diff_against = _Changed(previous, lost)
+                if healed is not None:
+                    healed.append(
+                        f"disk {disk.disk_id}: {lost.count(1)} block(s) read and stored"
+                        " again: their chunks were missing from the repository (healed)")
+        scan_store: ChunkStore = Healing(store) if options.full else store
+        progress.phase(disk.disk_id, "read")
+        scan = reader.scan(path, size, settings.block_size, diff_against, scan_store,
+                           full=options.full or previous is None,
+                           workers=settings.workers, read_depth=settings.read_depth,
+                           direct=settings.direct_io,
+                           progress=progress.advanced,
+                           cancel=cancel)
         _check_cancel(cancel)
-        progress.phase(disk.disk_id, "attach")
-        with workspace.attached(image_id, gone=settings.device_gone,
-                                readonly=True) as proxy_disk:
-            path = settings.device(proxy_disk, cancel)
-            t1 = time.monotonic()
-            size = devices.device_size(path)
-            progress.disk_size(disk.disk_id, size)
-            previous = None if options.full else catalog.previous_map(vm_id, disk.disk_id)
-            if previous is not None and previous.block_size != settings.block_size:
-                previous = None
-            diff_against: reader.Previous | None = previous
-            if previous is not None:
-                lost = _lost_blocks(previous, store, settings.workers)
-                if lost:
-                    diff_against = _Changed(previous, lost)
-                    if healed is not None:
-                        healed.append(
-                            f"disk {disk.disk_id}: {lost.count(1)} block(s) read and stored"
-                            " again: their chunks were missing from the repository (healed)")
-            scan_store: ChunkStore = Healing(store) if options.full else store
-            progress.phase(disk.disk_id, "read")
-            scan = reader.scan(path, size, settings.block_size, diff_against, scan_store,
-                               full=options.full or previous is None,
-                               workers=settings.workers, read_depth=settings.read_depth,
-                               direct=settings.direct_io,
-                               progress=progress.advanced,
-                               cancel=cancel)
-            _check_cancel(cancel)
-            scan_seconds = time.monotonic() - t1
-            progress.phase(disk.disk_id, "detach")
+        scan_seconds = time.monotonic() - t1
+        progress.phase(disk.disk_id, "detach")
     backup = DiskBackup(
         disk_id=disk.disk_id, size=size, block_size=settings.block_size,
         image_id=disk.image_id, volatile=False, excluded=False,
         bytes_read=scan.bytes_read, bytes_changed=scan.bytes_changed,
         bytes_stored=scan.bytes_stored, attributes=dict(disk.attributes))
     return (previous, backup, scan), scan_seconds
+
+
+def _attach_disk(vm_id: int, disk: DiskInfo, snap_id: int, stack: ExitStack,
+                 stop: threading.Event, *, workspace: Workspace, settings: Settings,
+                 progress: Progress, cancel: threading.Event | None) -> Path:
+    """Save `disk`'s snapshot as an image and attach it to the proxy VM (both
+    undone when `stack` exits); returns its device once found. `stop` set
+    means the caller gave up on this disk: nothing more is created."""
+    if snap_id != -1:   # the snapshot taken for this backup (a copy of a raw file)
+        workspace.copied("snapshot", disk.attributes, disk.size_bytes)
+    progress.phase(disk.disk_id, "save-as")
+    image_id = stack.enter_context(workspace.saved_image(vm_id, disk.disk_id, snap_id))
+    _check_cancel(cancel)
+    _check_cancel(stop)
+    progress.phase(disk.disk_id, "attach")
+    proxy_disk = stack.enter_context(
+        workspace.attached(image_id, gone=settings.device_gone, readonly=True))
+    _check_cancel(stop)
+    return settings.device(proxy_disk, cancel)
+
+
+class _Prepared:
+    """One disk saved, attached and found ahead (`_attach_disk`) on a thread
+    of its own, while the caller reads the disk before it. The thread owns
+    the disk's ExitStack: it holds the attachment until `close`, then
+    detaches and deletes the image itself, on every path. Only the blocking
+    cloud calls run ahead; oned's one operation per VM at a time holds
+    through `Cloud`'s per-VM lock, `agent.max_attached` through the
+    workspace's `attach_slots` (taken on this thread)."""
+
+    def __init__(self, prepare: Callable[[ExitStack, threading.Event], Path]) -> None:
+        self._release = threading.Event()
+        self._ready = threading.Event()
+        self._path: Path | None = None
+        self._error: BaseException | None = None   # preparing failed
+        self._late: BaseException | None = None    # undoing failed (beyond `leftovers`)
+        self._thread = threading.Thread(target=self._run, args=(prepare,),
+                                        name="oneback-prepare", daemon=True)
+        self._thread.start()
+
+    def _run(self, prepare: Callable[[ExitStack, threading.Event], Path]) -> None:
+        try:
+            with ExitStack() as stack:
+                try:
+                    self._path = prepare(stack, self._release)
+                except BaseException as e:
+                    self._error = e
+                    raise
+                finally:
+                    self._ready.set()
+                self._release.wait()
+        except BaseException as e:
+            if e is not self._error:
+                self._late = e
+
+    def path(self) -> Path:
+        """The disk's device, once ready; what preparing it raised, if it failed."""
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._path is not None
+        return self._path
+
+    def close(self) -> None:
+        """Let the thread detach and delete what it made, and wait for it."""
+        self._release.set()
+        self._thread.join()
+        if self._late is not None:
+            late, self._late = self._late, None
+            raise late
+
+
+def _close_all(ahead: Mapping[int, _Prepared]) -> None:
+    """On any way out: every disk prepared ahead is released and undone
+    before its snapshot is deleted."""
+    for prepared in ahead.values():
+        try:
+            prepared.close()
+        except Exception:   # the first failure is already on its way up
+            pass
 
 
 class _Changed:
