@@ -97,7 +97,8 @@ class Runtime:
 
     def workspace(self) -> Workspace:
         from agent.attach import Workspace
-        return Workspace(self.cloud, self.catalog, self.lease.owner, self.cfg.proxy.vm_id)
+        return Workspace(self.cloud, self.catalog, self.lease.owner, self.cfg.proxy.vm_id,
+                         attach_slots=threading.Semaphore(self.cfg.agent.max_attached))
 
 
 @contextmanager
