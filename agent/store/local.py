@@ -324,14 +324,18 @@ class LocalStore:
                     replace = True
                 else:
                     replace = True  # debris of a power loss before a flush: write it again
-            encoded = self._codec.encode(data)
-            try:
-                return self._save(path, encoded, replace)
-            except OSError as e:
-                raise RepositoryError(
-                    f"cannot write chunk {chunk_id.hex()} to {self.path}: "
-                    f"{e.strerror or e}; check free space and permissions"
-                ) from e
+            return self._write_chunk(chunk_id, path, data, replace)
+
+    def _write_chunk(self, chunk_id: bytes, path: Path, data: Data, replace: bool) -> int:
+        """Encode and save one chunk (the caller holds its lock)."""
+        encoded = self._codec.encode(data)
+        try:
+            return self._save(path, encoded, replace)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot write chunk {chunk_id.hex()} to {self.path}: "
+                f"{e.strerror or e}; check free space and permissions"
+            ) from e
 
     def _maybe_lost(self, mtime: float) -> bool:
         """A chunk file written before this boot and after the last flush
@@ -464,14 +468,7 @@ class LocalStore:
                     return 0   # fresh again, as a put's dedup hit: a prune keeps it
                 else:
                     replace = True   # a prune took it just now, or another account's file
-            encoded = self._codec.encode(data)
-            try:
-                return self._save(path, encoded, replace)
-            except OSError as e:
-                raise RepositoryError(
-                    f"cannot write chunk {chunk_id.hex()} to {self.path}: "
-                    f"{e.strerror or e}; check free space and permissions"
-                ) from e
+            return self._write_chunk(chunk_id, path, data, replace)
 
     def _move_aside(self, chunk_id: bytes, path: Path) -> Path | None:
         """Rename a damaged chunk file into quarantine/ (durably); its new
