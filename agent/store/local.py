@@ -408,15 +408,19 @@ class LocalStore:
 
     def get(self, chunk_id: bytes) -> bytes:
         path = self._path(chunk_id)
+        stored = self._read(path, f"chunk {chunk_id.hex()}")
+        return self._codec.decode(chunk_id, stored, str(path))
+
+    def _read(self, path: Path, what: str) -> bytes:
+        """A repository file's bytes: NotFound if it is missing, else
+        RepositoryError for any other failure, naming `what`."""
         try:
-            stored = path.read_bytes()
+            return path.read_bytes()
         except FileNotFoundError as e:
-            raise NotFound(f"chunk {chunk_id.hex()} is not in repository {self.path}") from e
+            raise NotFound(f"{what} is not in repository {self.path}") from e
         except OSError as e:
             raise RepositoryError(
-                f"cannot read chunk {chunk_id.hex()} from {self.path}: {e.strerror or e}"
-            ) from e
-        return self._codec.decode(chunk_id, stored, str(path))
+                f"cannot read {what} from {self.path}: {e.strerror or e}") from e
 
     def delete(self, chunk_id: bytes) -> None:
         path = self._path(chunk_id)
@@ -697,15 +701,7 @@ class LocalStore:
         fsync_dir(directory.parent)
 
     def get_manifest(self, name: str) -> bytes:
-        path = self._manifest_path(name)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError as e:
-            raise NotFound(f"manifest {name} is not in repository {self.path}") from e
-        except OSError as e:
-            raise RepositoryError(
-                f"cannot read manifest {name} from {self.path}: {e.strerror or e}"
-            ) from e
+        return self._read(self._manifest_path(name), f"manifest {name}")
 
     def delete_manifest(self, name: str) -> None:
         path = self._manifest_path(name)
