@@ -17,7 +17,6 @@ touch the catalog or the cloud, or print (it reports through `progress`).
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import queue
@@ -402,7 +401,7 @@ class _Scanner:
             elif self._is_zero(digest, view, length):
                 record = BlockRecord(index, digest, None)
             else:
-                chunk_id = hashlib.sha256(view).digest()
+                chunk_id = self.store.chunk_id(view)
                 written = self.store.put(chunk_id, view)
                 record = BlockRecord(index, digest, chunk_id)
         with self.lock:

@@ -50,5 +50,5 @@ def test_every_module_is_in_the_architecture_section() -> None:
         if path.name in ("__init__.py", "__main__.py"):
             continue
         assert f"`agent/{path.name}`" in section, f"README's architecture lacks {path.name}"
-    for package in ("store", "catalog"):
+    for package in ("store", "catalog", "commands"):
         assert f"`agent/{package}/`" in section

@@ -36,6 +36,11 @@ class ChunkStore(Protocol):
     """Content-addressed chunk storage. `chunk_id` is the SHA-256 of the raw
     (uncompressed) chunk. Implementations are safe to call from many threads."""
 
+    def chunk_id(self, data: Data) -> bytes:
+        """The id this store gives the raw chunk `data`: its SHA-256 (a keyed
+        hash where the repository is encrypted, so ids reveal no content)."""
+        ...
+
     def has(self, chunk_id: bytes) -> bool:
         """True if the chunk is stored (durable once a `flush` has returned
         after its `put`, when the backend is durable)."""
@@ -146,6 +151,9 @@ class Healing:
     def __init__(self, store: ChunkStore) -> None:
         self._store = store
 
+    def chunk_id(self, data: Data) -> bytes:
+        return self._store.chunk_id(data)
+
     def has(self, chunk_id: bytes) -> bool:
         return self._store.has(chunk_id)
 
@@ -179,6 +187,10 @@ class Codec:
         self.level = level
         self._local = threading.local()
 
+    def chunk_id(self, data: Data) -> bytes:
+        """The id of a raw chunk under this codec: its SHA-256."""
+        return hashlib.sha256(data).digest()
+
     def encode(self, data: Data) -> bytes:
         compressor: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
         if compressor is None:
@@ -199,7 +211,7 @@ class Codec:
                 f"chunk {chunk_id.hex()} in {where} is corrupt ({e}); "
                 "run a repository check and back the affected VMs up again"
             ) from e
-        if hashlib.sha256(data).digest() != chunk_id:
+        if self.chunk_id(data) != chunk_id:
             raise IntegrityError(
                 f"chunk {chunk_id.hex()} in {where} does not match its SHA-256; "
                 "run a repository check and back the affected VMs up again"

@@ -300,6 +300,9 @@ class LocalStore:
     def _lock(self, chunk_id: bytes) -> threading.Lock:
         return self._locks[chunk_id[0]]
 
+    def chunk_id(self, data: Data) -> bytes:
+        return self._codec.chunk_id(data)
+
     def has(self, chunk_id: bytes) -> bool:
         path = self._path(chunk_id)
         with self._lock(chunk_id):

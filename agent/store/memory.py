@@ -25,6 +25,9 @@ class MemoryStore:
         self._codec = Codec(level)
         self._lock = threading.Lock()
 
+    def chunk_id(self, data: Data) -> bytes:
+        return self._codec.chunk_id(data)
+
     def has(self, chunk_id: bytes) -> bool:
         check_chunk_id(chunk_id)
         with self._lock:
