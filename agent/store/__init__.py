@@ -180,7 +180,11 @@ class Healing:
 
 
 class Codec:
-    """zstd encoding of chunks. One compressor and decompressor per thread
+    """How a backend turns chunks and manifests into stored bytes: chunk ids
+    (`chunk_id`), chunks (`encode`/`decode`: a zstd frame, verified against
+    its id on the way out) and manifests (`seal`/`unseal`). Backends take
+    one in their constructor; an encrypting codec replaces this one.
+    zstd encoding of chunks: One compressor and decompressor per thread
     (zstandard objects must not be shared between threads)."""
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
@@ -197,6 +201,15 @@ class Codec:
             compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
             self._local.c = compressor
         return bytes(compressor.compress(data))
+
+    def seal(self, data: bytes) -> bytes:
+        """A manifest's bytes as stored (as they are; an encrypting codec
+        encrypts them)."""
+        return bytes(data)
+
+    def unseal(self, stored: bytes, what: str) -> bytes:
+        """The inverse of `seal`; IntegrityError names `what` if it fails."""
+        return stored
 
     def decode(self, chunk_id: bytes, stored: bytes, where: str) -> bytes:
         """Decompress and verify; IntegrityError names the chunk and `where`."""

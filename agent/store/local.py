@@ -146,13 +146,13 @@ class LocalStore:
     (names appear atomically, temp files are unique)."""
 
     def __init__(self, path: Path, repo_id: str, level: int,
-                 sync_each_put: bool = False) -> None:
+                 sync_each_put: bool = False, codec: Codec | None = None) -> None:
         self.path = path
         self.id = repo_id
         self._chunks = path / "chunks"
         self._manifests = path / "manifests"
         self._tmp = path / "tmp"
-        self._codec = Codec(level)
+        self._codec = codec if codec is not None else Codec(level)
         self.sync_each_put = sync_each_put or not HAVE_SYNCFS
         self._synced = 0.0     # chunk files older than this are durable
         self._boot = boot_time()
@@ -673,7 +673,7 @@ class LocalStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
             try:
                 try:
-                    _write_all(fd, bytes(data))
+                    _write_all(fd, self._codec.seal(data))
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -704,7 +704,8 @@ class LocalStore:
         fsync_dir(directory.parent)
 
     def get_manifest(self, name: str) -> bytes:
-        return self._read(self._manifest_path(name), f"manifest {name}")
+        what = f"manifest {name}"
+        return self._codec.unseal(self._read(self._manifest_path(name), what), what)
 
     def delete_manifest(self, name: str) -> None:
         path = self._manifest_path(name)

@@ -18,11 +18,11 @@ class MemoryStore:
     """Thread-safe. `blobs` maps chunk id to the stored (compressed) bytes;
     it is public so tests can inspect or damage what is stored."""
 
-    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+    def __init__(self, level: int = DEFAULT_LEVEL, codec: Codec | None = None) -> None:
         self.blobs: dict[bytes, bytes] = {}
         self.manifest_blobs: dict[str, bytes] = {}
         self.quarantined: list[tuple[bytes, bytes]] = []   # (chunk id, its damaged bytes)
-        self._codec = Codec(level)
+        self._codec = codec if codec is not None else Codec(level)
         self._lock = threading.Lock()
 
     def chunk_id(self, data: Data) -> bytes:
@@ -96,7 +96,7 @@ class MemoryStore:
         with self._lock:
             if name in self.manifest_blobs:
                 raise RepositoryError(f"manifest {name} already exists in the memory store")
-            self.manifest_blobs[name] = bytes(data)
+            self.manifest_blobs[name] = self._codec.seal(data)
         return len(data)
 
     def get_manifest(self, name: str) -> bytes:
@@ -105,7 +105,7 @@ class MemoryStore:
             data = self.manifest_blobs.get(name)
         if data is None:
             raise NotFound(f"manifest {name} is not in the memory store")
-        return data
+        return self._codec.unseal(data, f"manifest {name}")
 
     def delete_manifest(self, name: str) -> None:
         check_manifest_name(name)
