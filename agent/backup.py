@@ -382,7 +382,9 @@ def _attach_disk(vm_id: int, disk: DiskInfo, snap_id: int, stack: ExitStack,
     proxy_disk = stack.enter_context(
         workspace.attached(image_id, gone=settings.device_gone, readonly=True))
     _check_cancel(stop)
-    return settings.device(proxy_disk, cancel)
+    path = settings.device(proxy_disk, cancel)
+    progress.phase(disk.disk_id, "ready")
+    return path
 
 
 class _Prepared:

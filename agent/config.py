@@ -107,6 +107,7 @@ class AgentConfig:
     max_backoff: float = 21600.0     # cap on every backoff (failed jobs, reconcile, expiry)
     max_connections: int = 16  # control endpoint: connections (threads) at once
     connection_timeout: float = 5.0  # control endpoint: seconds a connection may take
+    metrics_listen: tuple[str, int] | None = None  # Prometheus metrics (host, port); None: off
 
     def read_secret(self) -> bytes:
         """The secret shared with the hook scripts. Refuses one others can read."""
@@ -322,7 +323,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",
                     "retry_base", "max_attempts", "shutdown_grace", "min_interval",
                     "max_snapshot_sets", "failure_cooldown", "max_backoff",
-                    "max_connections", "connection_timeout"})
+                    "max_connections", "connection_timeout", "metrics_listen"})
     listen = ag.text("listen", "127.0.0.1:2640")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -343,6 +344,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         max_backoff=ag.number("max_backoff", 21600.0),
         max_connections=ag.integer("max_connections", 16),
         connection_timeout=ag.number("connection_timeout", 5.0),
+        metrics_listen=_metrics_listen(ag.raw_default("metrics_listen", None), path),
     )
     bk = _Section({"backup": data.get("backup", {})}, "backup", path)
     bk.check_known({"qcow2_base"})
@@ -357,6 +359,20 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     retention = KeepPolicy(**{r: rt.integer(f"keep_{r}", 0, minimum=0) for r in RULES})
     return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
                   agent=agent, backup=backup, verify=verify, retention=retention)
+
+
+def _metrics_listen(raw: Any, path: Path) -> tuple[str, int] | None:
+    """agent.metrics_listen: "HOST:PORT" where the agent serves Prometheus
+    metrics (absent: no metrics; port 0: any free port, logged)."""
+    if raw is None:
+        return None
+    host, _, port = raw.rpartition(":") if isinstance(raw, str) else ("", "", "")
+    if (not host or not port.isascii() or not port.isdigit() or int(port) > 65535
+            or any(c.isspace() for c in host)):
+        raise ConfigError(f"{path}: agent.metrics_listen must be HOST:PORT, e.g."
+                          f" \"127.0.0.1:9464\" (leave it out for no metrics);"
+                          f" got {str(raw)[:60]!r}")
+    return host.strip("[]"), int(port)
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)\s*|(%)\s*)?$")

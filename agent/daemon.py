@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent import events as events_mod
 from agent.attach import Workspace, sweep
@@ -45,9 +46,13 @@ from agent.errors import CloudError, DeviceError, Interrupted, NotFound, Oneback
 from agent.lease import Lease, is_alive
 from agent.model import VM_DONE, Backoff, Job, VmInfo, is_one_id
 from agent.policy import due_work, vm_policy
+from agent.progress import NoObserver, Observer
 from agent.snapshots import create_set, delete_set, sets_of
 from agent.store import Repository
 from agent.subscriber import Subscriber
+
+if TYPE_CHECKING:
+    from agent.metrics import Served
 
 log = logging.getLogger("oneback.agent")
 STATUS = "ONEBACK_STATUS"
@@ -112,6 +117,7 @@ class Agent:
         self.cancel = threading.Event()     # running jobs: stop now
         self.attach_slots = threading.Semaphore(cfg.agent.max_attached)
         self.control: ControlServer | None = None
+        self.observer: Observer = NoObserver()   # the metrics, when agent.metrics_listen
         self._work = threading.Condition()
         self._running: dict[int, Job] = {}
         self._current: dict[str, Job] = {}      # worker thread name -> its job
@@ -127,6 +133,30 @@ class Agent:
 
     def run(self, should_exit: threading.Event) -> None:
         """Serve until `should_exit` is set; then shut down gracefully."""
+        metrics = self._start_metrics()
+        try:
+            self._run(should_exit)
+        finally:
+            if metrics is not None:
+                metrics.close()
+
+    def _start_metrics(self) -> Served | None:
+        """Serve the metrics (`agent.metrics_listen`); ConfigError, before
+        anything else starts, when the address cannot be listened on."""
+        if self.cfg.agent.metrics_listen is None:
+            return None
+        from agent import metrics
+        host, port = self.cfg.agent.metrics_listen
+        served = metrics.serve(self.catalog, host, port, leases=self._held)
+        self.observer = served.metrics
+        event("metrics.listening", address=served.address)
+        return served
+
+    def _held(self) -> list[int]:
+        """The VMs this agent holds now (the per-VM lock of a running job)."""
+        return [job.vm_id for job in list(self._running.values())]
+
+    def _run(self, should_exit: threading.Event) -> None:
         self.startup()
         sub = Subscriber(self.cfg.opennebula.events, events_mod.TOPICS)
         if self.secret is not None:
@@ -353,6 +383,7 @@ class Agent:
             return
         self._pool_wanted, self._pool_failures, self._pool_retry = False, 0, 0.0
         self._recovered("reconcile:all")
+        self.observer.seen([vm.id for vm in pool])
         for vm in pool:
             vms.discard(vm.id)
             self._reconcile_one(vm)
@@ -423,9 +454,11 @@ class Agent:
         if vm.id == self.cfg.proxy.vm_id:
             return
         if vm.state == VM_DONE:
+            self.observer.policy(vm.id, None)
             self._gone(vm.id)
             return
         pol = vm_policy(vm, self.cfg.agent.min_interval)
+        self.observer.policy(vm.id, pol.interval if pol.opted_in else None)
         if not pol.opted_in:
             return
         if pol.error:
@@ -547,10 +580,12 @@ class Agent:
             self.catalog.job_fail(job.id, str(e), retry_at=self.clock())
             event("job.interrupted", job=job.id, vm_id=job.vm_id)
         except NotFound as e:
+            self.observer.job_failed(job.vm_id, job.kind)
             self.catalog.job_fail(job.id, str(e), retry_at=None)
             self._gone(job.vm_id)
             event("job.failed", job=job.id, vm_id=job.vm_id, error=str(e))
         except OnebackError as e:
+            self.observer.job_failed(job.vm_id, job.kind)
             transient = isinstance(e, CloudError | DeviceError) and (
                 not isinstance(e, CloudError) or e.transient)
             retry = None
@@ -562,6 +597,7 @@ class Agent:
                 self._cool_down(job, e)
             self._status_after_failure(job.vm_id, str(e))
         except Exception as e:  # a bug: keep serving, record it
+            self.observer.job_failed(job.vm_id, job.kind)
             self.catalog.job_fail(job.id, _error(e), None)
             event("job.crashed", job=job.id, vm_id=job.vm_id, error=_error(e))
             self._cool_down(job, e)
@@ -590,8 +626,9 @@ class Agent:
         with exclusive(self.cfg.storage.catalog, vm.id):
             result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud, catalog=self.catalog,
                                store=self.store, workspace=workspace, settings=settings,
-                               cancel=self.cancel)
+                               progress=self.observer.backup(vm.id), cancel=self.cancel)
         rec = result.record
+        self.observer.backup_done(vm.id, rec)
         forgotten = self._retain(vm)
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.finished))
         status = "ok" if not result.refused else "warning: " + " | ".join(result.refused)

@@ -435,6 +435,20 @@ class Catalog(JobQueue, VerifyRecords):
             for r in rows
         ]
 
+    def last_successes(self) -> dict[int, float]:
+        """{VM id: when its newest backup finished} for every VM not gone."""
+        with self._guard("reading the last backups") as conn:
+            return {int(r[0]): float(r[1]) for r in conn.execute(
+                "SELECT b.vm_id, max(b.finished) FROM backups b JOIN vms v ON v.id = b.vm_id"
+                " WHERE v.gone = 0 GROUP BY b.vm_id")}
+
+    def stored_totals(self) -> tuple[int, int]:
+        """(chunks the backups reference, their stored bytes as recorded)."""
+        with self._guard("summing the stored chunks") as conn:
+            n, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM chunks"
+                                   " WHERE refs > 0").fetchone()
+        return int(n), int(size)
+
     def vm_document(self, backup_id: int) -> str:
         """The VM's XML document as saved with the backup."""
         with self._guard("reading a VM document") as conn:

@@ -163,6 +163,16 @@ class JobQueue:
                                 " ORDER BY id DESC LIMIT ?", (*states, limit)).fetchall()
         return _readable(rows)
 
+    def job_queue_stats(self) -> tuple[int, int, float | None]:
+        """(queued jobs, running jobs, when the oldest queued job was created
+        or None): the queue at a glance, for the metrics."""
+        with self._guard("reading the job queue") as conn:
+            queued, oldest = conn.execute("SELECT count(*), min(created) FROM jobs"
+                                          " WHERE state = 'queued'").fetchone()
+            running = conn.execute("SELECT count(*) FROM jobs WHERE state = 'running'"
+                                   ).fetchone()[0]
+        return int(queued), int(running), None if oldest is None else float(oldest)
+
     def iter_last_jobs(self, vm_id: int, kind: str) -> Iterator[Job]:
         with self._guard("reading jobs") as conn:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE vm_id = ? AND kind = ?"
