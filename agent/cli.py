@@ -15,6 +15,7 @@ from typing import NoReturn
 import click
 
 # Registering the commands: each module adds its commands to the `cli` group.
+import agent.commands.doctor  # noqa: F401  (registers `oneback doctor`)
 from agent.commands import backups, cli, json_option, repository, runtime, service, snapshots  # noqa: F401
 from agent.errors import (
     EXIT_CODES,

@@ -635,3 +635,27 @@ class Cloud:
     def image_chown(self, image_id: int, uid: int, gid: int) -> None:
         """Give the image to user `uid` and group `gid` (-1 leaves either as it is)."""
         self.call("image.chown", image_id, uid, gid)
+
+    # -- what `oneback doctor` asks ---------------------------------------------
+
+    def whoami(self) -> tuple[int, str]:
+        """(id, name) of the user this connection authenticates as
+        (`one.user.info -1`): the cheapest call that proves the credentials."""
+        root = xmldoc.parse(str(self.call("user.info", -1)))
+        return int_of(root, "ID", -1), text_of(root, "NAME")
+
+    def vm_cluster(self, vm_id: int) -> tuple[int, str, int, str] | None:
+        """(cluster id, its name, host id, host name) where the VM was last
+        deployed: its last HISTORY record (HistoryRecord's CID, HID, HOSTNAME)
+        and that host's CLUSTER (Host::to_xml); None if it never was."""
+        root = xmldoc.parse(str(self.call("vm.info", vm_id)))
+        records = root.findall("HISTORY_RECORDS/HISTORY")
+        if not records:
+            return None
+        last = records[-1]
+        cid, hid = int_of(last, "CID", -1), int_of(last, "HID", -1)
+        try:
+            name = text_of(xmldoc.parse(str(self.call("host.info", hid))), "CLUSTER")
+        except NotFound:   # the host was deleted since
+            name = ""
+        return cid, name, hid, text_of(last, "HOSTNAME")

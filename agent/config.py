@@ -75,6 +75,7 @@ class ProxyConfig:
     dev_root: Path
     device_timeout: float  # seconds to wait for an attached disk to appear
     sys_root: Path         # where the kernel shows block devices and their serials
+    lvm_config: Path = Path("/etc/lvm/lvmlocal.conf")  # the LVM filter `oneback doctor` checks
 
 
 MAX_READ_DEPTH = 256
@@ -279,7 +280,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     )
 
     px = _Section(data, "proxy", path)
-    px.check_known({"vm_id", "dev_root", "sys_root", "context_file", "device_timeout"})
+    px.check_known({"vm_id", "dev_root", "sys_root", "context_file", "device_timeout",
+                    "lvm_config"})
     raw_id = px.raw("vm_id")
     context_file = px.path_("context_file", str(DEFAULT_CONTEXT_FILE))
     if raw_id == "auto":
@@ -296,6 +298,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         dev_root=px.path_("dev_root", "/dev"),
         device_timeout=px.number("device_timeout", 30.0),
         sys_root=px.path_("sys_root", "/sys"),
+        lvm_config=px.path_("lvm_config", "/etc/lvm/lvmlocal.conf"),
     )
 
     st = _Section(data, "storage", path)

@@ -4,7 +4,8 @@ Owns: an HTTP listener that accepts `POST /v1/hook` only when signed with the
 shared secret (HMAC-SHA256 over timestamp, nonce and body), fresh (timestamp
 within `WINDOW` seconds) and not replayed (nonce unseen within the window);
 everything else is refused with 401 and reported to the `refused` callback
-(the daemon logs it). An accepted request only becomes a `Trigger`: it wakes
+(the daemon logs it). `GET /v1/health` answers, unauthenticated, only that a
+oneback agent listens (`probe`, for `oneback doctor`). An accepted request only becomes a `Trigger`: it wakes
 the agent, it never decides.
 
 Strangers can reach the port, so before anything is authenticated: the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import re
 import socket
@@ -39,6 +41,8 @@ MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 16
 TIMEOUT = 5.0
 _LENGTH = re.compile(r"[0-9]{1,20}")
+HEALTH_PATH = "/v1/health"
+HEALTH: dict[str, object] = {"service": "oneback-agent"}
 
 
 def sign(secret: bytes, timestamp: str, nonce: str, body: bytes) -> str:
@@ -204,6 +208,13 @@ class ControlServer:
                     return None
                 return length
 
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                # Unauthenticated and says nothing but who answers (`probe`).
+                if self.path != HEALTH_PATH:
+                    self._answer(404, {"error": "not found"})
+                    return
+                self._answer(200, HEALTH)
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 peer = self.client_address[0]
                 if self.path != "/v1/hook":
@@ -248,3 +259,26 @@ class ControlServer:
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def probe(host: str, port: int, timeout: float) -> str | None:
+    """None if the oneback agent answers on host:port (GET /v1/health), else
+    why not, in a few words (`oneback doctor`)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", HEALTH_PATH)
+        answer = conn.getresponse()
+        body = answer.read(4096)
+    except ConnectionRefusedError:
+        return "nothing listens there"
+    except (OSError, http.client.HTTPException) as e:
+        return f"no answer ({type(e).__name__})"
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if answer.status != 200 or doc != HEALTH:
+        return f"something else answers there (HTTP {answer.status})"
+    return None

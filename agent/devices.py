@@ -252,3 +252,22 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
         return False
     raise DeviceError(f"cannot zero bytes {offset}-{offset + length} of fd {fd}: "
                       f"{os.strerror(err)}")
+
+
+def visible_disks(dev_root: str | Path = "/dev", sys_root: str | Path = "/sys",
+                  ) -> tuple[list[str], bool]:
+    """What the proxy VM shows of its disks (`oneback doctor`): the block
+    devices under SYS_ROOT/block, and whether DEV_ROOT/disk/by-id (udev's
+    links) exists. DeviceError naming the setting when either root cannot
+    be read: no attached disk could be found then."""
+    dev, block = Path(dev_root), Path(sys_root) / "block"
+    if not dev.is_dir():
+        raise DeviceError(f"the device directory {dev} does not exist: set proxy.dev_root"
+                          f" (/dev in the proxy VM)")
+    try:
+        with os.scandir(block) as entries:
+            names = sorted(e.name for e in entries)
+    except OSError as e:
+        raise DeviceError(f"cannot read {block} ({e.strerror or e}): set proxy.sys_root"
+                          f" (/sys in the proxy VM)") from None
+    return names, (dev / "disk" / "by-id").is_dir()

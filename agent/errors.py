@@ -94,6 +94,12 @@ class DeviceError(OnebackError):
     exit_code = 10
 
 
+class CheckFailed(OnebackError):
+    """`oneback doctor` found something wrong: each failing check names it and the fix."""
+
+    exit_code = 20
+
+
 class Interrupted(OnebackError):
     """The work was stopped by a signal; what it created was cleaned up."""
 
@@ -113,6 +119,7 @@ EXIT_CODES: tuple[tuple[int, str, str], ...] = tuple(
         RepositoryError,
         IntegrityError,
         DeviceError,
+        CheckFailed,
         Interrupted,
     )
 )

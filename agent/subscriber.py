@@ -9,6 +9,7 @@ messages (events.py does) or decide anything.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -72,3 +73,30 @@ class Subscriber:
             pass
         self._monitor.close(0)
         self._sock.close(0)
+
+
+def probe(endpoint: str, timeout: float) -> bool:
+    """Whether a ZeroMQ peer at `endpoint` completes a ZMTP handshake with a
+    SUB socket within `timeout` seconds (`oneback doctor`): a closed port, or
+    a port where something else listens, does not."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if monitor.poll(max(1, int(left * 1000))):
+                if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return True
+        return False
+    except zmq.ZMQError:
+        return False
+    finally:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(0)
+        sock.close(0)
