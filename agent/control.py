@@ -5,8 +5,8 @@ shared secret (HMAC-SHA256 over timestamp, nonce and body), fresh (timestamp
 within `WINDOW` seconds) and not replayed (nonce unseen within the window);
 everything else is refused with 401 and reported to the `refused` callback
 (the daemon logs it). `GET /v1/health` answers, unauthenticated, only that a
-oneback agent listens (`probe`, for `oneback doctor`). An accepted request only becomes a `Trigger`: it wakes
-the agent, it never decides.
+oneback agent listens (`probe`, for `oneback doctor`). An accepted request
+only becomes a `Trigger`: it wakes the agent, it never decides.
 
 Strangers can reach the port, so before anything is authenticated: the
 `Content-Length` must be present, plain decimal and at most `MAX_BODY`
