@@ -74,6 +74,20 @@ def test_a_backup_through_the_agent_shows_in_its_metrics(
     assert value(m, "oneback_backups_total", vm=str(bad)) is None
     assert value(m, "oneback_vm_backup_interval_seconds", vm=str(bad)) == 86400
     assert value(m, "oneback_last_success_timestamp_seconds", vm=str(bad)) is None
+
+    # A verify that finds damage shows at the next scrape (read from the catalog).
+    assert value(m, "oneback_verify_damage_found", check="command") is None
+    chunk = next(p for p in (cloud.tmp / "repo" / "chunks").rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.chmod(0o644)
+    chunk.write_bytes(bytes(data))
+    assert cloud.call("verify", "--read-data").code == 9
+    m = scrape(url)
+    assert value(m, "oneback_verify_damage_found", check="command") == 1
+    assert (value(m, "oneback_verify_checked_chunks", check="command") or 0) >= 1
+    assert abs((value(m, "oneback_verify_last_run_timestamp_seconds", check="command") or 0)
+               - time.time()) < 30
     assert a.stop() == 0
 
 
@@ -81,7 +95,7 @@ def test_a_scrape_during_a_backup_sees_the_queue_at_once(
         cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
     first = cloud.vm("q1", [cloud.image("q10", pattern(DISK, 43))])
     second = cloud.vm("q2", [cloud.image("q20", pattern(DISK, 44))])
-    cloud.sim.faults.slow_driver("saveas", 3.0, count=1)
+    cloud.sim.faults.slow_driver("saveas", 4.0, count=1)
     a = agent(reconcile=60, extra='metrics_listen = "127.0.0.1:0"\nmax_jobs = 1')
     url = a.wait_event("metrics.listening")["address"]
     cloud.one.vm.update(first, 'ONEBACK="yes"', 1)
