@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from tests.agentkit import REPO, Cloud, Result, write_config
@@ -63,8 +62,7 @@ def fails(c: Cloud, name: str, *fix: str) -> dict[str, dict[str, str]]:
     return checks
 
 
-def test_doctor_is_green_on_a_good_setup_and_names_each_broken_thing(
-        cloud: Cloud, agent: Callable[..., AgentProcess]) -> None:
+def test_doctor_is_green_on_a_good_setup_and_names_each_broken_thing(cloud: Cloud) -> None:
     port = good_setup(cloud)
     # Before the hooks are registered and the agent runs.
     checks = fails(cloud, "hooks", "oneback hooks install", "oneback-vm-running")
