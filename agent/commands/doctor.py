@@ -29,4 +29,4 @@ def doctor(config_file: str | None, as_json: bool) -> None:
     if report.failed:
         names = ", ".join(c.name for c in report.failed)
         raise CheckFailed(f"doctor: {len(report.failed)} check(s) failed ({names}); each"
-                          f" line above names the fix")
+                          f" names its fix")
