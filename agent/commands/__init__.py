@@ -84,7 +84,8 @@ def runtime(config_file: str | None, *, cloud: bool = True) -> Iterator[Runtime]
                     timeout=cfg.opennebula.timeout,
                     operation_timeout=cfg.opennebula.operation_timeout,
                     poll_interval=cfg.opennebula.poll_interval)
-    catalog, store = repository.open_checked(cfg.storage.repository, cfg.storage.catalog)
+    catalog, store = repository.open_checked(cfg.storage.repository, cfg.storage.catalog,
+                                             cfg.storage)
     try:
         lease = Lease.acquire(cfg.storage.catalog)
         try:
