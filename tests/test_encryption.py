@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from agent.config import KDF_ENV
 from tests.agentkit import BLOCK, Cloud, make_cloud, pattern
@@ -78,7 +79,18 @@ def _export(c: Cloud, capsys: pytest.CaptureFixture[str], backup_id: int) -> tup
 
 
 def _repo_files(c: Cloud) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in sorted((c.tmp / "repo").rglob("*")) if p.is_file()}
+    """Every file of the repository: its bytes, and what they decompress to
+    when they are a zstd frame (as a plain repository's chunks and manifests)."""
+    found = {}
+    for p in sorted((c.tmp / "repo").rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            try:
+                data += zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            except zstandard.ZstdError:
+                pass
+            found[p] = data
+    return found
 
 
 def _chunk_files(c: Cloud) -> list[Path]:
@@ -143,7 +155,7 @@ def test_an_encrypted_repository_shows_no_plaintext_nor_block_hash_and_restores_
     assert config["encryption"] == "aes-256-gcm" and config["format"] == 2
     keyfiles = [p for p in files if "keys" in p.parts]
     assert len(keyfiles) == 1
-    blob = json.loads(files[keyfiles[0]])
+    blob = json.loads(keyfiles[0].read_bytes())
     assert blob["kdf"] == "scrypt" and blob["n"] == 1024 and PASSPHRASE.strip() not in str(blob)
 
     # Export is byte for byte; so is an incremental that stores only the changed block.
@@ -327,3 +339,73 @@ def test_damage_in_an_encrypted_repository_is_found_quarantined_and_healed(
     r = c.run("catalog", "rebuild", "--force", "--json", capsys=capsys)
     assert r.code == 9 and "Traceback" not in r.err, r.err
     assert len(r.json()["damaged"]) == 1 and "does not decrypt" in r.json()["damaged"][0]["error"]
+
+
+# -- the store's side: key blobs and the encrypting codec, on every backend -------------
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    from agent.store.encryption import ALGORITHM
+    from agent.store.local import LocalStore
+    from agent.store.memory import MemoryStore
+    if request.param == "local":
+        return LocalStore.init(tmp_path / "repo", encryption=ALGORITHM)
+    return MemoryStore(encryption=ALGORITHM)
+
+
+def test_key_blobs_are_immutable_named_blobs(store: Any) -> None:
+    from agent.errors import InternalError, NotFound, RepositoryError
+    assert store.encryption == "aes-256-gcm" and store.key_names() == []
+    store.put_key("b-2", b"two")
+    store.put_key("a_1", b"one")
+    assert store.key_names() == ["a_1", "b-2"] and store.get_key("a_1") == b"one"
+    with pytest.raises(RepositoryError, match="already exists"):
+        store.put_key("a_1", b"other")
+    assert store.get_key("a_1") == b"one"
+    store.delete_key("a_1")
+    store.delete_key("a_1")   # idempotent
+    assert store.key_names() == ["b-2"]
+    with pytest.raises(NotFound, match="key a_1"):
+        store.get_key("a_1")
+    for bad in ("", "../config", "a/b", "x" * 65, ".hidden"):
+        with pytest.raises(InternalError):
+            store.put_key(bad, b"x")
+
+
+def test_the_encrypting_codec_binds_chunks_to_their_ids_and_manifests_to_their_names(
+        store: Any) -> None:
+    from agent.errors import IntegrityError
+    from agent.store.encryption import EncryptingCodec, random_key
+    key, mac = random_key(), random_key()
+    store.use_codec(EncryptingCodec(key, mac))
+    a, b = pattern(100_000, 1), pattern(100_000, 2)
+    ia, ib = store.chunk_id(a), store.chunk_id(b)
+    assert ia == hmac.new(mac, a, hashlib.sha256).digest() != hashlib.sha256(a).digest()
+    store.put(ia, a)
+    store.put(ib, b)
+    assert store.get(ia) == a and store.get(ib) == b
+    store.put_manifest("3/m1", b"manifest one")
+    assert store.get_manifest("3/m1") == b"manifest one"
+    # Another key does not read them (named, as damage).
+    store.use_codec(EncryptingCodec(random_key(), mac))
+    with pytest.raises(IntegrityError, match=f"chunk {ia.hex()} .*does not decrypt"):
+        store.get(ia)
+    with pytest.raises(IntegrityError, match="manifest 3/m1 is damaged"):
+        store.get_manifest("3/m1")
+    store.use_codec(EncryptingCodec(key, mac))
+    # Chunk b's stored bytes under a's id, manifest 3/m1's under 3/m2: refused.
+    if hasattr(store, "blobs"):
+        store.blobs[ia] = store.blobs[ib]
+        store.manifest_blobs["3/m2"] = store.manifest_blobs["3/m1"]
+    else:
+        path = store.path / "chunks" / ia.hex()[:2] / ia.hex()
+        path.chmod(0o644)
+        path.write_bytes((store.path / "chunks" / ib.hex()[:2] / ib.hex()).read_bytes())
+        (store.path / "manifests" / "3" / "m2").write_bytes(
+            (store.path / "manifests" / "3" / "m1").read_bytes())
+    with pytest.raises(IntegrityError, match=ia.hex()):
+        store.get(ia)
+    with pytest.raises(IntegrityError, match="manifest 3/m2 is damaged"):
+        store.get_manifest("3/m2")
+    assert store.quarantine(ia) is True and store.quarantine(ib) is False
