@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import time
@@ -300,22 +301,33 @@ def export_document(master: MasterKey) -> bytes:
     repository without any passphrase."""
     from agent.store.encryption import ALGORITHM
     doc = {"format": EXPORT_FORMAT, "version": 1, "encryption": ALGORITHM,
-           **master.to_json(),
+           **master.to_json(), "check": _check(master),
            "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "note": "this key opens the repository without its passphrase: keep it safe"}
     return json.dumps(doc, indent=2).encode() + b"\n"
 
 
 def parse_export(data: bytes, source: str) -> MasterKey:
-    """The master key in an exported key document; ConfigError naming `source`."""
+    """The master key in an exported key document; ConfigError naming
+    `source`, also when its check does not match (a damaged copy: with a
+    wrong key every chunk would read as damaged)."""
     try:
         doc = json.loads(data)
         if doc.get("format") != EXPORT_FORMAT:
             raise ValueError("it is not a oneback key")
-        return MasterKey.from_json(doc)
+        master = MasterKey.from_json(doc)
+        if doc.get("check") != _check(master):
+            raise ValueError("its check does not match: the copy is damaged")
+        return master
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{source} is not a key exported by `oneback key export` ({e})"
                           ) from None
+
+
+def _check(master: MasterKey) -> str:
+    """A checksum of an exported key (not a secret: a hash of the key's text)."""
+    text = json.dumps(master.to_json(), sort_keys=True).encode()
+    return hashlib.sha256(b"oneback key check\x00" + text).hexdigest()[:16]
 
 
 def _where(store: KeyStore) -> str:

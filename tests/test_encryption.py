@@ -7,6 +7,7 @@ damage (a flipped bit, a swapped chunk or manifest) found by verify."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -132,7 +133,7 @@ def test_an_encrypted_repository_shows_no_plaintext_nor_block_hash_and_restores_
     r = c.run("key", "export", "--output", str(key), capsys=capsys)
     assert r.code == 0, r.err
     assert key.stat().st_mode & 0o777 == 0o600
-    mac = __import__("base64").b64decode(json.loads(key.read_text())["mac"])
+    mac = base64.b64decode(json.loads(key.read_text())["mac"])
     blocks = [bytes(disk[i * BLOCK:(i + 1) * BLOCK]) for i in range(8)]
     keyed = {hmac.new(mac, b, hashlib.sha256).hexdigest() for i, b in enumerate(blocks) if i != 4}
     assert {p.name for p in chunks} == keyed
@@ -275,12 +276,28 @@ def test_key_passwd_export_and_import(crypt: Cloud, capsys: pytest.CaptureFixtur
     _one_line(c.run("list", capsys=capsys), 3, "chmod 600", str(exported))
     exported.chmod(0o600)
 
-    # Another repository's key is refused by name.
-    other = json.loads(exported.read_text())
-    other["repository"] = "0" * 32
-    wrong = _secret(c.tmp / "other.key", json.dumps(other))
-    _set_storage(c.config, f'key_file = "{wrong}"')
-    _one_line(c.run("list", capsys=capsys), 3, "not of", str(wrong))
+    # A damaged copy of the key is refused (a wrong key would make every chunk
+    # look damaged), and so is another repository's key.
+    doc = json.loads(exported.read_text())
+    mac = bytearray(base64.b64decode(doc["mac"]))
+    mac[0] ^= 1
+    damaged = _secret(c.tmp / "damaged.key", json.dumps({**doc, "mac": base64.b64encode(
+        bytes(mac)).decode()}))
+    _set_storage(c.config, f'key_file = "{damaged}"')
+    _one_line(c.run("verify", "--read-data", capsys=capsys), 3, "check does not match",
+              str(damaged))
+    other = _secret(c.tmp / "other.key", "")
+    wrong = replace(c, config=c.tmp / "other.toml")
+    wrong.config.write_text(c.config.read_text().replace(str(c.tmp / "repo"),
+                                                         str(c.tmp / "other-repo")).replace(
+        "catalog.sqlite", "other.sqlite"))
+    _set_storage(wrong.config, f'passphrase_file = "{old}"')
+    assert wrong.run("init", "--encryption", capsys=capsys).code == 0
+    r = wrong.run("key", "export", capsys=capsys)
+    assert r.code == 0, r.err
+    other.write_text(r.out)
+    _set_storage(c.config, f'key_file = "{other}"')
+    _one_line(c.run("list", capsys=capsys), 3, "not of", str(other))
 
     # import: with every key blob lost (or the passphrase forgotten), the exported
     # key makes a passphrase open the repository again.
@@ -293,7 +310,7 @@ def test_key_passwd_export_and_import(crypt: Cloud, capsys: pytest.CaptureFixtur
     assert r.code == 0, r.err
     assert os.listdir(c.tmp / "repo" / "keys") == [r.json()["key"]]
     assert _export(c, capsys, second["backup_id"]) == (0, c.disk_path(vm, 0).read_bytes())
-    _one_line(c.run("key", "import", str(wrong), capsys=capsys), 3, "not of")
+    _one_line(c.run("key", "import", str(other), capsys=capsys), 3, "not of")
 
 
 def test_damage_in_an_encrypted_repository_is_found_quarantined_and_healed(
