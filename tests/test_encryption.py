@@ -426,3 +426,28 @@ def test_the_encrypting_codec_binds_chunks_to_their_ids_and_manifests_to_their_n
     with pytest.raises(IntegrityError, match="manifest 3/m2 is damaged"):
         store.get_manifest("3/m2")
     assert store.quarantine(ia) is True and store.quarantine(ib) is False
+
+
+def test_the_agent_backs_up_into_an_encrypted_repository(
+        crypt: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.agentproc import AgentProcess, agent_config, wait_backups
+    c = crypt
+    vm = c.vm("tagged", [c.image("t0", bytes(_disk(6)))])
+    agent_config(c, reconcile=60)
+    _secret(c.tmp / "passphrase", "wrong\n")
+    wrong = c.spawn("agent")
+    _, err = wrong.communicate(timeout=60)
+    assert wrong.returncode == 3, err
+    assert err.count("\n") == 1 and "does not open" in err and "Traceback" not in err
+
+    _secret(c.tmp / "passphrase", PASSPHRASE)
+    a = AgentProcess(c)
+    try:
+        a.wait_event("agent.started")
+        c.one.vm.update(vm, 'ONEBACK="yes"', 1)
+        [backup] = wait_backups(c, vm, 1)
+    finally:
+        assert a.stop() == 0
+    assert _export(c, capsys, backup["backup_id"]) == (0, bytes(_disk(6)))
+    for blob in _repo_files(c).values():
+        assert MARKER not in blob and b"tagged" not in blob
