@@ -1,10 +1,11 @@
 """The repository as a whole: creating it, binding a catalog to it, and
 rebuilding a catalog from its manifests.
 
-Owns: `init` (create a repository and its catalog, or join an existing
-repository with a new catalog), `open_checked` (every other command's
-check that the repository is there and is the catalog's own: an unmounted
-directory is refused, never replaced), and `rebuild` (a new catalog from the
+Owns: `init` (create a repository, plain or encrypted, and its catalog, or
+join an existing repository with a new catalog), `open_checked` (every
+other command's check that the repository is there and is the catalog's
+own: an unmounted directory is refused, never replaced; an encrypted one is
+unlocked, `agent.keys`), and `rebuild` (a new catalog from the
 repository's manifests alone: the same backup ids, VMs, disks, documents and
 block maps). Must not: write SQL (the catalog does), do file I/O in the
 repository (the store does), or print.

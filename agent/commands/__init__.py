@@ -3,7 +3,7 @@ objects (`runtime`: config -> cloud, catalog, store, lease), signal handling,
 and the parameter types and options every command uses.
 
 Owns: what several commands share. The commands themselves live beside it,
-one module per task (`repository`, `backups`, `snapshots`, `service`);
+one module per task (`repository`, `backups`, `snapshots`, `service`, `key`);
 `agent.cli` imports them all and maps errors to exit codes.
 Must not: contain engine logic.
 """
