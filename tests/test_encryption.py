@@ -180,6 +180,13 @@ def test_an_encrypted_repository_shows_no_plaintext_nor_block_hash_and_restores_
     restored = r.json()["vm_id"]
     assert c.disk_path(restored, 0).read_bytes() == bytes(disk)
 
+    # forget and prune read the encrypted manifests: the first backup's own
+    # chunk (block 6 before the change) goes, the second still exports.
+    assert c.run("forget", str(first["backup_id"]), capsys=capsys).code == 0
+    r = c.run("prune", "--json", "--dry-run", capsys=capsys)
+    assert r.code == 0 and (r.json()["manifests"], r.json()["referenced"]) == (1, 6), r.out
+    assert _export(c, capsys, second["backup_id"]) == (0, bytes(disk))
+
 
 def test_a_wrong_or_missing_passphrase_is_one_line_exit_3(
         crypt: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
