@@ -130,8 +130,8 @@ def test_an_encrypted_repository_shows_no_plaintext_nor_block_hash_and_restores_
     # The chunk ids are the HMAC-SHA256 of the blocks under the exported MAC
     # key, never their SHA-256.
     key = c.tmp / "exported.key"
-    r = c.run("key", "export", "--output", str(key), capsys=capsys)
-    assert r.code == 0, r.err
+    r = c.run("key", "export", "--output", str(key), "--json", capsys=capsys)
+    assert r.code == 0 and r.json()["output"] == str(key), r.err
     assert key.stat().st_mode & 0o777 == 0o600
     mac = base64.b64decode(json.loads(key.read_text())["mac"])
     blocks = [bytes(disk[i * BLOCK:(i + 1) * BLOCK]) for i in range(8)]

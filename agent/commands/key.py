@@ -48,9 +48,11 @@ def key_passwd(new_file: str, config_file: str | None, as_json: bool) -> None:
               help="Write the key to FILE (created with mode 0600; never overwritten)."
                    " Default: standard output.")
 @config_option
-def key_export(output: str | None, config_file: str | None) -> None:
+@json_option
+def key_export(output: str | None, config_file: str | None, as_json: bool) -> None:
     """Print (or write) the repository's master key, to keep somewhere safe: it
-    opens the repository without the passphrase (storage.key_file)."""
+    opens the repository without the passphrase (storage.key_file). On
+    standard output the key is one JSON document, with or without --json."""
     from agent import keys
     from agent.store.local import LocalStore
     cfg = config_mod.load(config_file)
@@ -64,6 +66,9 @@ def key_export(output: str | None, config_file: str | None) -> None:
         click.echo(document.decode(), nl=False)
         return
     _write_private(Path(output), document)
+    if as_json:
+        emit_json({"repository": str(cfg.storage.repository), "output": output})
+        return
     click.echo(f"wrote the key of repository {cfg.storage.repository} to {output} (mode"
                " 0600): keep it off this machine; with it, anyone can read the backups")
 
