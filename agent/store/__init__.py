@@ -9,7 +9,9 @@ and `memory.MemoryStore` (tests). Consumers depend on the Protocol only.
 
 Beside the chunks, a repository holds manifests (`ManifestStore`): immutable
 named blobs, one per backup, whose bytes the store does not interpret
-(`agent.manifest` encodes them). `Repository` is both.
+(`agent.manifest` encodes them). `Repository` is both. An encrypted
+repository's backends take `encryption.EncryptingCodec` (keyed chunk ids,
+AES-256-GCM) and hold key blobs beside (`agent.keys`).
 """
 
 from __future__ import annotations
