@@ -15,8 +15,14 @@ from typing import NoReturn
 import click
 
 # Registering the commands: each module adds its commands to the `cli` group.
-import agent.commands.doctor  # noqa: F401  (registers `oneback doctor`)
-from agent.commands import backups, cli, json_option, repository, runtime, service, snapshots  # noqa: F401
+# One line per module, so that adding a command module touches one line.
+import agent.commands.backups  # noqa: F401
+import agent.commands.doctor  # noqa: F401
+import agent.commands.key  # noqa: F401
+import agent.commands.repository  # noqa: F401
+import agent.commands.service  # noqa: F401
+import agent.commands.snapshots  # noqa: F401
+from agent.commands import cli, json_option, runtime
 from agent.errors import (
     EXIT_CODES,
     OnebackError,

@@ -15,7 +15,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ class ProxyConfig:
 
 
 MAX_READ_DEPTH = 256
+KDF_N = 2**16
+"""scrypt's cost (N, with r=8, p=1: 64 MiB and ~0.15 s) for a new key blob."""
+KDF_ENV = "ONEBACK_TEST_KDF_N"
+"""For tests only: a smaller scrypt N for new key blobs (a power of two from
+1024), so that an encrypted repository's tests run fast. Never set it in
+production: it weakens the passphrase's protection of the key."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,48 @@ class StorageConfig:
     workers: int
     read_depth: int = 16   # reads of the device in flight (independent of workers)
     direct_io: bool = True  # read devices with O_DIRECT (else buffered, dropped behind)
+    passphrase_file: Path | None = None  # an encrypted repository's passphrase (mode 0600)
+    key_file: Path | None = None   # or its exported key (`oneback key export`, mode 0600)
+    kdf_n: int = KDF_N             # scrypt N of the key blobs this process writes
+
+    def read_passphrase(self) -> bytes:
+        """The passphrase in storage.passphrase_file (ConfigError if unset)."""
+        if self.passphrase_file is None:
+            raise ConfigError("storage.passphrase_file is not set")
+        return read_passphrase_file(self.passphrase_file, "storage.passphrase_file")
+
+    def read_key_file(self) -> bytes:
+        """The exported key document in storage.key_file (ConfigError if unset)."""
+        if self.key_file is None:
+            raise ConfigError("storage.key_file is not set")
+        return read_private_file(self.key_file, "storage.key_file")
+
+
+def read_private_file(path: Path, what: str) -> bytes:
+    """The bytes of a secret file (`what` names it: a config key or an
+    option). Refuses a missing file, one others can read, and an empty one."""
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist: create it (mode 0600), or fix"
+                          f" the path") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: run"
+                          f" 'chmod 600 {path}'")
+    if not data.strip():
+        raise ConfigError(f"{what} {path} is empty")
+    return data
+
+
+def read_passphrase_file(path: Path, what: str) -> bytes:
+    """A passphrase: the file's bytes without one trailing newline."""
+    data = read_private_file(path, what)
+    if data.endswith(b"\r\n"):
+        return data[:-2]
+    return data[:-1] if data.endswith(b"\n") else data
 
 
 @dataclass(frozen=True)
@@ -179,7 +227,15 @@ def load(explicit: str | Path | None = None, environ: Mapping[str, str] | None =
         raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"configuration file {path}: {e.strerror}") from None
-    return parse(data, path)
+    cfg = parse(data, path)
+    env = os.environ if environ is None else environ
+    if env.get(KDF_ENV):
+        n = env[KDF_ENV]
+        if not n.isdigit() or not 1024 <= int(n) <= KDF_N or int(n) & (int(n) - 1):
+            raise ConfigError(f"${KDF_ENV} must be a power of two from 1024 to {KDF_N}"
+                              f" (tests only); got {n!r}")
+        cfg = replace(cfg, storage=replace(cfg.storage, kdf_n=int(n)))
+    return cfg
 
 
 class _Section:
@@ -303,7 +359,11 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
 
     st = _Section(data, "storage", path)
     st.check_known({"repository", "catalog", "block_size", "workers", "read_depth",
-                    "direct_io"})
+                    "direct_io", "passphrase_file", "key_file"})
+    secrets = {k: st.path_(k) if k in st.data else None for k in ("passphrase_file", "key_file")}
+    if secrets["passphrase_file"] is not None and secrets["key_file"] is not None:
+        raise ConfigError(f"{path}: set storage.passphrase_file or storage.key_file (an"
+                          f" exported key), not both")
     block_size = st.raw_default("block_size", 4 * MiB)
     if (isinstance(block_size, bool) or not isinstance(block_size, int)
             or not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1)):
@@ -321,6 +381,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         workers=st.integer("workers", os.cpu_count() or 2),
         read_depth=read_depth,
         direct_io=st.flag("direct_io", True),
+        passphrase_file=secrets["passphrase_file"],
+        key_file=secrets["key_file"],
     )
     ag = _Section({"agent": data.get("agent", {})}, "agent", path)
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",

@@ -215,7 +215,7 @@ def backoff_json(b: Backoff) -> dict[str, Any]:
 def init_json(r: InitResult) -> dict[str, Any]:
     return {"repository": str(r.repository), "repository_id": r.repository_id,
             "catalog": str(r.catalog), "created_repository": r.created_repository,
-            "manifests": r.manifests, "backfilled": r.backfilled}
+            "manifests": r.manifests, "backfilled": r.backfilled, "encryption": r.encryption}
 
 
 def rebuild_json(r: RebuildReport) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The repository as a whole: creating it, binding a catalog to it, and
 rebuilding a catalog from its manifests.
 
-Owns: `init` (create a repository and its catalog, or join an existing
-repository with a new catalog), `open_checked` (every other command's
-check that the repository is there and is the catalog's own: an unmounted
-directory is refused, never replaced), and `rebuild` (a new catalog from the
+Owns: `init` (create a repository, plain or encrypted, and its catalog, or
+join an existing repository with a new catalog), `open_checked` (every
+other command's check that the repository is there and is the catalog's
+own: an unmounted directory is refused, never replaced; an encrypted one is
+unlocked, `agent.keys`), and `rebuild` (a new catalog from the
 repository's manifests alone: the same backup ids, VMs, disks, documents and
 block maps). Must not: write SQL (the catalog does), do file I/O in the
 repository (the store does), or print.
@@ -17,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import keys, retention
 from agent import manifest as mf
-from agent import retention
 from agent.catalog import Catalog
-from agent.errors import IntegrityError, OnebackError, RepositoryError
+from agent.errors import ConfigError, IntegrityError, OnebackError, RepositoryError
 from agent.lease import is_alive, owners_dir
 from agent.manifest import DiskMap
 from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, block_count
@@ -37,13 +38,17 @@ class InitResult:
     created_repository: bool      # False: joined an existing repository
     manifests: int                # backups the repository already held
     backfilled: int = 0           # manifests written for an older catalog's backups
+    encryption: str = "none"      # the repository's cipher ("none": plain)
 
 
-def init(repository: Path, catalog_path: Path) -> InitResult:
+def init(repository: Path, catalog_path: Path, *, encrypt: bool = False,
+         secrets: keys.Secrets | None = None) -> InitResult:
     """Create the repository at `repository` (or join the one there) and bind
     the catalog at `catalog_path` to it (creating it). RepositoryError, with
     nothing changed, if the catalog already belongs to a repository, or holds
-    backups while the repository is new."""
+    backups while the repository is new. `encrypt`: a new repository is
+    encrypted, its master key wrapped under the passphrase of `secrets`
+    (which also open an existing encrypted repository; see `keys.unlock`)."""
     existing: Catalog | None = None
     if catalog_path.exists():
         existing = Catalog.open(catalog_path)
@@ -63,12 +68,46 @@ def init(repository: Path, catalog_path: Path) -> InitResult:
                 f"at {repository}; mount the repository there, or fix storage.repository"
             )
     joined = (repository / "config").exists()
-    store = LocalStore.open(repository) if joined else LocalStore.init(repository)
+    store = LocalStore.open(repository) if joined else _create(repository, encrypt, secrets)
+    if joined:
+        _check_joined(store, encrypt)
+        keys.unlock(store, secrets)
     manifests = sum(1 for _ in store.manifests()) if joined else 0
     with Catalog.open(catalog_path) as catalog:
         backfilled = backfill(catalog, store)
         catalog.bind_repository(store.id)
-    return InitResult(repository, store.id, catalog_path, not joined, manifests, backfilled)
+    return InitResult(repository, store.id, catalog_path, not joined, manifests, backfilled,
+                      store.encryption)
+
+
+# -- encryption (agent.keys): the only encryption-specific part of opening -------------
+
+
+def _create(repository: Path, encrypt: bool, secrets: keys.Secrets | None) -> LocalStore:
+    """A new repository: plain, or encrypted with a new master key wrapped
+    under the configured passphrase (checked before anything is created)."""
+    passphrase_file = secrets.passphrase_file if secrets is not None else None
+    if not encrypt:
+        if passphrase_file is not None or (secrets is not None and secrets.key_file):
+            raise ConfigError(
+                "storage.passphrase_file (or key_file) is set: run `oneback init "
+                "--encryption` to create an encrypted repository, or remove it for a plain one")
+        return LocalStore.init(repository)
+    if secrets is None or passphrase_file is None:
+        raise ConfigError("`oneback init --encryption` needs storage.passphrase_file: a "
+                          "file holding the new repository's passphrase (mode 0600)")
+    secrets.read_passphrase()   # a missing or unsafe file: refused before anything is made
+    from agent.store.encryption import ALGORITHM
+    store = LocalStore.init(repository, encryption=ALGORITHM)
+    keys.create(store, secrets)
+    return store
+
+
+def _check_joined(store: LocalStore, encrypt: bool) -> None:
+    if encrypt and store.encryption == "none":
+        raise ConfigError(f"repository {store.path} exists and is not encrypted; "
+                          "`--encryption` applies to a new repository only: choose another "
+                          "storage.repository, or join this one without it")
 
 
 def backfill(catalog: Catalog, store: Repository) -> int:
@@ -123,10 +162,13 @@ def _backfill(catalog: Catalog, store: Repository) -> int:
     return done
 
 
-def open_checked(repository: Path, catalog_path: Path) -> tuple[Catalog, LocalStore]:
+def open_checked(repository: Path, catalog_path: Path, secrets: keys.Secrets | None = None
+                 ) -> tuple[Catalog, LocalStore]:
     """The catalog and its repository, after checking they belong together.
     RepositoryError (one line naming the path and the fix) when either is
-    missing, the repository is empty (not mounted?), or is not the catalog's."""
+    missing, the repository is empty (not mounted?), or is not the catalog's.
+    An encrypted repository is unlocked with `secrets` (ConfigError, one
+    line, if they do not open it; see `keys.unlock`)."""
     catalog = Catalog.open(catalog_path, create=False)
     try:
         bound = catalog.repository_id()
@@ -152,6 +194,7 @@ def open_checked(repository: Path, catalog_path: Path) -> tuple[Catalog, LocalSt
                 "Fix storage.repository, or run `oneback catalog rebuild --force` to make "
                 "the catalog this repository's"
             )
+        keys.unlock(store, secrets)
     except BaseException:
         catalog.close()
         raise

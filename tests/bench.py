@@ -65,6 +65,7 @@ class Bench:
     rows: list[Row] = field(default_factory=list)
     tools: list[Restic | Borg] = field(default_factory=list)
     ob: Oneback | None = None
+    enc: Oneback | None = None   # the same VM into an encrypted repository
 
     def run_all(self) -> None:
         """Every measurement, in order: reads, fulls, the guest's change, incrementals,
@@ -79,6 +80,8 @@ class Bench:
                 self.backup(tool, phase)
             if self.ob:
                 self.oneback_backup(self.ob, phase)
+            if self.enc:
+                self.oneback_backup(self.enc, phase)
         if self.ob:
             self.oneback_scan(self.ob)
             self.oneback_syncs(self.ob)
@@ -88,6 +91,9 @@ class Bench:
         if self.ob:
             self.oneback_restore(self.ob)
             self.oneback_export(self.ob)
+        if self.enc:
+            self.oneback_export(self.enc)
+        if self.ob:
             self.oneback_verify(self.ob)
             self.oneback_manifests(self.ob)
             self.oneback_prune(self.ob)
@@ -148,22 +154,26 @@ class Bench:
         shutil.rmtree(target, ignore_errors=True)
 
     def oneback_backup(self, ob: Oneback, phase: str) -> None:
+        """A backup through the whole path; into the encrypted repository when
+        `ob` is the encrypted variant (rows `..., encrypted`, keys `oneback.encrypted.*`)."""
+        label, key = (", encrypted", "oneback.encrypted") if ob.passphrase else ("", "oneback")
         before = ob.stored()
         m = run(ob.backup_cmd())
         doc = ob.parse(m)
         if doc is None:
-            self.add(Row("oneback", f"backup {phase}", note=m.last_error()))
+            self.add(Row("oneback", f"backup {phase}{label}", note=m.last_error()))
             return
         after = ob.stored()
         changed = sum(int(d.get("bytes_changed", 0)) for d in doc.get("disks", []))
-        self.add(Row("oneback", f"backup {phase}", m.wall, self.size, after, after - before,
-                     m.rss_kib, f"{doc.get('kind')}, changed {changed / MiB:.0f} MiB",
-                     f"oneback.{phase}"))
+        self.add(Row("oneback", f"backup {phase}{label}", m.wall, self.size, after,
+                     after - before, m.rss_kib,
+                     f"{doc.get('kind')}, changed {changed / MiB:.0f} MiB", f"{key}.{phase}"))
         scan, ops = float(doc.get("scan_seconds", 0.0)), float(doc.get("cloud_seconds", 0.0))
         self.add(Row("oneback", "(read+scan)", scan, self.size,
-                     note="reading, hashing, storing", key=f"oneback.scan.{phase}"))
+                     note="reading, hashing, storing" + (", encrypting" if label else ""),
+                     key=f"{key}.scan.{phase}"))
         self.add(Row("oneback", "(OpenNebula ops)", ops, note=OPS_NOTE,
-                     key=f"oneback.ops.{phase}"))
+                     key=f"{key}.ops.{phase}"))
         self.add(Row("oneback", "(the rest)", max(m.wall - scan - ops, 0.0),
                      note="start-up, sweep, catalog, commit"))
 
@@ -224,7 +234,9 @@ class Bench:
         per new chunk (how it was before): the cost of durability."""
         for mode, phase, note in (
                 ("each", "full store, fsync per chunk", "file + directory fsync per new chunk"),
-                ("batch", "full store, one syncfs", "no fsync per chunk; one syncfs at the end")):
+                ("batch", "full store, one syncfs", "no fsync per chunk; one syncfs at the end"),
+                ("encrypted", "full store, encrypted", "the same into an encrypted repository"
+                 " (AES-256-GCM, HMAC-SHA256 ids)")):
             repo = self.work / f"syncs-{mode}"
             m = run(ob.fullstore_cmd(repo, mode))
             try:
@@ -250,15 +262,17 @@ class Bench:
         self.measured("oneback", "restore VM", m, "oneback.restore", note=note)
 
     def oneback_export(self, ob: Oneback) -> None:
+        label, key = (", encrypted", "oneback.encrypted") if ob.passphrase else ("", "oneback")
         target = self.work / "oneback-export.img"
         cmd = ob.export_cmd(target)
         if cmd is None:
-            self.add(Row("oneback", "export", note="skipped: no `oneback export` yet"))
+            self.add(Row("oneback", f"export{label}", note="skipped: no `oneback export` yet"))
             return
         m = run(cmd, sync_after=True)
         same = m.rc == 0 and target.exists() and sha256(target) == sha256(self.image)
-        self.measured("oneback", "export", m, "oneback.export",
+        self.measured("oneback", f"export{label}", m, f"{key}.export",
                       note="the restore's data path alone, to a sparse file"
+                      + (", from the encrypted repository" if label else "")
                       + ("" if same else "; DIFFERS from the image"))
         target.unlink(missing_ok=True)
 
@@ -416,6 +430,18 @@ def targets(rows: list[Row]) -> list[Target]:
         ("full store with two fsyncs per chunk / with one syncfs (time)",
          ratio(wall("oneback.syncs.each"), wall("oneback.syncs.batch")), "info", None),
         ("oneback export rate / plain write rate", ratio(wall("dd.write"), restore), "info", None),
+        ("encrypted / plain full store rate (encryption's cost on backup throughput)",
+         ratio(wall("oneback.syncs.batch"), wall("oneback.syncs.encrypted")), ">= 0.90",
+         at_least(0.90)),
+        ("encrypted / plain read+scan rate inside the full backup",
+         ratio(wall("oneback.scan.full"), wall("oneback.encrypted.scan.full")), "info", None),
+        ("encrypted / plain full backup rate (whole command)",
+         ratio(wall("oneback.full"), wall("oneback.encrypted.full")), "info", None),
+        ("encrypted / plain incremental backup rate (whole command)",
+         ratio(wall("oneback.incremental"), wall("oneback.encrypted.incremental")), "info",
+         None),
+        ("encrypted / plain export rate (restore's data path)",
+         ratio(restore, wall("oneback.encrypted.export")), "info", None),
         ("restic restore / oneback export", ratio(wall("restic.restore"), restore), "info", None),
         ("borg restore / oneback export", ratio(wall("borg.restore"), restore), "info", None),
         ("restic restore / oneback restore VM (with OpenNebula ops)",
@@ -474,6 +500,11 @@ def prepare(bench: Bench, skipped: dict[str, str]) -> None:
         bench.ob = Oneback.start(bench.work, bench.image)
     except OnebackUnavailable as e:
         bench.add(Row("oneback", "all", note=f"skipped: {e}"))
+    if bench.ob:
+        try:
+            bench.enc = bench.ob.encrypted()
+        except OnebackUnavailable as e:
+            bench.add(Row("oneback", "encrypted", note=f"skipped: {e}"))
     for cls in (Restic, Borg):
         if cls.name in skipped:
             bench.add(Row(cls.name, "all", note=f"skipped: {skipped[cls.name]}"))

@@ -15,6 +15,7 @@ BOUNDARIES = {
     "zmq": {"subscriber.py"},
     "sqlite3": {"catalog.py"},
     "sqlite_utils": {"catalog.py"},
+    "cryptography": {"encryption.py"},   # agent/store/encryption.py
 }
 
 

@@ -3,7 +3,7 @@ objects (`runtime`: config -> cloud, catalog, store, lease), signal handling,
 and the parameter types and options every command uses.
 
 Owns: what several commands share. The commands themselves live beside it,
-one module per task (`repository`, `backups`, `snapshots`, `service`);
+one module per task (`repository`, `backups`, `snapshots`, `service`, `key`);
 `agent.cli` imports them all and maps errors to exit codes.
 Must not: contain engine logic.
 """
@@ -84,7 +84,8 @@ def runtime(config_file: str | None, *, cloud: bool = True) -> Iterator[Runtime]
                     timeout=cfg.opennebula.timeout,
                     operation_timeout=cfg.opennebula.operation_timeout,
                     poll_interval=cfg.opennebula.poll_interval)
-    catalog, store = repository.open_checked(cfg.storage.repository, cfg.storage.catalog)
+    catalog, store = repository.open_checked(cfg.storage.repository, cfg.storage.catalog,
+                                             cfg.storage)
     try:
         lease = Lease.acquire(cfg.storage.catalog)
         try:

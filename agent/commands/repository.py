@@ -33,19 +33,27 @@ from agent.render import (
 
 
 @cli.command("init")
+@click.option("--encryption", is_flag=True,
+              help="Encrypt the new repository (AES-256-GCM) under the passphrase in"
+                   " storage.passphrase_file.")
 @config_option
 @json_option
-def init_(config_file: str | None, as_json: bool) -> None:
+def init_(encryption: bool, config_file: str | None, as_json: bool) -> None:
     """Create the repository and the catalog (or join an existing repository)."""
     from agent import repository
     cfg = config_mod.load(config_file)
-    result = repository.init(cfg.storage.repository, cfg.storage.catalog)
+    result = repository.init(cfg.storage.repository, cfg.storage.catalog,
+                             encrypt=encryption, secrets=cfg.storage)
     if as_json:
         emit_json(init_json(result))
         return
     if result.created_repository:
-        click.echo(f"created repository {result.repository} (id {result.repository_id})"
-                   f" and catalog {result.catalog}")
+        encrypted = "encrypted " if result.encryption != "none" else ""
+        click.echo(f"created {encrypted}repository {result.repository} (id"
+                   f" {result.repository_id}) and catalog {result.catalog}")
+        if encrypted:
+            click.echo("  keep its key somewhere safe: `oneback key export --output FILE`;"
+                       " without the passphrase or that key the backups cannot be read")
     else:
         click.echo(f"catalog {result.catalog} joined the existing repository"
                    f" {result.repository} (id {result.repository_id})")
@@ -72,10 +80,11 @@ def catalog_() -> None:
 def catalog_rebuild(force: bool, as_catalog: str | None, config_file: str | None,
                     as_json: bool) -> None:
     """Rebuild the catalog from the repository's manifests alone."""
-    from agent import repository
+    from agent import keys, repository
     from agent.store.local import LocalStore
     cfg = config_mod.load(config_file)
     store = LocalStore.open(cfg.storage.repository)
+    keys.unlock(store, cfg.storage)
     report = repository.rebuild(store, store.id, cfg.storage.catalog, force=force,
                                 as_catalog=as_catalog)
     if as_json:

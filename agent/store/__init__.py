@@ -9,7 +9,9 @@ and `memory.MemoryStore` (tests). Consumers depend on the Protocol only.
 
 Beside the chunks, a repository holds manifests (`ManifestStore`): immutable
 named blobs, one per backup, whose bytes the store does not interpret
-(`agent.manifest` encodes them). `Repository` is both.
+(`agent.manifest` encodes them). `Repository` is both. An encrypted
+repository's backends take `encryption.EncryptingCodec` (keyed chunk ids,
+AES-256-GCM) and hold key blobs beside (`agent.keys`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,19 @@ def is_manifest_name(name: str) -> bool:
     return bool(_MANIFEST_NAME.fullmatch(name))
 
 
+_KEY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_key_name(name: str) -> None:
+    """Reject a key blob name outside `[A-Za-z0-9_-]{1,64}` (a caller bug)."""
+    if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+        raise InternalError(f"{name!r:.80} is not a valid key name")
+
+
+def is_key_name(name: str) -> bool:
+    return bool(_KEY_NAME.fullmatch(name))
+
+
 def chunk_id_of(data: Data) -> bytes:
     """The id of a raw chunk: its SHA-256."""
     return hashlib.sha256(data).digest()
@@ -183,9 +198,10 @@ class Codec:
     """How a backend turns chunks and manifests into stored bytes: chunk ids
     (`chunk_id`), chunks (`encode`/`decode`: a zstd frame, verified against
     its id on the way out) and manifests (`seal`/`unseal`). Backends take
-    one in their constructor; an encrypting codec replaces this one.
-    zstd encoding of chunks: One compressor and decompressor per thread
-    (zstandard objects must not be shared between threads)."""
+    one in their constructor; in an encrypted repository
+    `encryption.EncryptingCodec` replaces this one. zstd encoding of
+    chunks: one compressor and decompressor per thread (zstandard objects
+    must not be shared between threads)."""
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.level = level
@@ -195,20 +211,23 @@ class Codec:
         """The id of a raw chunk under this codec: its SHA-256."""
         return hashlib.sha256(data).digest()
 
-    def encode(self, data: Data) -> bytes:
+    def encode(self, data: Data, chunk_id: bytes | None = None) -> bytes:
+        """A chunk's bytes as stored. `chunk_id` (its id, when the caller
+        has it) spares an encrypting codec computing it again."""
         compressor: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
         if compressor is None:
             compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
             self._local.c = compressor
         return bytes(compressor.compress(data))
 
-    def seal(self, data: bytes) -> bytes:
+    def seal(self, data: bytes, name: str | None = None) -> bytes:
         """A manifest's bytes as stored (as they are; an encrypting codec
-        encrypts them)."""
+        encrypts them, bound to the manifest's `name`: every backend passes it)."""
         return bytes(data)
 
-    def unseal(self, stored: bytes, what: str) -> bytes:
-        """The inverse of `seal`; IntegrityError names `what` if it fails."""
+    def unseal(self, stored: bytes, what: str, name: str | None = None) -> bytes:
+        """The inverse of `seal` (the same `name`); IntegrityError names
+        `what` if it fails."""
         return stored
 
     def decode(self, chunk_id: bytes, stored: bytes, where: str) -> bytes:

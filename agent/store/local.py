@@ -3,6 +3,8 @@
 Owns: the on-disk layout of a repository and crash-safe writes into it::
 
     REPO/config          JSON: {"format": 1, "id": "<hex>", "compression": "zstd"}
+                         (an encrypted repository: format 2, "encryption": "aes-256-gcm")
+    REPO/keys/NAME       key blobs: the master key wrapped under a passphrase (agent.keys)
     REPO/chunks/ab/abcd...   one zstd-compressed chunk per file, named by its SHA-256
     REPO/manifests/VM/NAME   one immutable manifest per backup (agent.manifest)
     REPO/tmp/            chunks being written; leftovers of a crash are ignored
@@ -47,12 +49,17 @@ from agent.store import (
     Codec,
     Data,
     check_chunk_id,
+    check_key_name,
     check_manifest_name,
+    is_key_name,
     is_manifest_name,
 )
 
-FORMAT = 1
+FORMAT = 2
+"""The newest format this oneback reads: 1 plain, 2 encrypted (an older
+oneback refuses an encrypted repository instead of misreading it)."""
 CONFIG = "config"
+PLAIN = "none"
 TEMP_GRACE = 3600.0
 """Temp files older than this (seconds) are crash leftovers and removed on open;
 younger ones may belong to another process still writing."""
@@ -146,9 +153,11 @@ class LocalStore:
     (names appear atomically, temp files are unique)."""
 
     def __init__(self, path: Path, repo_id: str, level: int,
-                 sync_each_put: bool = False, codec: Codec | None = None) -> None:
+                 sync_each_put: bool = False, codec: Codec | None = None,
+                 encryption: str = PLAIN) -> None:
         self.path = path
         self.id = repo_id
+        self.encryption = encryption   # what the config says: "none" or the cipher
         self._chunks = path / "chunks"
         self._manifests = path / "manifests"
         self._tmp = path / "tmp"
@@ -163,10 +172,12 @@ class LocalStore:
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str | os.PathLike[str], level: int = DEFAULT_LEVEL) -> LocalStore:
-        """Create a new repository at `path` (a missing or empty directory).
-        Raises RepositoryError if one is there already, or the directory holds
-        anything else."""
+    def init(cls, path: str | os.PathLike[str], level: int = DEFAULT_LEVEL,
+             encryption: str = PLAIN) -> LocalStore:
+        """Create a new repository at `path` (a missing or empty directory),
+        whose config records `encryption` (its keys are `agent.keys`' to
+        write). Raises RepositoryError if one is there already, or the
+        directory holds anything else."""
         root = Path(path)
         try:
             if (root / CONFIG).exists():
@@ -174,7 +185,7 @@ class LocalStore:
                     f"{root} is already a oneback repository; use it as it is (run "
                     "`oneback init` with a new catalog to join it), or choose another path"
                 )
-            cls._create(root)
+            cls._create(root, encryption)
         except OSError as e:
             raise RepositoryError(
                 f"cannot create repository {root}: {e.strerror or e}; check that the "
@@ -208,8 +219,8 @@ class LocalStore:
                     f"no oneback repository at {root} ({why}; is its filesystem mounted?); "
                     "run `oneback init` to create one"
                 )
-            repo_id = cls._read_config(root)
-            store = cls(root, repo_id, level, sync_each_put)
+            repo_id, encryption = cls._read_config(root)
+            store = cls(root, repo_id, level, sync_each_put, encryption=encryption)
             store._prepare()
         except OSError as e:
             raise RepositoryError(
@@ -219,7 +230,7 @@ class LocalStore:
         return store
 
     @staticmethod
-    def _create(root: Path) -> str:
+    def _create(root: Path, encryption: str = PLAIN) -> str:
         if root.exists() and any(root.iterdir()):
             raise RepositoryError(
                 f"{root} is not empty and not a oneback repository; choose another "
@@ -234,7 +245,11 @@ class LocalStore:
             (chunks / f"{i:02x}").mkdir(exist_ok=True)
         fsync_dir(chunks)
         repo_id = uuid.uuid4().hex
-        config = {"format": FORMAT, "id": repo_id, "compression": "zstd", "hash": "sha256"}
+        config: dict[str, object] = {"format": 1, "id": repo_id, "compression": "zstd",
+                                     "hash": "sha256"}
+        if encryption != PLAIN:
+            (root / "keys").mkdir(exist_ok=True)
+            config.update(format=2, hash="hmac-sha256", encryption=encryption)
         write_file_durably(
             root / CONFIG, json.dumps(config, indent=2).encode() + b"\n", root / "tmp"
         )
@@ -244,12 +259,14 @@ class LocalStore:
         return repo_id
 
     @staticmethod
-    def _read_config(root: Path) -> str:
+    def _read_config(root: Path) -> tuple[str, str]:
+        """The repository's id and encryption ("none": plain)."""
         raw = (root / CONFIG).read_bytes()
         try:
             config = json.loads(raw)
             fmt, repo_id = config["format"], config["id"]
-        except (ValueError, KeyError, TypeError) as e:
+            encryption = str(config.get("encryption") or PLAIN)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RepositoryError(
                 f"repository config {root / CONFIG} is unreadable ({e}); restore it "
                 "from a copy, or point storage.repository elsewhere"
@@ -259,7 +276,13 @@ class LocalStore:
                 f"repository {root} has format {fmt}, newer than this oneback "
                 f"understands ({FORMAT}); upgrade oneback"
             )
-        return str(repo_id)
+        return str(repo_id), encryption
+
+    def use_codec(self, codec: Codec) -> None:
+        """Read and write through `codec` from now on (an encrypted
+        repository's, once `agent.keys` has unlocked it). Call right after
+        `open`, before any chunk or manifest is read or written."""
+        self._codec = codec
 
     def _prepare(self) -> None:
         self._tmp.mkdir(exist_ok=True)
@@ -331,7 +354,7 @@ class LocalStore:
 
     def _write_chunk(self, chunk_id: bytes, path: Path, data: Data, replace: bool) -> int:
         """Encode and save one chunk (the caller holds its lock)."""
-        encoded = self._codec.encode(data)
+        encoded = self._codec.encode(data, chunk_id)
         try:
             return self._save(path, encoded, replace)
         except OSError as e:
@@ -661,26 +684,32 @@ class LocalStore:
         return self._manifests / name
 
     def put_manifest(self, name: str, data: bytes) -> int:
-        path = self._manifest_path(name)
+        self._write_once(self._manifest_path(name), self._codec.seal(data, name),
+                         f"manifest {name}")
+        return len(data)
+
+    def _write_once(self, path: Path, data: bytes, what: str) -> None:
+        """Write an immutable file durably (temp file, fsync, link, fsync the
+        directory), never over an existing name: RepositoryError if it exists."""
         try:
             if path.exists():
                 raise RepositoryError(
-                    f"manifest {name} already exists in {self.path}; a manifest is "
-                    "written once (this is a bug in the writer)"
+                    f"{what} already exists in {self.path}; it is written once (this is "
+                    "a bug in the writer)"
                 )
             self._make_dirs(path.parent)
-            tmp = self._tmp / f"manifest-{uuid.uuid4().hex}"
+            tmp = self._tmp / f"{path.parent.name}-{uuid.uuid4().hex}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
             try:
                 try:
-                    _write_all(fd, self._codec.seal(data))
+                    _write_all(fd, data)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
                 if not _link_into_place(tmp, path):   # never over an existing name
                     raise RepositoryError(
-                        f"manifest {name} already exists in {self.path}; a manifest is "
-                        "written once (this is a bug in the writer)"
+                        f"{what} already exists in {self.path}; it is written once (this "
+                        "is a bug in the writer)"
                     )
             finally:
                 try:
@@ -690,10 +719,9 @@ class LocalStore:
             fsync_dir(path.parent)
         except OSError as e:
             raise RepositoryError(
-                f"cannot write manifest {name} to {self.path}: {e.strerror or e}; "
+                f"cannot write {what} to {self.path}: {e.strerror or e}; "
                 "check free space and permissions"
             ) from e
-        return len(data)
 
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` (under manifests/) and make its name durable."""
@@ -705,7 +733,7 @@ class LocalStore:
 
     def get_manifest(self, name: str) -> bytes:
         what = f"manifest {name}"
-        return self._codec.unseal(self._read(self._manifest_path(name), what), what)
+        return self._codec.unseal(self._read(self._manifest_path(name), what), what, name)
 
     def delete_manifest(self, name: str) -> None:
         path = self._manifest_path(name)
@@ -728,6 +756,45 @@ class LocalStore:
                 if is_manifest_name(name):
                     names.append(name)
         return iter(sorted(names))
+
+    # -- key blobs (an encrypted repository's; agent.keys writes and reads them) --
+
+    def _key_path(self, name: str) -> Path:
+        check_key_name(name)
+        return self.path / "keys" / name
+
+    def put_key(self, name: str, data: bytes) -> int:
+        """Store key blob `name` (stored as given: it is already encrypted),
+        durable on return, never over an existing name (RepositoryError)."""
+        self._write_once(self._key_path(name), data, f"key {name}")
+        return len(data)
+
+    def get_key(self, name: str) -> bytes:
+        """The key blob `name`; NotFound if there is none."""
+        return self._read(self._key_path(name), f"key {name}")
+
+    def delete_key(self, name: str) -> None:
+        """Remove key blob `name`, durably. Idempotent."""
+        path = self._key_path(name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot delete key {name} from {self.path}: {e.strerror or e}") from e
+        fsync_dir(path.parent)
+
+    def key_names(self) -> list[str]:
+        """Every key blob's name, sorted."""
+        try:
+            names = os.listdir(self.path / "keys")
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot list {self.path / 'keys'}: {e.strerror or e}") from e
+        return sorted(n for n in names if is_key_name(n))
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.path)!r})"

@@ -11,16 +11,26 @@ import threading
 from collections.abc import Iterator
 
 from agent.errors import IntegrityError, NotFound, RepositoryError
-from agent.store import DEFAULT_LEVEL, Codec, Data, check_chunk_id, check_manifest_name
+from agent.store import (
+    DEFAULT_LEVEL,
+    Codec,
+    Data,
+    check_chunk_id,
+    check_key_name,
+    check_manifest_name,
+)
 
 
 class MemoryStore:
     """Thread-safe. `blobs` maps chunk id to the stored (compressed) bytes;
     it is public so tests can inspect or damage what is stored."""
 
-    def __init__(self, level: int = DEFAULT_LEVEL, codec: Codec | None = None) -> None:
+    def __init__(self, level: int = DEFAULT_LEVEL, codec: Codec | None = None,
+                 encryption: str = "none") -> None:
+        self.encryption = encryption
         self.blobs: dict[bytes, bytes] = {}
         self.manifest_blobs: dict[str, bytes] = {}
+        self.key_blobs: dict[str, bytes] = {}
         self.quarantined: list[tuple[bytes, bytes]] = []   # (chunk id, its damaged bytes)
         self._codec = codec if codec is not None else Codec(level)
         self._lock = threading.Lock()
@@ -38,7 +48,7 @@ class MemoryStore:
         with self._lock:
             if chunk_id in self.blobs:
                 return 0
-        encoded = self._codec.encode(data)
+        encoded = self._codec.encode(data, chunk_id)
         with self._lock:
             if chunk_id in self.blobs:
                 return 0
@@ -96,7 +106,7 @@ class MemoryStore:
         with self._lock:
             if name in self.manifest_blobs:
                 raise RepositoryError(f"manifest {name} already exists in the memory store")
-            self.manifest_blobs[name] = self._codec.seal(data)
+            self.manifest_blobs[name] = self._codec.seal(data, name)
         return len(data)
 
     def get_manifest(self, name: str) -> bytes:
@@ -105,7 +115,7 @@ class MemoryStore:
             data = self.manifest_blobs.get(name)
         if data is None:
             raise NotFound(f"manifest {name} is not in the memory store")
-        return self._codec.unseal(data, f"manifest {name}")
+        return self._codec.unseal(data, f"manifest {name}", name)
 
     def delete_manifest(self, name: str) -> None:
         check_manifest_name(name)
@@ -115,6 +125,35 @@ class MemoryStore:
     def manifests(self) -> Iterator[str]:
         with self._lock:
             return iter(sorted(self.manifest_blobs))
+
+    def use_codec(self, codec: Codec) -> None:
+        """See LocalStore.use_codec."""
+        self._codec = codec
+
+    def put_key(self, name: str, data: bytes) -> int:
+        check_key_name(name)
+        with self._lock:
+            if name in self.key_blobs:
+                raise RepositoryError(f"key {name} already exists in the memory store")
+            self.key_blobs[name] = bytes(data)
+        return len(data)
+
+    def get_key(self, name: str) -> bytes:
+        check_key_name(name)
+        with self._lock:
+            data = self.key_blobs.get(name)
+        if data is None:
+            raise NotFound(f"key {name} is not in the memory store")
+        return data
+
+    def delete_key(self, name: str) -> None:
+        check_key_name(name)
+        with self._lock:
+            self.key_blobs.pop(name, None)
+
+    def key_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self.key_blobs)
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self.blobs)} chunks)"

@@ -3,7 +3,8 @@ backup's read-and-store phase alone: every block of the disk file at PATH
 scanned into a fresh local repository at REPO, then the store flushed, as a
 backup does before its commit. MODE `batch` is oneback's way (no fsync per
 chunk, one syncfs in the flush); `each` makes every new chunk durable on
-its own (file and directory fsync, the way before flush). Prints
+its own (file and directory fsync, the way before flush); `encrypted` is
+`batch` into an encrypted repository (AES-256-GCM, keyed chunk ids). Prints
 {"seconds": s, "scan_seconds": s, "flush_seconds": s, "chunks": n}."""
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ from agent.store.local import LocalStore
 
 def main(argv: list[str]) -> None:
     path, block, repo, mode = argv
-    LocalStore.init(repo)
-    store = LocalStore.open(repo, sync_each_put=mode == "each")
+    if mode == "encrypted":
+        from agent.store.encryption import ALGORITHM, EncryptingCodec, random_key
+        LocalStore.init(repo, encryption=ALGORITHM)
+        store = LocalStore.open(repo)
+        store.use_codec(EncryptingCodec(random_key(), random_key()))
+    else:
+        LocalStore.init(repo)
+        store = LocalStore.open(repo, sync_each_put=mode == "each")
     size = devices.device_size(Path(path))
     start = time.perf_counter()
     result = reader.scan(Path(path), size, int(block), None, store, full=True)

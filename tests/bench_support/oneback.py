@@ -49,13 +49,15 @@ def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 class Oneback:
-    def __init__(self, work: Path, sim: subprocess.Popen[str], info: dict[str, Any]) -> None:
+    def __init__(self, work: Path, sim: subprocess.Popen[str], info: dict[str, Any],
+                 name: str = "oneback") -> None:
         self.work, self.sim, self.info = work, sim, info
         self.root = Path(info["root"])
         self.exe = str(Path(sys.executable).parent / "oneback")
-        self.config = work / "oneback.toml"
-        self.repository = work / "oneback-repo"
-        self.catalog = work / "oneback-catalog.sqlite"
+        self.config = work / f"{name}.toml"
+        self.repository = work / f"{name}-repo"
+        self.catalog = work / f"{name}-catalog.sqlite"
+        self.passphrase: Path | None = None   # set: the repository is encrypted
         self.vm_id = -1
         self.proxy_id = -1
         self.guest_disk = Path()
@@ -118,6 +120,17 @@ class Oneback:
             raise OnebackUnavailable(f"no disk file for VM {vm_id} under {self.root}")
         return found[0]
 
+    def encrypted(self) -> Oneback:
+        """The same cloud, VM and proxy VM, backed up into a second repository,
+        encrypted (`oneback init --encryption`), with its own catalog."""
+        other = Oneback(self.work, self.sim, self.info, name="oneback-encrypted")
+        other.vm_id, other.proxy_id, other.guest_disk = self.vm_id, self.proxy_id, self.guest_disk
+        other.passphrase = self.work / "passphrase"
+        other.passphrase.write_text("bench passphrase, not a secret\n")
+        other.passphrase.chmod(0o600)
+        other.write_config()
+        return other
+
     def write_config(self) -> None:
         cred = self.work / "one_auth"
         cred.write_text(self.info["credentials"] + "\n")
@@ -133,8 +146,10 @@ class Oneback:
             "[storage]\n"
             f'repository = "{self.repository}"\n'
             f'catalog = "{self.catalog}"\n'
-            f"block_size = {4 * 1024 * 1024}\n")
-        init = subprocess.run([self.exe, "init", "--config", str(self.config)],
+            f"block_size = {4 * 1024 * 1024}\n"
+            + (f'passphrase_file = "{self.passphrase}"\n' if self.passphrase else ""))
+        init = subprocess.run([self.exe, "init", "--config", str(self.config),
+                               *(["--encryption"] if self.passphrase else [])],
                               capture_output=True, text=True)
         if init.returncode != 0:
             raise OnebackUnavailable(f"oneback init failed: {init.stderr.strip()}")
