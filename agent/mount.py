@@ -60,8 +60,16 @@ def check_mountpoint(path: Path) -> Path:
     """The absolute mountpoint: an existing empty directory that is not
     mounted on. UsageError (one line) otherwise."""
     target = path.absolute()
-    if not target.is_dir():
-        why = "is not a directory" if target.exists() else "does not exist"
+    if is_mounted(target):
+        raise UsageError(f"{path} is already a oneback mount (of a process that was killed?):"
+                         f" `oneback umount {path}` first, or choose another empty directory")
+    try:
+        is_dir, exists = target.is_dir(), target.exists()
+    except OSError as e:
+        raise UsageError(f"mountpoint {path} cannot be used ({e.strerror or e}): choose"
+                         " an empty directory") from e
+    if not is_dir:
+        why = "is not a directory" if exists else "does not exist"
         raise UsageError(f"mountpoint {path} {why}: create an empty directory to mount on")
     if os.path.ismount(target):
         raise UsageError(f"mountpoint {path} is already mounted on: unmount it or choose"

@@ -204,8 +204,34 @@ def test_reads_anywhere_under_load_match_the_export(
             t.join()
         os.close(fd)
         assert got == {o: bytes(data[o:o + 300_000]) for o in offsets}
-    finally:
+        m.proc.send_signal(signal.SIGINT)      # Ctrl-C unmounts
         code, err = m.stop()
+    finally:
+        m.stop()
+    assert code == 0, err
+    assert not os.path.ismount(m.mountpoint)
+
+
+@needs_fuse
+def test_a_killed_mount_is_unmounted_by_umount_and_mounts_again(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    data = pattern(2 * BLOCK, 6)
+    vm = cloud.vm("killed", [cloud.image("killed-0", data)])
+    b = backups_of(cloud, capsys, vm)
+    m = Mounted(cloud, cloud.tmp / "mnt", str(b), "0")
+    m.proc.kill()                              # kill -9: the mount is left, dead
+    m.proc.wait()
+    assert engine.is_mounted(m.mountpoint)
+    r = cloud.run("mount", str(b), "0", str(m.mountpoint), capsys=capsys)
+    assert r.code == 2 and r.err.count("\n") == 1 and "oneback umount" in r.err, r
+    r = cloud.run("umount", str(m.mountpoint), capsys=capsys)
+    assert r.code == 0, r.err
+    assert not engine.is_mounted(m.mountpoint)
+    again = Mounted(cloud, m.mountpoint, str(b), "0")
+    try:
+        assert again.file.read_bytes() == data
+    finally:
+        code, err = again.stop()
     assert code == 0, err
 
 
