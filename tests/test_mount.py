@@ -221,12 +221,15 @@ def test_a_killed_mount_is_unmounted_by_umount_and_mounts_again(
     m = Mounted(cloud, cloud.tmp / "mnt", str(b), "0")
     m.proc.kill()                              # kill -9: the mount is left, dead
     m.proc.wait()
-    assert engine.is_mounted(m.mountpoint)
-    r = cloud.run("mount", str(b), "0", str(m.mountpoint), capsys=capsys)
-    assert r.code == 2 and r.err.count("\n") == 1 and "oneback umount" in r.err, r
-    r = cloud.run("umount", str(m.mountpoint), capsys=capsys)
-    assert r.code == 0, r.err
-    assert not engine.is_mounted(m.mountpoint)
+    try:
+        assert engine.is_mounted(m.mountpoint)
+        r = cloud.run("mount", str(b), "0", str(m.mountpoint), capsys=capsys)
+        assert r.code == 2 and r.err.count("\n") == 1 and "oneback umount" in r.err, r
+        r = cloud.run("umount", str(m.mountpoint), capsys=capsys)
+        assert r.code == 0, r.err
+        assert not engine.is_mounted(m.mountpoint)
+    finally:
+        m.stop()
     again = Mounted(cloud, m.mountpoint, str(b), "0")
     try:
         assert again.file.read_bytes() == data
