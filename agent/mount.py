@@ -50,7 +50,7 @@ def unavailable() -> str | None:
     try:
         import mfusepy  # noqa: F401
     except ImportError:
-        return "the FUSE binding is not installed: pip install 'oneback[mount]' (mfusepy)"
+        return "the FUSE binding mfusepy is not installed: reinstall oneback (pip install .)"
     except OSError as e:   # mfusepy found no libfuse
         return f"libfuse cannot be loaded ({e}): apt-get install fuse3 (or fuse)"
     return None
