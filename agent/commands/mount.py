@@ -58,8 +58,8 @@ def mount_(backup_id: int, disk_id: int, mountpoint: str, cache_mib: int, backgr
     if background:
         pid = _start_background(backup_id, disk_id, target, cache_mib, log_file, config_file)
     file = target / engine.FILE_NAME
-    doc: dict[str, object] = {"backup_id": backup_id, "disk_id": disk_id, "mountpoint": str(target),
-           "file": str(file), "size": disk.size}
+    doc: dict[str, object] = {"backup_id": backup_id, "disk_id": disk_id,
+                              "mountpoint": str(target), "file": str(file), "size": disk.size}
 
     def ready() -> None:
         if as_json:
@@ -73,10 +73,11 @@ def mount_(backup_id: int, disk_id: int, mountpoint: str, cache_mib: int, backgr
         doc["pid"] = pid
         ready()
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("oneback mount: %(message)s"))
-    engine.log.addHandler(handler)
-    engine.log.propagate = False
+    if not engine.log.handlers:   # failed reads: one line each on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("oneback mount: %(message)s"))
+        engine.log.addHandler(handler)
+        engine.log.propagate = False
     engine.serve(image, target, mtime=backup.finished, on_ready=ready)
     if not as_json:
         click.echo(f"unmounted {target}")
