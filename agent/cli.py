@@ -19,6 +19,7 @@ import click
 import agent.commands.backups  # noqa: F401
 import agent.commands.doctor  # noqa: F401
 import agent.commands.key  # noqa: F401
+import agent.commands.mount  # noqa: F401
 import agent.commands.repository  # noqa: F401
 import agent.commands.service  # noqa: F401
 import agent.commands.snapshots  # noqa: F401

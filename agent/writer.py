@@ -20,10 +20,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import xxhash
-
 from agent import devices
-from agent.errors import DeviceError, IntegrityError, Interrupted, NotFound
+from agent.diskimage import fetch_block
+from agent.errors import DeviceError, IntegrityError, Interrupted
 from agent.model import BlockRecord, block_count, block_length
 from agent.store import ChunkStore
 
@@ -217,17 +216,8 @@ class _Restore:
 
     def _restore_block(self, record: BlockRecord, length: int) -> int:
         assert record.chunk is not None
-        name = f"{self.where} block {record.index} (chunk {record.chunk.hex()})"
-        try:
-            data = self.store.get(record.chunk)
-        except NotFound as e:
-            raise IntegrityError(f"{name} is missing from the repository") from e
-        except IntegrityError as e:
-            raise IntegrityError(f"{name}: {e}") from e
-        if len(data) != length or xxhash.xxh3_128_digest(data) != record.checksum:
-            raise IntegrityError(
-                f"{name} does not match the checksum recorded at backup time"
-            )
+        data = fetch_block(self.store, record.chunk, record.checksum, length,
+                           f"{self.where} block {record.index} (chunk {record.chunk.hex()})")
         self._pwrite(memoryview(data), record.index * self.block_size)
         _drop_cache(self.fd, record.index * self.block_size, length)  # starts the write-back
         return length

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.bench_support import netdisk
+from tests.bench_support import mountread, netdisk
 from tests.bench_support.image import BLOCK, change_blocks, changed_blocks, make_image
 from tests.bench_support.oneback import Oneback, OnebackUnavailable
 from tests.bench_support.tools import (
@@ -91,6 +91,7 @@ class Bench:
         if self.ob:
             self.oneback_restore(self.ob)
             self.oneback_export(self.ob)
+            self.oneback_mount(self.ob)
         if self.enc:
             self.oneback_export(self.enc)
         if self.ob:
@@ -276,6 +277,33 @@ class Bench:
                       + ("" if same else "; DIFFERS from the image"))
         target.unlink(missing_ok=True)
 
+    def oneback_mount(self, ob: Oneback) -> None:
+        """Single-file restore: `oneback mount` of the latest backup's disk, cold each
+        time: the time to its first byte, then random 4 KiB and 1 MiB reads through
+        the FUSE file, one reader (tests/bench_support/mountread.py)."""
+        why = mountread.unavailable() or (None if ob.last_backup else "no backup to mount")
+        if why:
+            self.add(Row("oneback", "mount", note=f"skipped: {why}", key="oneback.mount"))
+            return
+        assert ob.last_backup is not None
+        for unit, reads, key in ((4096, 2000, "rand4k"), (MiB, 200, "rand1m")):
+            try:
+                m = mountread.measure(ob.exe, ob.config, ob.last_backup, self.work / "mnt",
+                                      self.size, unit=unit, reads=reads)
+            except OSError as e:
+                self.add(Row("oneback", "mount", note=f"failed: {e}", key="oneback.mount"))
+                return
+            if unit == 4096:
+                self.add(Row("oneback", "mount: time to first byte", m.first_byte,
+                             rss_kib=m.rss_kib, key="oneback.mount.ttfb",
+                             note=f"start to the first 4 KiB of disk.raw, cold (mounted after"
+                             f" {m.mounted:.2f} s: the block map read)"))
+            size = "4 KiB" if unit == 4096 else "1 MiB"
+            self.add(Row("oneback", f"mount: random {size} reads", m.seconds, m.nbytes,
+                         rss_kib=m.rss_kib, key=f"oneback.mount.{key}",
+                         note=f"{m.count / m.seconds:.0f} reads/s, {m.count} reads over the"
+                         " whole disk, one reader, cold"))
+
     def oneback_verify(self, ob: Oneback) -> None:
         """`oneback verify --read-data` against a plain read of the same chunk files."""
         chunks = ob.repository / "chunks"
@@ -444,6 +472,8 @@ def targets(rows: list[Row]) -> list[Target]:
          ratio(restore, wall("oneback.encrypted.export")), "info", None),
         ("restic restore / oneback export", ratio(wall("restic.restore"), restore), "info", None),
         ("borg restore / oneback export", ratio(wall("borg.restore"), restore), "info", None),
+        ("oneback mount: time to first byte, seconds", wall("oneback.mount.ttfb"), "info",
+         None),
         ("restic restore / oneback restore VM (with OpenNebula ops)",
          ratio(wall("restic.restore"), wall("oneback.restore")), "info", None),
         ("network disk: oneback scan rate (read_depth 16) / borg's read of the same path",

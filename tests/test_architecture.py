@@ -16,6 +16,8 @@ BOUNDARIES = {
     "sqlite3": {"catalog.py"},
     "sqlite_utils": {"catalog.py"},
     "cryptography": {"encryption.py"},   # agent/store/encryption.py
+    "mfusepy": {"mount.py"},             # FUSE: agent/mount.py
+    "prometheus_client": {"metrics.py"},
 }
 
 

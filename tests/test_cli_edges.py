@@ -28,6 +28,8 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("restore-disk", ["restore-disk", "1", "0", "--image-ds", "{}"], "--image-ds", "one"),
     ("export", ["export", "{}", "0", "-o", "OUT"], "BACKUP_ID", "backup"),
     ("export", ["export", "1", "{}", "-o", "OUT"], "DISK_ID", "one"),
+    ("mount", ["mount", "{}", "0", "OUT"], "BACKUP_ID", "backup"),
+    ("mount", ["mount", "1", "{}", "OUT"], "DISK_ID", "one"),
     ("snapshot create", ["snapshot", "create", "{}"], "VM_ID", "one"),
     ("snapshot list", ["snapshot", "list", "{}"], "VM_ID", "one"),
     ("snapshot revert", ["snapshot", "revert", "{}", "s"], "VM_ID", "one"),
