@@ -1,0 +1,272 @@
+"""install/install.sh into a temporary root (`--root`), then the INSTALLED
+oneback (the root's, not this checkout's) runs against onesim: `--version`,
+`init`, a backup, `list`; the install is re-runnable (a second run changes
+nothing and says so), never overwrites a configuration, writes the systemd
+drop-in for a repository elsewhere, uninstalls (keeping configuration and
+state) and purges; the hardened unit passes `systemd-analyze verify`.
+
+How the program is installed here: the root gets its own virtualenv with
+oneback built and installed (not editable) from a copy of this tree; its
+dependencies come from the virtualenv running the tests (`--deps-from`,
+a .pth file), so the test needs no package index and takes seconds. Set
+ONEBACK_TEST_FULL_INSTALL=1 to install the dependencies from the package
+index instead, as an operator's `install.sh` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.agentkit import REPO, make_cloud, pattern
+
+INSTALL = REPO / "install" / "install.sh"
+EXAMPLE = REPO / "install" / "oneback.toml.example"
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.lstat().st_mode)
+
+
+def tree(root: Path) -> dict[str, tuple[int, str]]:
+    """Every path under root: its mode and (for files) a hash of its content."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if "__pycache__" in p.parts:
+            continue
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = (0, os.readlink(p))
+        elif p.is_file():
+            out[rel] = (mode(p), hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            out[rel] = (mode(p), "")
+    return out
+
+
+def run_install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    program: list[str] = []
+    if "--no-python" not in args and "--uninstall" not in args:
+        program = ["--python", sys.executable]
+        if os.environ.get("ONEBACK_TEST_FULL_INSTALL") != "1":
+            if sys.prefix == sys.base_prefix:
+                pytest.skip("the tests do not run in a virtualenv whose packages --deps-from"
+                            " could reuse; set ONEBACK_TEST_FULL_INSTALL=1 to install from"
+                            " the package index")
+            program += ["--deps-from", sys.prefix]
+    p = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--no-systemd",
+                        *program, *args], capture_output=True, text=True, timeout=600,
+                       cwd=root)
+    assert p.returncode == 0, p.stderr + p.stdout
+    return p
+
+
+@dataclass
+class Installed:
+    root: Path
+    first: str            # the first run's report
+    again: str            # the second run's report
+    tree_first: dict[str, tuple[int, str]]
+    tree_again: dict[str, tuple[int, str]]
+
+    @property
+    def oneback(self) -> Path:
+        return self.root / "usr" / "local" / "bin" / "oneback"
+
+    def run(self, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("ONEBACK", "PYTHON", "VIRTUAL_ENV"))}
+        return subprocess.run([str(self.oneback), *args], capture_output=True, text=True,
+                              cwd=cwd, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    root = tmp_path_factory.mktemp("root")
+    context = root / "run" / "one-context"
+    context.mkdir(parents=True)
+    (context / "one_env").write_text('export VMID="17"\nexport ETH0_IP="10.0.0.17"\n')
+    first = run_install(root)
+    tree_first = tree(root)
+    again = run_install(root)
+    yield Installed(root, first.stdout, again.stdout, tree_first, tree(root))
+
+
+def test_install_lays_out_the_program_config_state_unit_and_filter(installed: Installed) -> None:
+    r = installed.root
+    etc, state = r / "etc" / "oneback", r / "var" / "lib" / "oneback"
+    assert mode(etc) == 0o700 and mode(state) == 0o700
+    for name in ("oneback.toml", "one_auth", "hook_secret"):
+        assert mode(etc / name) == 0o600, name
+    # the configuration is the example, with this VM's id read from its context once
+    toml = (etc / "oneback.toml").read_text()
+    assert re.search(r"^vm_id = 17 ", toml, re.M), toml
+    assert toml.replace(re.search(r"^vm_id = .*$", toml, re.M).group(0), "") == (  # type: ignore
+        EXAMPLE.read_text().replace(re.search(r"^vm_id = .*$", EXAMPLE.read_text(),
+                                              re.M).group(0), ""))  # type: ignore
+    assert len((etc / "hook_secret").read_text().strip()) >= 32
+    unit = r / "etc" / "systemd" / "system" / "oneback.service"
+    assert unit.read_text() == (REPO / "install" / "oneback.service").read_text()
+    assert mode(unit) == 0o644
+    assert (r / "etc" / "lvm" / "lvmlocal.conf").read_text() == (
+        REPO / "install" / "lvmlocal.conf").read_text()
+    assert mode(installed.oneback) == 0o755
+    venv = r / "opt" / "oneback" / "venv"
+    assert os.access(venv / "bin" / "oneback", os.X_OK)
+    # the unit's ExecStart is what was installed (at its place under the root)
+    exec_start = re.search(r"^ExecStart=(\S+)", unit.read_text(), re.M).group(1)  # type: ignore
+    assert (r / exec_start.lstrip("/")) == venv / "bin" / "oneback"
+    share = r / "opt" / "oneback" / "share"
+    assert os.access(share / "hooks" / "oneback-hook", os.X_OK)
+    assert os.access(share / "install" / "register-hooks.sh", os.X_OK)
+    assert {p.name for p in (share / "hooks").iterdir()} == {
+        p.name for p in (REPO / "hooks").iterdir()}
+    # the checkout is not the installed copy, and stays clean
+    assert not (REPO / "build").exists()
+    assert "installed " in installed.first and "install.sh:" in installed.first
+
+
+def test_a_second_run_changes_nothing_and_says_so(installed: Installed) -> None:
+    assert installed.tree_again == installed.tree_first
+    lines = installed.again.strip().splitlines()
+    assert lines[-1] == "install.sh: nothing changed", installed.again
+    verbs = {line.split()[0] for line in lines[:-1]}
+    assert verbs <= {"unchanged", "kept", "skipped"}, installed.again
+    assert "kept " + str(installed.root / "etc" / "oneback" / "oneback.toml") in lines
+
+
+def test_the_installed_oneback_is_the_roots_and_backs_up_a_vm(
+        installed: Installed, tmp_path: Path) -> None:
+    venv = installed.root / "opt" / "oneback" / "venv"
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import agent; print(agent.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert where.stdout.strip().startswith(str(venv)), where.stdout
+    version = installed.run("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("oneback, version")
+
+    with make_cloud(tmp_path / "cloud") as cloud:
+        # a configuration of its own for the installed copy: its repository
+        # and catalog do not exist yet, so the installed `init` makes them
+        text = cloud.config.read_text()
+        work = tmp_path / "installed"
+        work.mkdir()
+        cfg = work / "oneback.toml"
+        cfg.write_text(text.replace(str(cloud.tmp / "repo"), str(work / "repo")).replace(
+            str(cloud.tmp / "catalog.sqlite"), str(work / "catalog.sqlite")))
+        init = installed.run("--config", str(cfg), "init", "--json", cwd=tmp_path)
+        assert init.returncode == 0, init.stderr
+        assert (work / "repo").is_dir() and (work / "catalog.sqlite").exists()
+
+        # LEAD: `oneback doctor` is built on another branch; when it is merged,
+        # run it here from the installed copy against this cloud, e.g.
+        #   doctor = installed.run("--config", str(cfg), "doctor", "--json", cwd=tmp_path)
+        # and assert on its checks (config modes, credentials, proxy VM, ...).
+        if "doctor" in installed.run("--help", cwd=tmp_path).stdout:
+            doctor = installed.run("--config", str(cfg), "doctor", "--json", cwd=tmp_path)
+            assert doctor.returncode != 2 and "Traceback" not in doctor.stderr, doctor.stderr
+            json.loads(doctor.stdout)
+
+        vm = cloud.vm("inst", [cloud.image("inst0", pattern(1024 * 1024, 5))])
+        backup = installed.run("--config", str(cfg), "backup", str(vm), "--json", cwd=tmp_path)
+        assert backup.returncode == 0, backup.stderr
+        record = json.loads(backup.stdout)
+        assert record["vm_id"] == vm and record["disks"][0]["bytes_read"] == 1024 * 1024
+        listed = installed.run("--json", "--config", str(cfg), "list", cwd=tmp_path)
+        assert [b["backup_id"] for b in json.loads(listed.stdout)] == [record["backup_id"]]
+        assert cloud.leftovers() == []
+
+
+def test_an_edited_configuration_is_kept_and_a_repository_elsewhere_gets_write_access(
+        installed: Installed) -> None:
+    r = installed.root
+    cfg = r / "etc" / "oneback" / "oneback.toml"
+    original = cfg.read_text()
+    edited = original.replace('repository = "/var/lib/oneback/repo"',
+                              'repository = "/srv/backup/oneback"')
+    assert edited != original
+    cfg.write_text(edited)
+    dropin = r / "etc" / "systemd" / "system" / "oneback.service.d" / "paths.conf"
+    try:
+        out = run_install(r).stdout
+        assert cfg.read_text() == edited                      # never overwritten
+        assert f"created {dropin}" in out and out.strip().endswith("install.sh: 1 change(s)")
+        assert "ReadWritePaths=/srv/backup/oneback\n" in dropin.read_text()
+        assert run_install(r).stdout.strip().endswith("nothing changed")
+    finally:
+        cfg.write_text(original)
+    out = run_install(r).stdout
+    assert not dropin.parent.exists() and f"removed {dropin.parent}" in out
+    assert tree(r) == installed.tree_first
+
+
+def test_the_unit_is_hardened_and_systemd_accepts_it(installed: Installed,
+                                                     tmp_path: Path) -> None:
+    unit = installed.root / "etc" / "systemd" / "system" / "oneback.service"
+    settings: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    one = {k: v[-1] for k, v in settings.items()}
+    assert one["NoNewPrivileges"] == "yes"
+    assert one["ProtectSystem"] == "strict" and one["ReadWritePaths"] == "/var/lib/oneback"
+    assert one["PrivateTmp"] == "yes" and one["ProtectHome"] == "yes"
+    assert one["User"] == "oneback" and one["SupplementaryGroups"] == "disk"
+    assert one["CapabilityBoundingSet"] == "" and one["AmbientCapabilities"] == ""
+    assert one["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6"
+    assert settings["SystemCallFilter"][0] == "@system-service"
+    assert one["DevicePolicy"] == "closed"
+    assert all(d.endswith(" r") for d in settings["DeviceAllow"])   # read, never write
+    assert "PrivateDevices" not in one     # it would hide the attached disks
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here: the unit's syntax is not verified")
+    # verify checks that ExecStart exists: point it at the installed copy
+    copy = tmp_path / "oneback.service"
+    copy.write_text(unit.read_text().replace(
+        "ExecStart=/opt/oneback/", f"ExecStart={installed.root}/opt/oneback/"))
+    verify = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                            timeout=60)
+    assert verify.returncode == 0 and str(copy) not in verify.stderr + verify.stdout, (
+        verify.stderr)
+    security = subprocess.run([analyze, "security", "--offline=true", str(copy)],
+                              capture_output=True, text=True, timeout=60)
+    if security.returncode == 0 or "exposure level" in security.stdout:
+        level = re.search(r"exposure level for \S+: ([0-9.]+)", security.stdout)
+        assert level and float(level.group(1)) <= 2.0, security.stdout[-400:]
+
+
+def test_uninstall_keeps_config_and_state_and_purge_removes_them(installed: Installed) -> None:
+    r = installed.root
+    (r / "var" / "lib" / "oneback" / "catalog.sqlite").write_bytes(b"state")
+    out = run_install(r, "--uninstall").stdout
+    for gone in ("opt/oneback", "usr/local/bin/oneback", "etc/systemd/system/oneback.service"):
+        assert not (r / gone).exists() and f"removed {r / gone}" in out, gone
+    for kept in ("etc/oneback/oneback.toml", "etc/oneback/hook_secret",
+                 "var/lib/oneback/catalog.sqlite", "etc/lvm/lvmlocal.conf"):
+        assert (r / kept).exists(), kept
+    again = run_install(r, "--uninstall").stdout
+    assert again.strip().endswith("uninstalled, 0 change(s)") and "absent" in again
+
+    purged = run_install(r, "--uninstall", "--purge").stdout
+    for gone in ("etc/oneback", "var/lib/oneback", "etc/lvm/lvmlocal.conf"):
+        assert not (r / gone).exists() and f"removed {r / gone}" in purged, gone
+
+
+def test_bad_options_are_one_line(tmp_path: Path) -> None:
+    for args in (["--bogus"], ["--purge"], ["--root", str(tmp_path / "nope")]):
+        p = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
