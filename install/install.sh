@@ -140,7 +140,9 @@ if [ "$action" = uninstall ]; then
     [ "$use_systemctl" = yes ] && systemctl daemon-reload
     if [ "$purge" = yes ]; then
         remove "$etc" "$state"
-        if [ -e "$lvm" ] && cmp -s "$lvm" "$src/install/lvmlocal.conf"; then remove "$lvm"
+        if [ -e "$lvm.before-oneback" ]; then
+            mv "$lvm.before-oneback" "$lvm"; say updated "$lvm" "the original restored"
+        elif [ -e "$lvm" ] && cmp -s "$lvm" "$src/install/lvmlocal.conf"; then remove "$lvm"
         elif [ -e "$lvm" ]; then say kept "$lvm" "not the one install.sh wrote"; fi
         if [ "$has_user" = yes ]; then userdel "$user"; say removed "user $user"; fi
     else
@@ -246,7 +248,8 @@ fi
 exec "$venv/bin/oneback" "\$@"
 WRAP
     put "$wrapper" 755 "$tmp/wrapper"
-    for f in "$src/README.md" "$src"/hooks/* "$src/install/register-hooks.sh"; do
+    for f in "$src/README.md" "$src"/hooks/* "$src/install/register-hooks.sh" \
+             "$src/install/lvmlocal.conf"; do
         f=${f#"$src/"}
         mode=644; [ -x "$src/$f" ] && mode=755
         put "$share/$f" "$mode" "$src/$f"
@@ -288,13 +291,21 @@ fi
 [ "$(unit_sum)" = "$before" ] || unit_changed=yes
 
 # -- the LVM filter ----------------------------------------------------------------
+# Debian and others ship an lvmlocal.conf of comments (a `local {}` section):
+# then ours is appended (the original kept as lvmlocal.conf.before-oneback).
+# A file that already sets a devices section is the operator's: kept, said so.
 mkdir -p "$(dirname "$lvm")"
+filter_line=$(grep -m1 'global_filter' "$src/install/lvmlocal.conf")
 if [ ! -e "$lvm" ]; then
     install -m 644 "$src/install/lvmlocal.conf" "$lvm"; say created "$lvm"
-elif cmp -s "$lvm" "$src/install/lvmlocal.conf"; then
+elif grep -qxF -- "$filter_line" "$lvm"; then
     say unchanged "$lvm"
+elif grep -qE '^[[:space:]]*(devices[[:space:]]*\{|devices[[:space:]]*$|global_filter)' "$lvm"; then
+    say kept "$lvm" "it has a devices section of its own: make its global_filter reject all but this VM's disk, see $share/install/lvmlocal.conf"
 else
-    say kept "$lvm" "yours: make sure its devices/global_filter rejects all but this VM's disk, see install/lvmlocal.conf"
+    cp -p "$lvm" "$lvm.before-oneback"
+    { echo; cat "$src/install/lvmlocal.conf"; } >>"$lvm"
+    say updated "$lvm" "filter appended; the original is $lvm.before-oneback"
 fi
 
 if [ "$use_systemctl" = yes ]; then

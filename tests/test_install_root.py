@@ -270,3 +270,40 @@ def test_bad_options_are_one_line(tmp_path: Path) -> None:
     for args in (["--bogus"], ["--purge"], ["--root", str(tmp_path / "nope")]):
         p = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True)
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+
+
+DEBIAN_LVMLOCAL = """\
+# This is a local configuration file template.
+#
+# Refer to 'man lvm.conf' for information about the file layout.
+
+local {
+\t# system_id = ""
+}
+"""
+
+
+def test_a_shipped_lvmlocal_gets_the_filter_appended_and_an_operators_is_kept(
+        tmp_path: Path) -> None:
+    ours = (REPO / "install" / "lvmlocal.conf").read_text()
+    root = tmp_path / "debian"
+    lvm = root / "etc" / "lvm" / "lvmlocal.conf"
+    lvm.parent.mkdir(parents=True)
+    lvm.write_text(DEBIAN_LVMLOCAL)
+    out = run_install(root, "--no-python").stdout
+    assert f"updated {lvm}" in out
+    assert lvm.read_text() == DEBIAN_LVMLOCAL + "\n" + ours
+    assert (lvm.parent / "lvmlocal.conf.before-oneback").read_text() == DEBIAN_LVMLOCAL
+    assert f"unchanged {lvm}" in run_install(root, "--no-python").stdout
+    run_install(root, "--uninstall")
+    assert lvm.read_text() == DEBIAN_LVMLOCAL + "\n" + ours     # uninstall keeps the filter
+    run_install(root, "--uninstall", "--purge")
+    assert lvm.read_text() == DEBIAN_LVMLOCAL                  # purge restores the original
+
+    mine = tmp_path / "operator"
+    lvm = mine / "etc" / "lvm" / "lvmlocal.conf"
+    lvm.parent.mkdir(parents=True)
+    text = 'devices {\n    global_filter = [ "a|^/dev/sda$|", "r|.*|" ]\n}\n'
+    lvm.write_text(text)
+    out = run_install(mine, "--no-python").stdout
+    assert f"kept {lvm}" in out and lvm.read_text() == text
