@@ -307,3 +307,78 @@ def test_a_shipped_lvmlocal_gets_the_filter_appended_and_an_operators_is_kept(
     lvm.write_text(text)
     out = run_install(mine, "--no-python").stdout
     assert f"kept {lvm}" in out and lvm.read_text() == text
+
+
+REAL_ROOT_SCRIPT = r"""
+set -euo pipefail
+# A private view of the system: what install.sh writes to /etc, /opt,
+# /usr/local, /var, /run (and the user it adds) lands in overlays under $T.
+for d in /etc /opt /usr/local /var /run /root; do
+    mkdir -p "$T/ovl$d/u" "$T/ovl$d/w"
+    mount -t overlay overlay -o "lowerdir=$d,upperdir=$T/ovl$d/u,workdir=$T/ovl$d/w" "$d"
+done
+chmod 711 /root            # the tests' interpreter lives under /root (pyenv)
+if getent passwd oneback >/dev/null; then echo "oneback exists before the install"; exit 3; fi
+mkdir -p /run/one-context
+printf 'export VMID="42"\n' >/run/one-context/one_env
+echo "== first"; bash "$INSTALL" "$@"
+echo "== second"; bash "$INSTALL" "$@"
+echo "== state"
+id oneback
+stat -c '%U %a %n' /etc/oneback /etc/oneback/* /var/lib/oneback
+grep '^vm_id' /etc/oneback/oneback.toml
+sed -i 's/FRONTEND/127.0.0.1/' /etc/oneback/oneback.toml
+echo "== init"
+/usr/local/bin/oneback --config /etc/oneback/oneback.toml init --json >/dev/null
+stat -c '%U %n' /var/lib/oneback/repo /var/lib/oneback/catalog.sqlite
+echo "== purge"
+bash "$INSTALL" --uninstall --purge
+getent passwd oneback || echo "no user oneback"
+"""
+
+
+def test_on_the_real_root_it_adds_the_user_owns_the_state_and_root_runs_as_it(
+        tmp_path: Path) -> None:
+    """install.sh on / itself, in a private mount namespace whose /etc, /opt,
+    /usr/local, /var and /run are overlays: the oneback user (group disk)
+    is created once, owns the configuration and the state, and `oneback`
+    run as root creates the repository as that user."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t",
+                            "tmpfs", "probe", str(tmp_path)], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    if os.environ.get("ONEBACK_TEST_FULL_INSTALL") != "1" and sys.prefix == sys.base_prefix:
+        pytest.skip("the tests do not run in a virtualenv --deps-from could reuse")
+    args = ["--python", sys.executable]
+    if os.environ.get("ONEBACK_TEST_FULL_INSTALL") != "1":
+        args += ["--deps-from", sys.prefix]
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c",
+                        REAL_ROOT_SCRIPT, "install-test", *args],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "T": str(tmp_path), "INSTALL": str(INSTALL)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    first = out.split("== first\n")[1].split("== second\n")[0]
+    second = out.split("== second\n")[1].split("== state\n")[0]
+    state = out.split("== state\n")[1].split("== init\n")[0]
+    init = out.split("== init\n")[1].split("== purge\n")[0]
+    purge = out.split("== purge\n")[1]
+    assert "created user oneback (groups: oneback, disk)" in first
+    assert "skipped systemctl (systemd is not running here)" in first
+    assert "unchanged user oneback" in second
+    assert "install.sh: nothing changed" in second.splitlines(), second
+    assert re.search(r"groups=\d+\(oneback\),\d+\(disk\)", state), state
+    for line in ("oneback 700 /etc/oneback", "oneback 600 /etc/oneback/one_auth",
+                 "oneback 600 /etc/oneback/hook_secret", "oneback 600 /etc/oneback/oneback.toml",
+                 "oneback 700 /var/lib/oneback"):
+        assert line in state.splitlines(), state
+    assert "vm_id = 42 " in state
+    # root's `oneback` ran as the agent's user: what it made is the agent's
+    assert init.split() == ["oneback", "/var/lib/oneback/repo",
+                            "oneback", "/var/lib/oneback/catalog.sqlite"], init
+    assert "removed user oneback" in purge and "no user oneback" in purge
+    # and nothing of it reached the real system
+    assert not Path("/opt/oneback").exists() and not Path("/etc/oneback").exists()
+    assert subprocess.run(["getent", "passwd", "oneback"]).returncode != 0
