@@ -18,6 +18,7 @@ from agent.errors import StateError
 from agent.model import HookInfo
 
 DEFAULT_COMMAND = "/var/lib/one/remotes/hooks/oneback/oneback-hook"
+TIMEOUT = "30"   # seconds oned's hook manager gives the script
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class HookDef:
 
     def template(self, command: str = DEFAULT_COMMAND) -> str:
         lines = [f'NAME = "{self.name}"', *(f'{k} = "{v}"' for k, v in self.attributes),
-                 f'COMMAND = "{command}"', 'TIMEOUT = "30"']
+                 f'COMMAND = "{command}"', f'TIMEOUT = "{TIMEOUT}"']
         return "\n".join(lines) + "\n"
 
     @property
@@ -39,7 +40,7 @@ class HookDef:
         NAME and TYPE out and adds REMOTE (NO); HookStateVM::parse_template
         turns ON into STATE and LCM_STATE (ours are CUSTOM: already explicit)."""
         kept = {k: v for k, v in self.attributes if k not in ("TYPE", "ON")}
-        return {**kept, "COMMAND": command, "TIMEOUT": "30", "REMOTE": "NO"}
+        return {**kept, "COMMAND": command, "TIMEOUT": TIMEOUT, "REMOTE": "NO"}
 
     def update_template(self, command: str = DEFAULT_COMMAND) -> str:
         """The text for one.hook.update (replace): the stored template."""
