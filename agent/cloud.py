@@ -53,6 +53,7 @@ from agent.model import (
     VM_UNDEPLOYED,
     DatastoreInfo,
     DiskInfo,
+    HookInfo,
     ImageInfo,
     VmInfo,
 )
@@ -259,6 +260,24 @@ class Cloud:
 
     def hook_allocate(self, template: str) -> int:
         return int(self.call("hook.allocate", template))
+
+    def hook_list(self) -> list[HookInfo]:
+        """Every registered hook with its template (one.hookpool.info)."""
+        root = xmldoc.parse(str(self.call("hookpool.info", -2, -1, -1)))
+        hooks = []
+        for h in root.findall("HOOK"):
+            tmpl = h.find("TEMPLATE")
+            attrs = [] if tmpl is None else [(str(a.tag), a.text or "") for a in tmpl
+                                             if isinstance(a.tag, str) and len(a) == 0]
+            hooks.append(HookInfo(id=int_of(h, "ID", -1), name=text_of(h, "NAME"),
+                                  type=text_of(h, "TYPE"), template=tuple(sorted(attrs))))
+        return hooks
+
+    def hook_update(self, hook_id: int, template: str) -> None:
+        """Replace a hook's template (one.hook.update, type 0: replace;
+        Hook::post_update_template re-reads COMMAND, REMOTE and the
+        STATE/LCM_STATE or CALL the template names)."""
+        self.call("hook.update", hook_id, template, 0)
 
     def datastore(self, ds_id: int) -> DatastoreInfo:
         root = xmldoc.parse(str(self.call("datastore.info", ds_id)))

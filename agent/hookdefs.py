@@ -2,16 +2,23 @@
 
 Owns: which VM state changes and API calls wake the agent through
 `hooks/oneback-hook`, and the template text for each. `oneback hooks install`
-registers them with `one.hook.allocate`; `hooks/*.hook` holds the same text
+registers them with `one.hook.allocate`, and decides (`plan`) which of them
+are missing, differ from what oned holds (then replaced with
+`one.hook.update`) or are unchanged; `hooks/*.hook` holds the same text
 for operators who prefer `onehook create` (a test keeps both identical).
 Pure: no I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agent.errors import StateError
+from agent.model import HookInfo
+
 DEFAULT_COMMAND = "/var/lib/one/remotes/hooks/oneback/oneback-hook"
+TIMEOUT = "30"   # seconds oned's hook manager gives the script
 
 
 @dataclass(frozen=True)
@@ -21,8 +28,56 @@ class HookDef:
 
     def template(self, command: str = DEFAULT_COMMAND) -> str:
         lines = [f'NAME = "{self.name}"', *(f'{k} = "{v}"' for k, v in self.attributes),
-                 f'COMMAND = "{command}"', 'TIMEOUT = "30"']
+                 f'COMMAND = "{command}"', f'TIMEOUT = "{TIMEOUT}"']
         return "\n".join(lines) + "\n"
+
+    @property
+    def type(self) -> str:
+        return dict(self.attributes)["TYPE"]
+
+    def stored(self, command: str = DEFAULT_COMMAND) -> dict[str, str]:
+        """The TEMPLATE oned keeps for `template(command)`: Hook::insert takes
+        NAME and TYPE out and adds REMOTE (NO); HookStateVM::parse_template
+        turns ON into STATE and LCM_STATE (ours are CUSTOM: already explicit)."""
+        kept = {k: v for k, v in self.attributes if k not in ("TYPE", "ON")}
+        return {**kept, "COMMAND": command, "TIMEOUT": TIMEOUT, "REMOTE": "NO"}
+
+    def update_template(self, command: str = DEFAULT_COMMAND) -> str:
+        """The text for one.hook.update (replace): the stored template."""
+        return "".join(f'{k} = "{v}"\n' for k, v in sorted(self.stored(command).items()))
+
+
+@dataclass(frozen=True)
+class Step:
+    """What `hooks install` does about one hook: "create" (absent), "update"
+    (oned's template differs: `changed` names the attributes), "unchanged"."""
+    hook: HookDef
+    action: str
+    id: int | None
+    changed: tuple[str, ...] = ()
+
+
+def plan(registered: Iterable[HookInfo], command: str = DEFAULT_COMMAND,
+         hooks: Iterable[HookDef] | None = None) -> list[Step]:
+    """Compare oneback's hooks with those registered in oned, by name."""
+    by_name: dict[str, HookInfo] = {}
+    for old in sorted(registered, key=lambda i: i.id):
+        by_name.setdefault(old.name, old)   # the oldest of a duplicated name
+    steps = []
+    for h in HOOKS if hooks is None else hooks:
+        info = by_name.get(h.name)
+        if info is None:
+            steps.append(Step(h, "create", None))
+            continue
+        if info.type.lower() != h.type:
+            raise StateError(f"hook {info.id} {h.name} is a {info.type} hook, oneback's is"
+                             f" {h.type}: delete it (onehook delete {info.id}) and run"
+                             f" oneback hooks install again")
+        want, have = h.stored(command), dict(info.template)
+        changed = tuple(sorted(k for k in want.keys() | have.keys()
+                               if want.get(k) != have.get(k)))
+        steps.append(Step(h, "update" if changed else "unchanged", info.id, changed))
+    return steps
 
 
 def _state(name: str, state: str, lcm: str) -> HookDef:

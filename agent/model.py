@@ -182,6 +182,16 @@ class DatastoreInfo:
     free_mb: int
 
 
+@dataclass(frozen=True)
+class HookInfo:
+    """A hook registered in oned (one.hookpool.info): its TEMPLATE's
+    top-level attributes as oned keeps them (NAME and TYPE are not in it)."""
+    id: int
+    name: str
+    type: str  # "api" | "state"
+    template: tuple[tuple[str, str], ...]
+
+
 class ReadVia(StrEnum):
     """How a backup reads one disk (decided by policy.plan_disks)."""
 

@@ -150,17 +150,85 @@ BACKUP_ID = IdType("a backup id", 1, 2**63 - 1)
 
 # -- commands --------------------------------------------------------------------
 
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print exactly one JSON document on stdout.")
+# Global flags, as restic's: `--config` and `--json` may come before the
+# subcommand (`oneback --config F backup 7`, `oneback --json list`) or after
+# it. Both decorators below read the group's value when the subcommand was not
+# given its own, so every command that uses them honours the global ones; when
+# both are given, the subcommand's own `--config` wins (it is the later one).
+
+
+def _global(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if ctx.get_parameter_source(param.name or name) not in (
+                click.core.ParameterSource.DEFAULT, None):
+            return value
+        root = ctx.find_root()
+        given = root.params.get(name) if root is not ctx else None
+        return value if given is None else given
+    return callback
+
+
+_JSON_HELP = "Print exactly one JSON document on stdout."
+_CONFIG_HELP = "Configuration file (else $ONEBACK_CONFIG, else /etc/oneback/oneback.toml)."
+json_option = click.option("--json", "as_json", is_flag=True, callback=_global("as_json"),
+                           help=_JSON_HELP)
 config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                             default=None, help="Configuration file (else $ONEBACK_CONFIG,"
-                             " else /etc/oneback/oneback.toml).")
+                             default=None, callback=_global("config_file"), help=_CONFIG_HELP)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# `oneback --help` lists the commands by task. A command's section is its
+# name's entry here (commands other modules add go into SECTIONS, or set a
+# `section` attribute on the command); a command in none is listed under
+# "Other", so no command is ever hidden.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "Backup & restore": ("backup", "restore", "restore-disk", "export", "mount", "umount",
+                         "copy", "cleanup"),
+    "Browsing backups": ("list", "show"),
+    "Snapshots": ("snapshot",),
+    "Repository": ("init", "verify", "forget", "prune", "catalog", "key"),
+    "Agent & operations": ("agent", "status", "doctor", "hooks", "exit-codes"),
+}
+OTHER = "Other"
+
+
+def section_of(name: str, command: click.Command) -> str:
+    explicit = getattr(command, "section", None)
+    if isinstance(explicit, str) and explicit:
+        return explicit
+    return next((title for title, names in SECTIONS.items() if name in names), OTHER)
+
+
+class TaskGroup(click.Group):
+    """The `oneback` group: its help lists the commands grouped by task."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        longest = max((len(n) for n in self.list_commands(ctx)), default=0)
+        width = formatter.width - 6 - longest
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            sections.setdefault(section_of(name, command), []).append(
+                (name.ljust(longest), command.get_short_help_str(limit=max(width, 20))))
+        order = [*SECTIONS, *sorted(t for t in sections if t not in SECTIONS and t != OTHER),
+                 OTHER]
+        for title in order:
+            if sections.get(title):
+                with formatter.section(title):
+                    formatter.write_dl(sections[title])
+
+
+@click.group(cls=TaskGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="oneback")  # no importlib.metadata scan
-def cli() -> None:
-    """oneback: backup and recovery for OpenNebula KVM clouds."""
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help=_CONFIG_HELP + " A command's own --config wins.")
+@click.option("--json", "as_json", is_flag=True,
+              help=_JSON_HELP[:-1] + " (every command that has --json).")
+def cli(config_file: str | None, as_json: bool) -> None:
+    """oneback: backup and recovery for OpenNebula KVM clouds.
+
+    --config and --json may be given before the command or after it."""
 
 
 class Percent(click.ParamType[float]):

@@ -21,7 +21,7 @@ from agent.commands import (
 from agent.errors import (
     UsageError,
 )
-from agent.hookdefs import DEFAULT_COMMAND, HOOKS
+from agent.hookdefs import DEFAULT_COMMAND, plan
 from agent.render import (
     JsonLogFormatter,
     backoff_json,
@@ -105,21 +105,29 @@ def hooks() -> None:
 @config_option
 @json_option
 def hooks_install(command: str, config_file: str | None, as_json: bool) -> None:
-    """Register oneback's hooks with one.hook.allocate (existing ones are kept)."""
+    """Register oneback's hooks in oned: create the missing ones, update those
+    whose template differs (one.hook.update), leave the rest. Re-runnable."""
     if not command.startswith("/") or any(c in command for c in "\"'\n $`;|&"):
         raise UsageError(f"--command {command!r} must be an absolute path without spaces"
                          f" or shell characters")
     with runtime(config_file) as rt:
-        existing = rt.cloud.hooks()
         done = []
-        for h in HOOKS:
-            if h.name in existing:
-                done.append({"name": h.name, "id": existing[h.name], "created": False})
+        for step in plan(rt.cloud.hook_list(), command):
+            if step.action == "create":
+                hook_id = rt.cloud.hook_allocate(step.hook.template(command))
+                result = "created"
             else:
-                hook_id = rt.cloud.hook_allocate(h.template(command))
-                done.append({"name": h.name, "id": hook_id, "created": True})
+                hook_id = step.id if step.id is not None else -1
+                if step.action == "update":
+                    rt.cloud.hook_update(hook_id, step.hook.update_template(command))
+                result = "updated" if step.action == "update" else "unchanged"
+            done.append((step, hook_id, result))
     if as_json:
-        emit_json(done)
-    else:
-        for d in done:
-            click.echo(f"hook {d['id']} {d['name']}: {'created' if d['created'] else 'exists'}")
+        emit_json([{"name": s.hook.name, "id": i, "action": r, "created": r == "created",
+                    "changed": list(s.changed)} for s, i, r in done])
+        return
+    for step, hook_id, result in done:
+        what = f" ({', '.join(step.changed)})" if step.changed else ""
+        click.echo(f"hook {hook_id} {step.hook.name}: {result}{what}")
+    counts = {a: sum(r == a for _, _, r in done) for a in ("created", "updated", "unchanged")}
+    click.echo(", ".join(f"{n} {a}" for a, n in counts.items()))

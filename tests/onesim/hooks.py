@@ -152,6 +152,60 @@ def hook_delete(core: Oned, ctx: Ctx, hid: int) -> int:
     return hid
 
 
+@method("one.hook.update", "isi", 2, obj="HOOK")
+def hook_update(core: Oned, ctx: Ctx, hid: int, text: str, mode: int = 0) -> int:
+    """SharedAPI::update -> PoolObjectSQL::replace_template (0) or
+    append_template (1), then Hook::post_update_template: COMMAND must be
+    there, REMOTE is re-read as a boolean, and the type's own check
+    (HookStateVM: STATE and LCM_STATE valid; HookAPI: CALL exists;
+    HookStateImage/Host/VirtualNetwork: STATE). NAME and TYPE do not change;
+    on any error the old template stays."""
+    hook = _hook(core, hid)
+    _admin(ctx)
+    if mode not in (0, 1):
+        raise OneError(ErrorCode.RPC_API, "Wrong update type")
+    try:
+        new = parse_str_or_xml(text)
+    except TemplateError as exc:
+        raise _internal(f"Cannot update template. {exc}") from exc
+    if mode == 1:
+        merged = hook.template.copy()
+        merged.merge(new)
+        new = merged
+    error = _post_update(hook, new)
+    if error:
+        raise _internal(f"Cannot update template. {error}")
+    hook.template = new
+    return hid
+
+
+def _post_update(hook: Hook, tmpl: Any) -> str:
+    command = tmpl.get("COMMAND") or ""
+    if not command:
+        return "The COMMAND attribute is not defined."
+    tmpl.replace("COMMAND", command)
+    remote = tmpl.get("REMOTE")
+    if remote is not None:
+        tmpl.replace("REMOTE", "YES" if str(remote).upper() == "YES" else "NO")
+    if hook.type == "api":
+        call = tmpl.get("CALL") or ""
+        if not call.startswith("one.internal") and (call not in REGISTRY
+                                                    or call in UNPUBLISHED):
+            return "The CALL attribute is not defined or it's invalid."
+        tmpl.replace("CALL", call)
+        return ""
+    resource = (hook.template.get("RESOURCE") or "").upper()
+    state = tmpl.get("STATE") or ""
+    if resource == "VM":
+        if state not in VmState.__members__:
+            return "The STATE attribute is not defined or it's invalid."
+        if (tmpl.get("LCM_STATE") or "") not in Lcm.__members__:
+            return "The LCM_STATE attribute is not defined or it's invalid."
+    elif not state:
+        return "The STATE attribute is not defined or it's invalid."
+    return ""
+
+
 @method("one.hook.retry", "ii", obj="HOOK")
 def hook_retry(core: Oned, ctx: Ctx, hid: int, exec_id: int) -> int:
     hook = _hook(core, hid)
