@@ -107,6 +107,9 @@ class AgentConfig:
     max_backoff: float = 21600.0     # cap on every backoff (failed jobs, reconcile, expiry)
     max_connections: int = 16  # control endpoint: connections (threads) at once
     connection_timeout: float = 5.0  # control endpoint: seconds a connection may take
+    clusters: tuple[int, ...] | None = None  # clusters this proxy serves (None: its host's)
+    lease_time: float = 300.0  # seconds a VM's lease in the repository lasts unrenewed
+    sync_interval: float = 60.0  # seconds between imports of other agents' manifests
 
     def read_secret(self) -> bytes:
         """The secret shared with the hook scripts. Refuses one others can read."""
@@ -322,7 +325,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",
                     "retry_base", "max_attempts", "shutdown_grace", "min_interval",
                     "max_snapshot_sets", "failure_cooldown", "max_backoff",
-                    "max_connections", "connection_timeout"})
+                    "max_connections", "connection_timeout", "clusters", "lease_time",
+                    "sync_interval"})
     listen = ag.text("listen", "127.0.0.1:2640")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -343,7 +347,13 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         max_backoff=ag.number("max_backoff", 21600.0),
         max_connections=ag.integer("max_connections", 16),
         connection_timeout=ag.number("connection_timeout", 5.0),
+        clusters=_clusters(ag.raw_default("clusters", None), path),
+        lease_time=ag.number("lease_time", 300.0),
+        sync_interval=ag.number("sync_interval", 60.0),
     )
+    if agent.lease_time < 1 or agent.lease_time > 3600:
+        raise ConfigError(f"{path}: agent.lease_time must be from 1 to 3600 seconds, e.g. 300;"
+                          f" got {agent.lease_time:g}")
     bk = _Section({"backup": data.get("backup", {})}, "backup", path)
     bk.check_known({"qcow2_base"})
     backup = BackupConfig(qcow2_base=bk.flag("qcow2_base", False))
@@ -357,6 +367,20 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     retention = KeepPolicy(**{r: rt.integer(f"keep_{r}", 0, minimum=0) for r in RULES})
     return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
                   agent=agent, backup=backup, verify=verify, retention=retention)
+
+
+def _clusters(raw: Any, path: Path) -> tuple[int, ...] | None:
+    """agent.clusters: the OpenNebula cluster ids whose datastores this
+    proxy can attach, e.g. [0, 100] (unset: the cluster its host is in)."""
+    if raw is None:
+        return None
+    if (not isinstance(raw, list) or not raw
+            or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= ONE_ID_MAX
+                   for c in raw)):
+        raise ConfigError(f"{path}: agent.clusters must be a list of cluster ids, e.g. [0, 100]"
+                          f" (leave it out to serve the cluster of the proxy VM's host);"
+                          f" got {raw!r}")
+    return tuple(sorted(set(raw)))
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)\s*|(%)\s*)?$")

@@ -88,7 +88,13 @@ def backup(vm_id: int, full: bool, exclude: tuple[int, ...], config_file: str | 
 @json_option
 def list_(vm_id: int | None, config_file: str | None, as_json: bool) -> None:
     """List backups, newest last (all VMs, or VM_ID's)."""
+    from agent import repository
+    from agent.errors import OnebackError
     with runtime(config_file, cloud=False) as rt:
+        try:   # first, what other agents sharing the repository made (a listing: cheap)
+            repository.sync(rt.catalog, rt.store, vm_id=vm_id)
+        except OnebackError as e:
+            click.echo(f"warning: other agents' backups not imported: {e.message}", err=True)
         records = rt.catalog.list_backups(vm_id)
     if as_json:
         emit_json([backup_json(r) for r in records])

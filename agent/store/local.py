@@ -50,6 +50,7 @@ from agent.store import (
     check_manifest_name,
     is_manifest_name,
 )
+from agent.store.leases import LocalLeases
 
 FORMAT = 1
 CONFIG = "config"
@@ -141,7 +142,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-class LocalStore:
+class LocalStore(LocalLeases):
     """A repository directory. Thread-safe; several processes may share it
     (names appear atomically, temp files are unique)."""
 
