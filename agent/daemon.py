@@ -201,6 +201,7 @@ class Agent:
         """Requeue the jobs of a run that died, and remove its cloud leftovers."""
         recovered = self.catalog.jobs_recover(
             lambda owner: is_alive(self.cfg.storage.catalog, owner))
+        self._unserved = {n.vm_id: n.reason for n in self.catalog.not_served()}
         try:
             report = sweep(self.cloud, self.catalog, self.cfg.storage.catalog,
                            self.cfg.proxy.vm_id)
@@ -677,7 +678,8 @@ class Agent:
                 try:
                     held = vmlease.acquire(self.leases, vm.id, self.catalog.catalog_id,
                                            self.cfg.agent.lease_time,
-                                           agent=f"proxy VM {self.cfg.proxy.vm_id}")
+                                           agent=f"proxy VM {self.cfg.proxy.vm_id}",
+                                           process=self.lease.owner)
                 except LeaseBusy as e:
                     event("lease.busy", vm_id=vm.id, why=e.message)
                     return f"skipped: {e.message}"

@@ -31,6 +31,8 @@ implements, three calls that map onto S3's conditional writes:
   `If-None-Match: *`, 412 -> None) or replace only if the current version
   is still `replaces` (S3 PUT with `If-Match: <ETag>`, 412 -> None).
 - `lease_now()` -> the repository's clock (S3: the `Date` of a response).
+- `lease_names()` -> every lease's name (S3: ListObjectsV2 under the prefix);
+  only `oneback cleanup` lists them, to spare other agents' live objects.
 
 `LocalStore` implements it with one file per generation and `link` as
 the exclusive create (`agent/store/leases.py`). After every write the
@@ -43,6 +45,8 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -63,6 +67,7 @@ class LeaseStore(Protocol):
     def lease_now(self) -> float: ...
     def lease_get(self, name: str) -> StoredLease | None: ...
     def lease_put(self, name: str, data: bytes, replaces: str | None) -> StoredLease | None: ...
+    def lease_names(self) -> list[str]: ...
 
 
 def lease_name(vm_id: int) -> str:
@@ -82,6 +87,7 @@ class LeaseState:
     until: float
     version: str
     problem: str = ""
+    process: str = ""   # the holder's process id in the names of its cloud objects
 
     def held_at(self, now: float) -> bool:
         return bool(self.owner) and now < self.until
@@ -94,8 +100,9 @@ def parse(vm_id: int, stored: StoredLease, now: float, default_ttl: float) -> Le
         if not isinstance(doc, dict) or doc.get("v") != VERSION:
             raise ValueError("unknown format")
         owner, agent, token = doc["owner"], doc.get("agent", ""), doc["token"]
+        process = doc.get("process", "")
         ttl = float(doc["ttl"])
-        if (not isinstance(owner, str) or not isinstance(token, str) or not isinstance(agent, str)
+        if (not all(isinstance(v, str) for v in (owner, agent, token, process))
                 or doc.get("vm") != vm_id or not ttl == ttl):   # NaN
             raise ValueError("wrong fields")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -105,7 +112,7 @@ def parse(vm_id: int, stored: StoredLease, now: float, default_ttl: float) -> Le
         return LeaseState(vm_id, owner, agent, token, now, stored.version,
                           problem="written in the future (forged, or a clock far ahead)")
     until = stored.written + min(max(ttl, 0.0), MAX_TTL)
-    return LeaseState(vm_id, owner, agent, token, until, stored.version)
+    return LeaseState(vm_id, owner, agent, token, until, stored.version, process=process)
 
 
 def read(store: LeaseStore, vm_id: int, default_ttl: float) -> tuple[LeaseState | None, float]:
@@ -115,18 +122,20 @@ def read(store: LeaseStore, vm_id: int, default_ttl: float) -> tuple[LeaseState 
     return (None if stored is None else parse(vm_id, stored, now, default_ttl)), now
 
 
-def _record(vm_id: int, owner: str, agent: str, token: str, ttl: float) -> bytes:
+def _record(vm_id: int, owner: str, agent: str, token: str, ttl: float,
+            process: str = "") -> bytes:
     return json.dumps({"v": VERSION, "vm": vm_id, "owner": owner, "agent": agent,
-                       "token": token, "ttl": ttl}, sort_keys=True).encode()
+                       "token": token, "ttl": ttl, "process": process},
+                      sort_keys=True).encode()
 
 
 class Held:
     """A lease this process holds. `renew` and `release` are thread-safe."""
 
     def __init__(self, store: LeaseStore, vm_id: int, owner: str, agent: str, ttl: float,
-                 token: str, version: str, until: float) -> None:
+                 token: str, version: str, until: float, process: str = "") -> None:
         self.store, self.vm_id, self.owner, self.agent, self.ttl = store, vm_id, owner, agent, ttl
-        self.token, self.version, self.until = token, version, until
+        self.token, self.version, self.until, self.process = token, version, until, process
         self.lost = ""        # who took it, once lost
         self._lock = threading.Lock()
 
@@ -146,7 +155,8 @@ class Held:
             assert state is not None
             written = self.store.lease_put(
                 lease_name(self.vm_id),
-                _record(self.vm_id, self.owner, self.agent, self.token, self.ttl), state.version)
+                _record(self.vm_id, self.owner, self.agent, self.token, self.ttl, self.process),
+                state.version)
             state, _ = read(self.store, self.vm_id, self.ttl)   # confirm
             if written is None or not self._mine(state) or state is None:
                 self.lost = _who(state)
@@ -183,12 +193,16 @@ def _who(state: LeaseState | None) -> str:
     return f"agent {state.agent or '?'} (owner {state.owner})"
 
 
-def acquire(store: LeaseStore, vm_id: int, owner: str, ttl: float, agent: str = "") -> Held:
+def acquire(store: LeaseStore, vm_id: int, owner: str, ttl: float, agent: str = "",
+            process: str = "") -> Held:
     """Take VM `vm_id`'s lease for `ttl` seconds: create it, or replace one
     that expired or was released. LeaseBusy when another agent holds it
-    (or won the race for it)."""
+    (or won the race for it). `owner` is the agent (its catalog id: a
+    restarted agent takes its own lease back at once; the processes of one
+    catalog exclude each other with `lease.vm_lock`), `process` the id its
+    cloud objects are named with (`oneback cleanup` elsewhere spares them)."""
     token = secrets.token_hex(8)
-    data = _record(vm_id, owner, agent, token, ttl)
+    data = _record(vm_id, owner, agent, token, ttl, process)
     state, now = read(store, vm_id, ttl)
     if state is not None and state.held_at(now) and state.owner != owner:
         raise LeaseBusy(_busy(vm_id, state, now))
@@ -197,7 +211,8 @@ def acquire(store: LeaseStore, vm_id: int, owner: str, ttl: float, agent: str = 
     if written is None or confirmed is None or confirmed.token != token:
         raise LeaseBusy(_busy(vm_id, confirmed, now) if confirmed is not None
                         else f"VM {vm_id}'s lease was taken by another agent at the same time")
-    return Held(store, vm_id, owner, agent, ttl, token, confirmed.version, confirmed.until)
+    return Held(store, vm_id, owner, agent, ttl, token, confirmed.version, confirmed.until,
+                process)
 
 
 def _busy(vm_id: int, state: LeaseState | None, now: float) -> str:
@@ -249,3 +264,40 @@ class Heartbeat:
                 return
             except OnebackError as e:
                 self.errors.append(e.message)
+
+
+@contextmanager
+def holding(store: object, vm_id: int, owner: str, ttl: float, cancel: threading.Event, *,
+            agent: str = "", process: str = "") -> Iterator[Held | None]:
+    """Hold VM `vm_id`'s lease around a backup: acquired (LeaseBusy when
+    another agent has it), renewed by a `Heartbeat` that sets `cancel` when
+    it is lost, released at the end. None (no lease) for a store without
+    leases."""
+    if not isinstance(store, LeaseStore):
+        yield None
+        return
+    held = acquire(store, vm_id, owner, ttl, agent=agent, process=process)
+    try:
+        with Heartbeat(held, cancel):
+            yield held
+    finally:
+        held.release()
+
+
+def live_processes(store: object, default_ttl: float) -> set[str]:
+    """The processes (of any agent) holding a lease now: their cloud objects
+    are in use, whichever catalog journaled them."""
+    if not isinstance(store, LeaseStore):
+        return set()
+    now = store.lease_now()
+    live = set()
+    for name in store.lease_names():
+        if not name.startswith("vm-") or not name[3:].isdigit():
+            continue
+        stored = store.lease_get(name)
+        if stored is None:
+            continue
+        state = parse(int(name[3:]), stored, now, default_ttl)
+        if state.held_at(now) and state.process:
+            live.add(state.process)
+    return live

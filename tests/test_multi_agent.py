@@ -11,6 +11,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import pytest
 from agent import vmlease
 from agent.errors import LeaseBusy, LeaseLost
 from agent.store.local import LocalStore
-from tests.agentkit import Cloud, MiB, pattern, write_config
+from tests.agentkit import REPO, Cloud, MiB, pattern, write_config
 from tests.agentproc import AgentProcess, agent_config
 from tests.onesim.simulator import Simulator
 from tests.onesim.testing import (
@@ -296,3 +298,71 @@ def test_catalog_sync_imports_on_demand(world: World) -> None:
     assert r.code != 0
     assert "is not part of cluster" in r.err
     assert w.b.leftovers() == []
+
+
+def test_cleanup_on_one_proxy_spares_what_another_agent_is_doing(world: World) -> None:
+    """A's backup is inside its save-as (its snapshot and image exist, its
+    lease held): `oneback cleanup` on B removes none of it."""
+    w = world
+    w.sim.faults.slow_driver("saveas", 3.0, count=1, vm_id=w.shared[0])
+    proc = w.a.spawn("backup", str(w.shared[0]), "--json")
+    try:
+        wait_until(lambda: any(i.NAME.startswith("oneback-tmp")
+                               for i in w.one.imagepool.info(-2, -1, -1).IMAGE), 20, 0.05)
+        r = w.b.call("cleanup", "--json")
+        assert r.code == 0, r.err
+        assert r.json()["removed"] == []
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["vm_id"] == w.shared[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert w.a.leftovers() == [] and w.b.leftovers() == []
+    # the lease it held is released: B backs the VM up at once
+    r = w.b.call("backup", str(w.shared[0]), "--json")
+    assert r.code == 0, r.err
+
+
+def test_backup_by_hand_waits_for_no_lease_but_refuses_a_held_one(world: World) -> None:
+    """`oneback backup` takes the VM's lease too: while another agent holds
+    it, the command is refused (exit 7) naming the holder."""
+    w = world
+    store = LocalStore.open(w.a.tmp / "repo")
+    held = vmlease.acquire(store, w.shared[1], "someone-else", 30.0, agent="proxy VM 99")
+    r = w.b.call("backup", str(w.shared[1]))
+    assert r.code == 7, r.err
+    assert f"VM {w.shared[1]} is being backed up by agent proxy VM 99" in r.err
+    held.release()
+    assert w.b.call("backup", str(w.shared[1])).code == 0
+
+
+def test_placement_from_the_documents_and_agent_clusters(world: World, tmp_path: Path) -> None:
+    """Which VMs a proxy serves, from its cluster or `agent.clusters`."""
+    from agent import placement
+    from agent.cloud import Cloud as OneCloud
+    w = world
+    one = OneCloud(w.sim.endpoint, w.sim.credentials)
+    datastores = one.datastores()
+    proxy_b = one.vm(w.b.proxy_id)
+    mine = placement.proxy_clusters(proxy_b, None)
+    assert mine == {proxy_b.cluster_id} and proxy_b.cluster_id >= 100
+    assert placement.not_served(one.vm(w.only_b), mine, datastores) is None
+    assert placement.not_served(one.vm(w.shared[0]), mine, datastores) is None
+    why = placement.not_served(one.vm(w.only_a), mine, datastores)
+    assert why is not None and "is in cluster(s)" in why
+    # the operator's list replaces the proxy's cluster
+    assert placement.proxy_clusters(proxy_b, (0,)) == {0}
+    assert placement.not_served(one.vm(w.only_b), {0}, datastores) is not None
+    assert placement.not_served(one.vm(w.only_b), set(), datastores) is not None
+    # a bad agent.clusters is one line naming the fix
+    text = w.b.config.read_text() + "\n[agent]\nclusters = [\"east\"]\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+
+    p = subprocess.run([sys.executable, "-m", "agent", "status", "--config", str(bad)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 3, p.stderr
+    assert "agent.clusters must be a list of cluster ids" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

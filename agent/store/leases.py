@@ -59,6 +59,13 @@ class LocalLeases:
         except FileNotFoundError:
             return []
 
+    def lease_names(self) -> list[str]:
+        """Every lease ever written, sorted."""
+        try:
+            return sorted(n for n in os.listdir(self.path / "leases") if _NAME.fullmatch(n))
+        except FileNotFoundError:
+            return []
+
     def lease_get(self, name: str) -> StoredLease | None:
         """The lease's current generation, or None if it was never written."""
         directory = self._lease_dir(name)
