@@ -514,11 +514,12 @@ class Agent:
         except OnebackError as e:
             event("placement.record_failed", vm_id=vm_id, error=e.message)
 
-    def _sync(self, vm_id: int | None = None) -> None:
+    def _sync(self, vm_id: int | None = None, vm_locked: bool = False) -> None:
         """Import the backups the other agents made (never raises)."""
         from agent import repository
         try:
-            report = repository.sync(self.catalog, self.store, vm_id=vm_id)
+            report = repository.sync(self.catalog, self.store, vm_id=vm_id,
+                                     vm_locked=vm_locked)
         except Exception as e:
             event("catalog.sync_failed", vm_id=vm_id, error=_error(e))
             return
@@ -685,12 +686,16 @@ class Agent:
                     return f"skipped: {e.message}"
                 event("lease.acquired", vm_id=vm.id, owner=held.owner, token=held.token,
                       until=held.until)
-                self._sync(vm.id)   # another agent's backup may have made this job moot
+                # another agent's backup may have made this job moot: still due?
+                self._sync(vm.id, vm_locked=True)
                 last = self.catalog.last_backup(vm.id)
-                if job is not None and last is not None and last.started >= job.created:
+                if job is not None and last is not None and not any(
+                        d.kind == "backup" for d in due_work(
+                            vm, vm_policy(vm, self.cfg.agent.min_interval), last.started,
+                            self.clock(), last.finished)):
                     held.release()
                     event("lease.released", vm_id=vm.id, token=held.token)
-                    return f"skipped: backed up meanwhile (backup {last.id})"
+                    return f"skipped: no longer due (backup {last.id} was made meanwhile)"
             self._set_status(vm, _noted("running", note))
             cancel = threading.Event()
             try:

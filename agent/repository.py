@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -395,7 +396,8 @@ class SyncReport:
     known: int = 0                                  # manifests the catalog already had
 
 
-def sync(catalog: Catalog, store: Repository, *, vm_id: int | None = None) -> SyncReport:
+def sync(catalog: Catalog, store: Repository, *, vm_id: int | None = None,
+         vm_locked: bool = False) -> SyncReport:
     """Import into `catalog` the backups other catalogs sharing the
     repository wrote since the last sync (their manifests it does not know),
     and drop the imported backups whose manifest their writer forgot (their
@@ -410,7 +412,8 @@ def sync(catalog: Catalog, store: Repository, *, vm_id: int | None = None) -> Sy
     not know is a backup being committed, or one it forgot). A VM that a
     backup of this catalog is working on is skipped (its lineage must not
     move under the backup) and imported by the next sync. A damaged
-    manifest is reported and skipped."""
+    manifest is reported and skipped. `vm_locked`: the caller holds
+    `vm_id`'s lock (`lease.vm_lock`) itself, and is not backing it up."""
     report = SyncReport()
     own = catalog.catalog_id
     known = set(catalog.manifest_names()) | catalog.imported_manifests()
@@ -439,7 +442,8 @@ def sync(catalog: Catalog, store: Repository, *, vm_id: int | None = None) -> Sy
     found.sort(key=lambda f: (f[0], f[1]))
     for _, name, m in found:
         try:
-            with vm_lock(catalog.path, m.vm_id):
+            with (nullcontext() if vm_locked and m.vm_id == vm_id
+                  else vm_lock(catalog.path, m.vm_id)):
                 if name in catalog.manifest_names():   # another sync got there first
                     continue
                 record = _import(catalog, m, name)

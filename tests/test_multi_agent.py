@@ -269,9 +269,14 @@ def test_two_agents_share_a_repository_and_take_over_a_dead_ones_vms(world: Worl
         restored = restored if isinstance(restored, dict) else restored[0]
         path = w.a.disk_path(new, int(restored["DISK_ID"]))
         assert path.read_bytes() == pattern(DISK, 10)
-        # forgetting it on A keeps B's manifest (and B's backup)
+        # forgetting it on A keeps B's manifest (and B's backup), and A's
+        # next sync does not bring it back
+        manifests = sorted(LocalStore.open(w.a.tmp / "repo").manifests())
         r = w.a.call("forget", str(made_by_b), "--json")
         assert r.code == 0, r.err
+        # (the restored VM carries ONEBACK="yes" and may gain a manifest meanwhile)
+        assert set(manifests) <= set(LocalStore.open(w.a.tmp / "repo").manifests())
+        assert w.a.call("catalog", "sync", "--json").json()["imported"] == []
         assert made_by_b not in [x["backup_id"] for x in _listed(w.a).get(slow, [])]
         assert _listed(w.b)[slow]
     finally:
@@ -366,3 +371,23 @@ def test_placement_from_the_documents_and_agent_clusters(world: World, tmp_path:
     assert p.returncode == 3, p.stderr
     assert "agent.clusters must be a list of cluster ids" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_an_agent_skips_a_vm_another_agent_just_backed_up(world: World) -> None:
+    """B's catalog has not synced since A backed the VM up; B's job imports
+    that VM's backups under the lease first and finds nothing due."""
+    w = world
+    vm = w.shared[0]
+    agent_config(w.b, reconcile=60, extra="sync_interval = 3600\n")
+    b = AgentProcess(w.b)
+    try:
+        b.wait_event("agent.started")
+        r = w.a.call("backup", str(vm), "--json")     # A, by hand
+        assert r.code == 0, r.err
+        w.one.vm.update(vm, 'ONEBACK="yes"', 1)
+        done = b.wait_event("job.done", timeout=30, where=lambda x: x.get("vm_id") == vm)
+        assert "no longer due" in str(done["result"]), done
+        assert [x["vm_id"] for x in json.loads(w.b.call("list", "--json").out)] == [vm]
+        assert not b.events("job.failed")
+    finally:
+        b.stop()
