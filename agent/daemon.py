@@ -211,7 +211,8 @@ class Agent:
             return
         event("agent.started", owner=self.lease.owner, recovered_jobs=recovered,
               swept=list(report.removed), sweep_failed=list(report.failed),
-              sweep_kept=list(report.kept))
+              sweep_kept=list(report.kept), catalog=self.catalog.catalog_id,
+              vm_leases=self.leases is not None)
 
     def shutdown(self, workers: list[threading.Thread]) -> None:
         self.stopping.set()
