@@ -437,11 +437,13 @@ def sweep(cloud: Cloud, journal: Journal, catalog_path: Path, proxy_vm_id: int) 
 
 
 def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
-            proxy_vm_id: int) -> SweepReport:
+            proxy_vm_id: int, also_live: Callable[[str], bool] | None = None) -> SweepReport:
     """`sweep`, then remove anything in the cloud named `oneback-tmp-...`
     that no live run owns — also what a lost catalog no longer knows about:
     proxy attachments, disk snapshots on any VM, and the images, VM
-    templates and VMs of oneback's own user."""
+    templates and VMs of oneback's own user. `also_live(owner)`: whether
+    a run of another catalog (an agent sharing the repository, holding a
+    VM's lease) owns the objects named after `owner`."""
     first = sweep(cloud, journal, catalog_path, proxy_vm_id)
     removed, failed, kept = list(first.removed), list(first.failed), list(first.kept)
     live_names = {e.name for e in journal.journal_pending() if is_alive(catalog_path, e.job)}
@@ -450,7 +452,7 @@ def cleanup(cloud: Cloud, journal: Journal, catalog_path: Path,
         if name in live_names:
             return True
         owner = name.removeprefix(TEMP_PREFIX).split("-", 1)[0]
-        return is_alive(catalog_path, owner)
+        return is_alive(catalog_path, owner) or (also_live is not None and also_live(owner))
 
     def attempt(what: str, action: Callable[[], None]) -> None:
         try:

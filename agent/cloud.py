@@ -58,7 +58,7 @@ from agent.model import (
     VmInfo,
 )
 from agent.onedoc import IMAGE_TYPES as IMAGE_TYPES  # re-exported
-from agent.onedoc import image_error, int_of, parse_image, parse_vm, text_of
+from agent.onedoc import image_error, int_of, parse_datastore, parse_image, parse_vm, text_of
 from agent.vmtemplate import quote
 
 AUTHENTICATION, AUTHORIZATION, NO_EXISTS, ACTION, RPC_API, INTERNAL = (
@@ -280,9 +280,12 @@ class Cloud:
         self.call("hook.update", hook_id, template, 0)
 
     def datastore(self, ds_id: int) -> DatastoreInfo:
-        root = xmldoc.parse(str(self.call("datastore.info", ds_id)))
-        return DatastoreInfo(id=int_of(root, "ID", -1), name=text_of(root, "NAME"),
-                             type=int_of(root, "TYPE", -1), free_mb=int_of(root, "FREE_MB"))
+        return parse_datastore(xmldoc.parse(str(self.call("datastore.info", ds_id))))
+
+    def datastores(self) -> dict[int, DatastoreInfo]:
+        """Every datastore this user can see, by id (with its CLUSTERS)."""
+        root = xmldoc.parse(str(self.call("datastorepool.info")))
+        return {d.id: d for d in map(parse_datastore, root.findall("DATASTORE"))}
 
     def links_in_place(self, ds_id: int) -> bool:
         """Whether a persistent image of this datastore is attached by a

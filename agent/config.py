@@ -157,6 +157,9 @@ class AgentConfig:
     max_connections: int = 16  # control endpoint: connections (threads) at once
     connection_timeout: float = 5.0  # control endpoint: seconds a connection may take
     metrics_listen: tuple[str, int] | None = None  # Prometheus metrics (host, port); None: off
+    clusters: tuple[int, ...] | None = None  # clusters this proxy serves (None: its host's)
+    lease_time: float = 300.0  # seconds a VM's lease in the repository lasts unrenewed
+    sync_interval: float = 60.0  # seconds between imports of other agents' manifests
 
     def read_secret(self) -> bytes:
         """The secret shared with the hook scripts. Refuses one others can read."""
@@ -388,7 +391,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",
                     "retry_base", "max_attempts", "shutdown_grace", "min_interval",
                     "max_snapshot_sets", "failure_cooldown", "max_backoff",
-                    "max_connections", "connection_timeout", "metrics_listen"})
+                    "max_connections", "connection_timeout", "metrics_listen",
+                    "clusters", "lease_time", "sync_interval"})
     listen = ag.text("listen", "127.0.0.1:2640")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -410,7 +414,13 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         max_connections=ag.integer("max_connections", 16),
         connection_timeout=ag.number("connection_timeout", 5.0),
         metrics_listen=_metrics_listen(ag.raw_default("metrics_listen", None), path),
+        clusters=_clusters(ag.raw_default("clusters", None), path),
+        lease_time=ag.number("lease_time", 300.0),
+        sync_interval=ag.number("sync_interval", 60.0),
     )
+    if agent.lease_time < 1 or agent.lease_time > 3600:
+        raise ConfigError(f"{path}: agent.lease_time must be from 1 to 3600 seconds, e.g. 300;"
+                          f" got {agent.lease_time:g}")
     bk = _Section({"backup": data.get("backup", {})}, "backup", path)
     bk.check_known({"qcow2_base"})
     backup = BackupConfig(qcow2_base=bk.flag("qcow2_base", False))
@@ -438,6 +448,20 @@ def _metrics_listen(raw: Any, path: Path) -> tuple[str, int] | None:
                           f" \"127.0.0.1:9464\" (leave it out for no metrics);"
                           f" got {str(raw)[:60]!r}")
     return host.strip("[]"), int(port)
+
+
+def _clusters(raw: Any, path: Path) -> tuple[int, ...] | None:
+    """agent.clusters: the OpenNebula cluster ids whose datastores this
+    proxy can attach, e.g. [0, 100] (unset: the cluster its host is in)."""
+    if raw is None:
+        return None
+    if (not isinstance(raw, list) or not raw
+            or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= ONE_ID_MAX
+                   for c in raw)):
+        raise ConfigError(f"{path}: agent.clusters must be a list of cluster ids, e.g. [0, 100]"
+                          f" (leave it out to serve the cluster of the proxy VM's host);"
+                          f" got {raw!r}")
+    return tuple(sorted(set(raw)))
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)\s*|(%)\s*)?$")

@@ -36,15 +36,25 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent import events as events_mod
+from agent import placement, vmlease
 from agent.attach import Workspace, sweep
 from agent.backup import BackupOptions, Settings, backup_vm, exclusive
 from agent.catalog import Catalog
 from agent.cloud import Cloud
 from agent.config import Config
 from agent.control import ControlServer, Verifier
-from agent.errors import CloudError, DeviceError, Interrupted, NotFound, OnebackError, UsageError
+from agent.errors import (
+    CloudError,
+    DeviceError,
+    Interrupted,
+    LeaseBusy,
+    LeaseLost,
+    NotFound,
+    OnebackError,
+    UsageError,
+)
 from agent.lease import Lease, is_alive
-from agent.model import VM_DONE, Backoff, Job, VmInfo, is_one_id
+from agent.model import VM_DONE, Backoff, DatastoreInfo, Job, VmInfo, is_one_id
 from agent.policy import due_work, vm_policy
 from agent.progress import NoObserver, Observer
 from agent.snapshots import create_set, delete_set, sets_of
@@ -128,6 +138,10 @@ class Agent:
         self._pool_failures = 0
         self._refused_lock = threading.Lock()
         self._refused_second, self._refused_count, self._refused_dropped = 0, 0, 0
+        # several agents, one repository: where this proxy reaches, what it cannot serve
+        self._placement: tuple[frozenset[int], dict[int, DatastoreInfo]] | None = None
+        self._unserved: dict[int, str] = {}
+        self.leases = self.store if isinstance(self.store, vmlease.LeaseStore) else None
 
     # -- the main loop ------------------------------------------------------------
 
@@ -172,6 +186,7 @@ class Agent:
         verifier = self._start_verifier(verify_stop)
         self.wakeups.add(events_mod.everything("start"))
         next_reconcile = time.monotonic() + self.cfg.agent.reconcile_interval
+        next_sync = time.monotonic()
         try:
             while not should_exit.is_set():
                 batch = sub.poll(0.2)
@@ -186,6 +201,9 @@ class Agent:
                     next_reconcile = time.monotonic() + self.cfg.agent.reconcile_interval
                     self.wakeups.add(events_mod.everything("reconcile timer"))
                 self._supervise(workers)
+                if time.monotonic() >= next_sync:
+                    next_sync = time.monotonic() + self.cfg.agent.sync_interval
+                    self._sync()
                 try:
                     self._reconcile_pending()
                 except Exception as e:  # a bug outside any one VM: log it, go on
@@ -213,6 +231,7 @@ class Agent:
         """Requeue the jobs of a run that died, and remove its cloud leftovers."""
         recovered = self.catalog.jobs_recover(
             lambda owner: is_alive(self.cfg.storage.catalog, owner))
+        self._unserved = {n.vm_id: n.reason for n in self.catalog.not_served()}
         try:
             report = sweep(self.cloud, self.catalog, self.cfg.storage.catalog,
                            self.cfg.proxy.vm_id)
@@ -222,7 +241,8 @@ class Agent:
             return
         event("agent.started", owner=self.lease.owner, recovered_jobs=recovered,
               swept=list(report.removed), sweep_failed=list(report.failed),
-              sweep_kept=list(report.kept))
+              sweep_kept=list(report.kept), catalog=self.catalog.catalog_id,
+              vm_leases=self.leases is not None)
 
     def shutdown(self, workers: list[threading.Thread]) -> None:
         self.stopping.set()
@@ -384,11 +404,19 @@ class Agent:
         self._pool_wanted, self._pool_failures, self._pool_retry = False, 0, 0.0
         self._recovered("reconcile:all")
         self.observer.seen([vm.id for vm in pool])
+        self._load_placement(next((v for v in pool if v.id == self.cfg.proxy.vm_id), None))
         for vm in pool:
             vms.discard(vm.id)
             self._reconcile_one(vm)
         self._expire(pool)
         self._forget_the_gone(pool)
+        live = {vm.id for vm in pool}
+        if any(v not in live for v in self._unserved):
+            self._unserved = {v: r for v, r in self._unserved.items() if v in live}
+            try:
+                self.catalog.keep_not_served(self._unserved)
+            except OnebackError as e:
+                event("placement.record_failed", error=e.message)
 
     def _reconcile_one(self, vm: VmInfo) -> None:
         key = f"reconcile:{vm.id}"
@@ -460,7 +488,12 @@ class Agent:
         pol = vm_policy(vm, self.cfg.agent.min_interval)
         self.observer.policy(vm.id, pol.interval if pol.opted_in else None)
         if not pol.opted_in:
+            self._served(vm.id, None)
             return
+        reason = self._not_served(vm)
+        self._served(vm.id, reason)
+        if reason is not None:
+            return   # another agent's: neither queued nor failed, nor its status touched
         if pol.error:
             self._set_status(vm, f"error: {pol.error}")
             return
@@ -478,6 +511,57 @@ class Agent:
                 event("job.queued", job=job.id, vm_id=vm.id, kind=due.kind, reason=due.reason)
                 with self._work:
                     self._work.notify()
+
+    # -- several agents, one repository ------------------------------------------
+
+    def _load_placement(self, proxy: VmInfo | None) -> None:
+        """Read where this proxy reaches (its cluster, or agent.clusters) and
+        every datastore's CLUSTERS; on failure the last reading stays."""
+        try:
+            if proxy is None and self.cfg.agent.clusters is None:
+                proxy = self.cloud.vm(self.cfg.proxy.vm_id)
+            clusters = placement.proxy_clusters(proxy, self.cfg.agent.clusters)
+            self._placement = (clusters, self.cloud.datastores())
+        except OnebackError as e:
+            event("placement.failed", error=e.message)
+
+    def _not_served(self, vm: VmInfo) -> str | None:
+        """Why this proxy cannot back `vm` up (None: it can, or it is not known yet)."""
+        if self._placement is None:
+            self._load_placement(None)
+        if self._placement is None:
+            return None   # unknown: try; oned refuses an attach it cannot do
+        clusters, datastores = self._placement
+        return placement.not_served(vm, clusters, datastores)
+
+    def _served(self, vm_id: int, reason: str | None) -> None:
+        """Record (on a change) that the VM is, or is not, this proxy's to serve."""
+        if self._unserved.get(vm_id) == reason:
+            return
+        if reason is None:
+            self._unserved.pop(vm_id, None)
+        else:
+            self._unserved[vm_id] = reason
+            event("vm.not_served", vm_id=vm_id, reason=reason)
+        try:
+            self.catalog.set_not_served(vm_id, reason, self.clock())
+        except OnebackError as e:
+            event("placement.record_failed", vm_id=vm_id, error=e.message)
+
+    def _sync(self, vm_id: int | None = None, vm_locked: bool = False) -> None:
+        """Import the backups the other agents made (never raises)."""
+        from agent import repository
+        try:
+            report = repository.sync(self.catalog, self.store, vm_id=vm_id,
+                                     vm_locked=vm_locked)
+        except Exception as e:
+            event("catalog.sync_failed", vm_id=vm_id, error=_error(e))
+            return
+        if report.imported or report.dropped or report.damaged:
+            event("catalog.synced", vm_id=vm_id,
+                  imported=[i.backup_id for i in report.imported],
+                  dropped=[b for b, _ in report.dropped],
+                  damaged=[f"{n}: {why}" for n, why in report.damaged][:20])
 
     def _set_status(self, vm: VmInfo, status: str, extra: dict[str, str] | None = None) -> None:
         attrs = {STATUS: status[:1000], **(extra or {})}
@@ -571,7 +655,7 @@ class Agent:
                 self.catalog.job_finish(job.id, "skipped: not opted in")
                 return
             if job.kind == "backup":
-                result = self._backup(vm, note)
+                result = self._backup(vm, note, job)
             elif job.kind == "snapshot":
                 result = self._snapshot(vm, job)
             else:
@@ -618,15 +702,62 @@ class Agent:
         except OnebackError:
             pass
 
-    def _backup(self, vm: VmInfo, note: str = "") -> str:
-        self._set_status(vm, _noted("running", note))
+    def _backup(self, vm: VmInfo, note: str = "", job: Job | None = None) -> str:
+        reason = self._not_served(vm)
+        if reason is not None:
+            self._served(vm.id, reason)
+            return f"skipped: not served here ({reason})"
         workspace = Workspace(self.cloud, self.catalog, self.lease.owner, self.cfg.proxy.vm_id,
                               attach_slots=self.attach_slots)
         settings = Settings.from_config(self.cfg)
         with exclusive(self.cfg.storage.catalog, vm.id):
-            result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud, catalog=self.catalog,
-                               store=self.store, workspace=workspace, settings=settings,
-                               progress=self.observer.backup(vm.id), cancel=self.cancel)
+            held = None
+            if self.leases is not None:
+                try:
+                    held = vmlease.acquire(self.leases, vm.id, self.catalog.catalog_id,
+                                           self.cfg.agent.lease_time,
+                                           agent=f"proxy VM {self.cfg.proxy.vm_id}",
+                                           process=self.lease.owner)
+                except LeaseBusy as e:
+                    event("lease.busy", vm_id=vm.id, why=e.message)
+                    return f"skipped: {e.message}"
+                event("lease.acquired", vm_id=vm.id, owner=held.owner, token=held.token,
+                      until=held.until)
+                # another agent's backup may have made this job moot: still due?
+                self._sync(vm.id, vm_locked=True)
+                last = self.catalog.last_backup(vm.id)
+                if job is not None and last is not None and not any(
+                        d.kind == "backup" for d in due_work(
+                            vm, vm_policy(vm, self.cfg.agent.min_interval), last.started,
+                            self.clock(), last.finished)):
+                    held.release()
+                    event("lease.released", vm_id=vm.id, token=held.token)
+                    return f"skipped: no longer due (backup {last.id} was made meanwhile)"
+            self._set_status(vm, _noted("running", note))
+            cancel = threading.Event()
+            try:
+                if held is None:
+                    result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud,
+                                       catalog=self.catalog, store=self.store,
+                                       workspace=workspace, settings=settings,
+                                       progress=self.observer.backup(vm.id),
+                                       cancel=self.cancel)
+                else:
+                    with vmlease.Heartbeat(held, cancel, also=self.cancel):
+                        result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud,
+                                           catalog=self.catalog, store=self.store,
+                                           workspace=workspace, settings=settings,
+                                           progress=self.observer.backup(vm.id),
+                                           cancel=cancel)
+            except Interrupted as e:
+                if held is not None and held.lost:
+                    event("lease.lost", vm_id=vm.id, token=held.token, to=held.lost)
+                    return f"stopped: {LeaseLost(held.lost_message()).message} ({e.message})"
+                raise
+            finally:
+                if held is not None and not held.lost:
+                    held.release()
+                    event("lease.released", vm_id=vm.id, token=held.token)
         rec = result.record
         self.observer.backup_done(vm.id, rec)
         forgotten = self._retain(vm)

@@ -106,6 +106,14 @@ class Interrupted(OnebackError):
     exit_code = 130
 
 
+class LeaseBusy(StateError):
+    """Another agent holds the VM's lease in the repository (it is backing the VM up)."""
+
+
+class LeaseLost(Interrupted):
+    """The VM's lease passed to another agent while this one worked: it stopped and cleaned up."""
+
+
 EXIT_CODES: tuple[tuple[int, str, str], ...] = tuple(
     (cls.exit_code, cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     for cls in (

@@ -145,6 +145,7 @@ class VmInfo:
     document: str
     running_end: int = 0   # RETIME of the last HISTORY record: when it last stopped running
     snapshot_trees: Mapping[int, DiskSnapshots] = field(default_factory=dict)  # by disk id
+    cluster_id: int = -1   # CID of the last HISTORY record: the cluster it runs in (-1: never)
 
     @property
     def state_name(self) -> str:
@@ -180,6 +181,27 @@ class DatastoreInfo:
     name: str
     type: int  # 0 image, 1 system, 2 file, 3 backup
     free_mb: int
+    clusters: tuple[int, ...] = ()   # CLUSTERS/ID: the clusters whose hosts can use it
+
+
+@dataclass(frozen=True)
+class NotServed:
+    """An opted-in VM this agent's proxy cannot back up, and why (placement)."""
+
+    vm_id: int
+    reason: str
+    since: float
+
+
+@dataclass(frozen=True)
+class StoredLease:
+    """A lease object as a repository holds it (`vmlease.LeaseStore`):
+    `version` is the store's token for this exact write (a generation, an
+    S3 ETag), `written` the time of the write on the repository's clock."""
+
+    version: str
+    data: bytes
+    written: float
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from lxml import etree
 
 from agent import xmldoc
 from agent.model import (
+    DatastoreInfo,
     DiskInfo,
     DiskSnapshots,
     ImageInfo,
@@ -98,6 +99,7 @@ def parse_vm(xml: str) -> VmInfo:
         document=xml if isinstance(xml, str) else etree.tostring(root, encoding="unicode"),
         running_end=int_of(history[-1], "RETIME") if history else 0,
         snapshot_trees=trees,
+        cluster_id=int_of(history[-1], "CID", -1) if history else -1,
     )
 
 
@@ -115,6 +117,14 @@ def parse_image(xml: str) -> ImageInfo:
         document=xml,
         uid=int_of(root, "UID", -1),
     )
+
+
+def parse_datastore(root: etree._Element) -> DatastoreInfo:
+    """A `<DATASTORE>` element (datastore.info, datastorepool.info)."""
+    return DatastoreInfo(id=int_of(root, "ID", -1), name=text_of(root, "NAME"),
+                         type=int_of(root, "TYPE", -1), free_mb=int_of(root, "FREE_MB"),
+                         clusters=tuple(sorted(int(c.text) for c in root.findall("CLUSTERS/ID")
+                                               if c.text and c.text.strip().isdigit())))
 
 
 def image_error(img: ImageInfo) -> str:

@@ -7,7 +7,8 @@ other command's check that the repository is there and is the catalog's
 own: an unmounted directory is refused, never replaced; an encrypted one is
 unlocked, `agent.keys`), and `rebuild` (a new catalog from the
 repository's manifests alone: the same backup ids, VMs, disks, documents and
-block maps). Must not: write SQL (the catalog does), do file I/O in the
+block maps), and `sync` (import, incrementally, the backups other catalogs
+sharing the repository wrote). Must not: write SQL (the catalog does), do file I/O in the
 repository (the store does), or print.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from agent import keys, retention
 from agent import manifest as mf
 from agent.catalog import Catalog
 from agent.errors import ConfigError, IntegrityError, OnebackError, RepositoryError
-from agent.lease import is_alive, owners_dir
+from agent.lease import VmBusy, is_alive, owners_dir, vm_lock
 from agent.manifest import DiskMap
 from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, block_count
 from agent.retention import Decision, KeepPolicy
@@ -316,6 +318,8 @@ def rebuild(store: Repository, repository_id: str, catalog_path: Path, *,
                     finished=m.finished, vm_document=m.vm_document,
                     image_documents=m.image_documents, disks=m.disks, blocks=blocks,
                     warnings=m.warnings, backup_id=backup_id, manifest=name)
+                if m.catalog != report.catalog_id:   # another catalog's: `sync` keeps it
+                    catalog.mark_imported(backup_id, name, m.catalog)
                 report.imported.append(Imported(backup_id, m.vm_id, name, m.kind, old_id))
         _remove_sqlite(tmp, keep_main=True)
         if catalog_path.exists():
@@ -419,3 +423,93 @@ def _written_by(store: Repository, manifest: str) -> str | None:
         return mf.decode(store.get_manifest(manifest), manifest).catalog
     except OnebackError:
         return None
+
+
+# -- sync: the backups other catalogs wrote ------------------------------------------
+
+
+@dataclass
+class SyncReport:
+    """What one `sync` did."""
+
+    imported: list[Imported] = field(default_factory=list)
+    dropped: list[tuple[int, str]] = field(default_factory=list)   # (backup, gone manifest)
+    damaged: list[tuple[str, str]] = field(default_factory=list)   # (manifest, why)
+    busy: list[str] = field(default_factory=list)   # skipped: that VM's backup runs here
+    known: int = 0                                  # manifests the catalog already had
+
+
+def sync(catalog: Catalog, store: Repository, *, vm_id: int | None = None,
+         vm_locked: bool = False) -> SyncReport:
+    """Import into `catalog` the backups other catalogs sharing the
+    repository wrote since the last sync (their manifests it does not know),
+    and drop the imported backups whose manifest their writer forgot (their
+    chunks are no longer kept for them). `vm_id`: only that VM's manifests.
+    Incremental and idempotent: a second run finds nothing new, and an
+    imported backup forgotten here (retention) is not imported again.
+
+    An imported backup gets a new id in this catalog (past every id it
+    has), its block map is stored against the catalog's latest map of the
+    same disk, and it stays the writer's: `forget` here never deletes its
+    manifest. The catalog's own manifests are never imported (one it does
+    not know is a backup being committed, or one it forgot). A VM that a
+    backup of this catalog is working on is skipped (its lineage must not
+    move under the backup) and imported by the next sync. A damaged
+    manifest is reported and skipped. `vm_locked`: the caller holds
+    `vm_id`'s lock (`lease.vm_lock`) itself, and is not backing it up."""
+    report = SyncReport()
+    own = catalog.catalog_id
+    known = set(catalog.manifest_names()) | catalog.imported_manifests()
+    prefix = None if vm_id is None else f"{int(vm_id)}/"
+    listed = [n for n in store.manifests() if prefix is None or n.startswith(prefix)]
+    present = set(listed)
+    for backup_id, (name, _writer) in sorted(catalog.imported_backups().items()):
+        if (prefix is None or name.startswith(prefix)) and name not in present:
+            try:
+                catalog.forget_backup(backup_id)
+            except OnebackError:
+                continue
+            report.dropped.append((backup_id, name))
+    found: list[tuple[float, str, mf.Manifest]] = []
+    for name in listed:
+        if name in known:
+            report.known += 1
+            continue
+        try:
+            m = mf.decode(store.get_manifest(name), name)
+        except OnebackError as e:
+            report.damaged.append((name, e.message))
+            continue
+        if m.catalog != own:
+            found.append((m.finished, name, m))
+    found.sort(key=lambda f: (f[0], f[1]))
+    for _, name, m in found:
+        try:
+            with (nullcontext() if vm_locked and m.vm_id == vm_id
+                  else vm_lock(catalog.path, m.vm_id)):
+                if name in catalog.manifest_names():   # another sync got there first
+                    continue
+                record = _import(catalog, m, name)
+        except VmBusy:
+            report.busy.append(name)
+            continue
+        catalog.mark_imported(record, name, m.catalog)
+        report.imported.append(Imported(record, m.vm_id, name, m.kind,
+                                        renumbered_from=m.backup_id))
+    return report
+
+
+def _import(catalog: Catalog, m: mf.Manifest, name: str) -> int:
+    blocks: dict[int, BlockList] = {}
+    for disk in m.disks:
+        if disk.disk_id not in m.maps:
+            continue
+        prev = catalog.previous_map(m.vm_id, disk.disk_id)
+        base = ((prev.size, DiskMap(prev.checksums, prev.chunks))
+                if prev is not None and prev.block_size == disk.block_size else None)
+        blocks[disk.disk_id] = mf.changed_blocks(disk, m.maps[disk.disk_id], base)
+    record = catalog.commit_backup(
+        vm_id=m.vm_id, vm_name=m.vm_name, kind=m.kind, started=m.started,
+        finished=m.finished, vm_document=m.vm_document, image_documents=m.image_documents,
+        disks=m.disks, blocks=blocks, warnings=m.warnings, manifest=name)
+    return record.id

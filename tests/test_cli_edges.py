@@ -19,6 +19,7 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("backup", ["backup", "{}"], "VM_ID", "one"),
     ("backup", ["backup", "1", "--exclude-disk", "{}"], "--exclude-disk", "one"),
     ("list", ["list", "{}"], "VM_ID", "one"),
+    ("catalog sync", ["catalog", "sync", "{}"], "VM_ID", "one"),
     ("show", ["show", "{}"], "BACKUP_ID", "backup"),
     ("restore", ["restore", "{}"], "BACKUP_ID", "backup"),
     ("restore", ["restore", "1", "--image-ds", "{}"], "--image-ds", "one"),

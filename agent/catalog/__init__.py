@@ -33,6 +33,7 @@ from sqlite_utils import Database
 
 from agent.catalog.jobs import JobQueue
 from agent.catalog.schema import _KNOWN, MIGRATIONS
+from agent.catalog.shared import SharedRecords
 from agent.catalog.verify import VerifyRecords
 from agent.errors import IntegrityError, InternalError, NotFound, RepositoryError, StateError
 from agent.model import (
@@ -59,7 +60,7 @@ class BaseGone(StateError):
 # ---------------------------------------------------------------------------
 
 
-class Catalog(JobQueue, VerifyRecords):
+class Catalog(JobQueue, VerifyRecords, SharedRecords):
     """An open catalog. Thread-safe (calls are serialised). Every writing
     call is one transaction, durable on return (WAL, synchronous=FULL)."""
 

@@ -198,3 +198,21 @@ def m006_retention(db: Database) -> None:
         CREATE INDEX blocks_backup ON blocks (backup);
         """
     )
+
+
+@_migration
+def m007_multi_agent(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE imported (                   -- backups another catalog wrote (sync)
+            backup_id INTEGER PRIMARY KEY,        -- no REFERENCES: forget leaves the row,
+            manifest TEXT NOT NULL,               -- so a sync never imports it again
+            writer TEXT NOT NULL                  -- that catalog's id
+        ) WITHOUT ROWID;
+        CREATE TABLE not_served (                 -- opted-in VMs this proxy cannot attach
+            vm_id INTEGER PRIMARY KEY,
+            reason TEXT NOT NULL,
+            since REAL NOT NULL
+        ) WITHOUT ROWID;
+        """
+    )

@@ -46,19 +46,30 @@ from agent.commands import (
 def backup(vm_id: int, full: bool, exclude: tuple[int, ...], config_file: str | None,
            as_json: bool) -> None:
     """Back up VM_ID: snapshot, save, attach, read changed blocks, clean up."""
+    from agent import vmlease
     from agent.attach import sweep
     from agent.backup import BackupOptions, backup_vm, exclusive
+    from agent.errors import Interrupted, LeaseLost
     cancel = threading.Event()
     bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
     with runtime(config_file) as rt, interruptible(cancel):
         sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
         try:
-            with exclusive(rt.cfg.storage.catalog, vm_id):
-                result: BackupResult = backup_vm(
-                    vm_id, BackupOptions(full=full, exclude=frozenset(exclude)),
-                    cloud=rt.cloud, catalog=rt.catalog, store=rt.store,
-                    workspace=rt.workspace(), settings=rt.settings(), progress=bar,
-                    cancel=cancel)
+            # one backup of the VM at a time: in this catalog, then among the
+            # agents sharing the repository (its lease)
+            with exclusive(rt.cfg.storage.catalog, vm_id), vmlease.holding(
+                    rt.store, vm_id, rt.catalog.catalog_id, rt.cfg.agent.lease_time, cancel,
+                    agent=f"proxy VM {rt.cfg.proxy.vm_id}", process=rt.lease.owner) as held:
+                try:
+                    result: BackupResult = backup_vm(
+                        vm_id, BackupOptions(full=full, exclude=frozenset(exclude)),
+                        cloud=rt.cloud, catalog=rt.catalog, store=rt.store,
+                        workspace=rt.workspace(), settings=rt.settings(), progress=bar,
+                        cancel=cancel)
+                except Interrupted as e:
+                    if held is not None and held.lost:
+                        raise LeaseLost(held.lost_message()) from e
+                    raise
         finally:
             bar.finish()
     rec = result.record
@@ -131,9 +142,13 @@ def show(backup_id: int, config_file: str | None, as_json: bool) -> None:
 @json_option
 def cleanup_(config_file: str | None, as_json: bool) -> None:
     """Remove every leftover oneback- temporary object from the cloud."""
+    from agent import vmlease
     from agent.attach import cleanup
     with runtime(config_file) as rt:
-        report = cleanup(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
+        # what another agent sharing the repository works on is not a leftover
+        live = vmlease.live_processes(rt.store, rt.cfg.agent.lease_time)
+        report = cleanup(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id,
+                         also_live=live.__contains__)
     if as_json:
         emit_json(asdict(report))
     else:

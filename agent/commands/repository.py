@@ -1,5 +1,5 @@
 """Commands that look after the repository and the catalog: `init`,
-`catalog rebuild`, `verify`, `forget`, `prune`."""
+`catalog rebuild`, `catalog sync`, `verify`, `forget`, `prune`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from agent.commands import (
     runtime,
 )
 from agent.errors import (
+    IntegrityError,
     UsageError,
 )
 from agent.render import (
@@ -107,6 +108,39 @@ def catalog_rebuild(force: bool, as_catalog: str | None, config_file: str | None
     error = repository.damaged_error(report)
     if error is not None:
         raise error
+
+
+@catalog_.command("sync")
+@click.argument("vm_id", type=ONE_ID, required=False)
+@config_option
+@json_option
+def catalog_sync(vm_id: int | None, config_file: str | None, as_json: bool) -> None:
+    """Import the backups other agents sharing the repository made (all VMs, or VM_ID's)."""
+    from agent import repository
+    with runtime(config_file, cloud=False) as rt:
+        report = repository.sync(rt.catalog, rt.store, vm_id=vm_id)
+    if as_json:
+        emit_json({"imported": [{"backup_id": i.backup_id, "vm_id": i.vm_id,
+                                 "manifest": i.manifest, "kind": i.kind,
+                                 "their_id": i.renumbered_from} for i in report.imported],
+                   "dropped": [{"backup_id": b, "manifest": n} for b, n in report.dropped],
+                   "damaged": [{"manifest": n, "error": why} for n, why in report.damaged],
+                   "busy": report.busy, "known": report.known})
+    else:
+        click.echo(f"imported {len(report.imported)} backup(s) other agents made;"
+                   f" {report.known} already known")
+        for i in report.imported:
+            click.echo(f"  backup {i.backup_id}: VM {i.vm_id} {i.kind} ({i.manifest})")
+        for b, n in report.dropped:
+            click.echo(f"  dropped backup {b}: its writer forgot it ({n} is gone)")
+        for n in report.busy:
+            click.echo(f"  later: {n} (a backup of its VM is running here)")
+        for n, why in report.damaged:
+            click.echo(f"  skipped {n}: {why}", err=True)
+    if report.damaged:
+        names = ", ".join(n for n, _ in report.damaged)
+        raise IntegrityError(f"{len(report.damaged)} damaged manifest(s) skipped: {names};"
+                             " `oneback verify` names what they hold")
 
 
 @cli.command("verify")

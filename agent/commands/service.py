@@ -67,6 +67,7 @@ def status(config_file: str | None, as_json: bool) -> None:
         running = rt.catalog.jobs(("running",))
         recent = rt.catalog.jobs(("done", "failed"), limit=20)
         failing = rt.catalog.backoffs()
+        unserved = rt.catalog.not_served()
         checks = [p for p in (rt.catalog.verify_progress("background"),
                               rt.catalog.verify_progress("command")) if p is not None]
     if as_json:
@@ -74,6 +75,8 @@ def status(config_file: str | None, as_json: bool) -> None:
                    "running": [job_json(j) for j in running],
                    "recent": [job_json(j) for j in recent],
                    "failing": [backoff_json(b) for b in failing],
+                   "not_served": [{"vm_id": n.vm_id, "status": f"not served here ({n.reason})",
+                                   "reason": n.reason, "since": n.since} for n in unserved],
                    "verify": {p.key: verify_progress_json(p) for p in checks}})
         return
     for title, jobs in (("running", running), ("queued", queued), ("recent", recent)):
@@ -89,6 +92,9 @@ def status(config_file: str | None, as_json: bool) -> None:
         wait = max(0, int(b.next_try - now))
         click.echo(f"  {vm}{b.what}: failed {b.failures} time(s) in a row, next try in"
                    f" {wait}s: {b.error}")
+    click.echo(f"not served here (another agent's proxy can attach them): {len(unserved)}")
+    for n in unserved:
+        click.echo(f"  VM {n.vm_id}: not served here ({n.reason})")
     for p in checks:
         for line in verify_progress_lines(p):
             click.echo(line)

@@ -54,6 +54,7 @@ from agent.store import (
     is_key_name,
     is_manifest_name,
 )
+from agent.store.leases import LocalLeases
 
 FORMAT = 2
 """The newest format this oneback reads: 1 plain, 2 encrypted (an older
@@ -148,7 +149,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-class LocalStore:
+class LocalStore(LocalLeases):
     """A repository directory. Thread-safe; several processes may share it
     (names appear atomically, temp files are unique)."""
 

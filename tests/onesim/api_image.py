@@ -25,7 +25,7 @@ from tests.onesim.disks import ds_driver
 from tests.onesim.dispatch import Ctx, method
 from tests.onesim.documents import datastore_xml, image_xml, pool_xml
 from tests.onesim.model import Datastore, Image, now
-from tests.onesim.oned import Oned, OneError
+from tests.onesim.oned import Oned, OneError, no_exists
 from tests.onesim.ownership import apply_chown, check_name, chown_object, chown_targets
 from tests.onesim.templates import Template, TemplateError, parse_str_or_xml
 
@@ -346,6 +346,11 @@ def datastore_allocate(core: Oned, ctx: Ctx, text: str, cluster_id: int = -1) ->
             set_tm_mad(ds, tm_mad)      # Datastore::insert
         except OneError as exc:
             raise OneError(ErrorCode.ALLOCATE, exc.message) from exc
+    # DatastoreAllocateAPI::allocate: cluster -1 is the default cluster 0
+    cid = 0 if cluster_id == -1 else cluster_id
+    if cid not in core.store.clusters:
+        raise no_exists("CLUSTER", cid)
+    ds.cluster_ids = [cid]
     did = core.store.next_id("datastores")
     base = core.ds_path(did)
     base.mkdir(parents=True, exist_ok=True)

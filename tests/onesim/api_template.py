@@ -19,7 +19,7 @@ import uuid
 from tests.onesim import auth
 from tests.onesim.auth import CREATE, MANAGE, USE, Check, authorize, of
 from tests.onesim.constants import ErrorCode, ImageState, ImageType, VmState
-from tests.onesim.disks import DiskError, acquire_disk, assign_target
+from tests.onesim.disks import DiskError, acquire_disk, assign_target, vm_clusters
 from tests.onesim.dispatch import Ctx, method
 from tests.onesim.documents import pool_xml, vmtemplate_xml
 from tests.onesim.model import Vm, VmTemplate, now
@@ -223,9 +223,16 @@ def _insert_vm(core: Oned, ctx: Ctx, tmpl: Template, hold: bool, vid: int) -> Vm
             if "IMAGE_ID" in disk:
                 core.release_image(vid, int(disk["IMAGE_ID"]))
         raise
-    for key, value in (("AUTOMATIC_DS_REQUIREMENTS", '("CLUSTERS/ID" @> 0)'),
-                       ("AUTOMATIC_NIC_REQUIREMENTS", '("CLUSTERS/ID" @> 0)'),
-                       ("AUTOMATIC_REQUIREMENTS", "(CLUSTER_ID = 0) & !(PIN_POLICY = PINNED)")):
+    # VirtualMachine::automatic_requirements: the clusters every image disk's
+    # datastore is in (get_cluster_requirements intersects the disks'
+    # CLUSTER_ID); onesim has no NICs, and a VM without image disks keeps the
+    # default cluster's requirements as before.
+    clusters = vm_clusters(vm) or [0]
+    ds_req = " | ".join(f'"CLUSTERS/ID" @> {c}' for c in clusters)
+    host_req = " | ".join(f"CLUSTER_ID = {c}" for c in clusters)
+    for key, value in (("AUTOMATIC_DS_REQUIREMENTS", f"({ds_req})"),
+                       ("AUTOMATIC_NIC_REQUIREMENTS", f"({ds_req})"),
+                       ("AUTOMATIC_REQUIREMENTS", f"({host_req}) & !(PIN_POLICY = PINNED)")):
         vm.template.replace(key, value)
     if any(d.get("CLONING") == "YES" for d in vm.disks()):
         vm.state = vm.prev_state = VmState.CLONING

@@ -212,10 +212,11 @@ def vm_deploy(core: Oned, ctx: Ctx, vid: int, hid: int, enforce: bool = False,
             ds_id = vm.system_ds()
         else:
             system = sorted(d.id for d in core.store.datastores.values()
-                            if d.type == DatastoreType.SYSTEM_DS and 0 in d.cluster_ids)
+                            if d.type == DatastoreType.SYSTEM_DS
+                            and host.cluster_id in d.cluster_ids)
             if not system:
-                raise OneError(ErrorCode.ACTION, "cluster [0] does not have any datastore of "
-                                                 "type SYSTEM_DS.")
+                raise OneError(ErrorCode.ACTION, f"cluster [{host.cluster_id}] does not have "
+                                                 "any datastore of type SYSTEM_DS.")
             ds_id = system[0]
     ds = core.store.datastores.get(ds_id)
     if ds is None:

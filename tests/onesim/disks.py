@@ -284,3 +284,15 @@ def transfer_bytes(op: str, disk: dict[str, str], size: int) -> int:
 def record_transfer(core: Oned, op: str, disk: dict[str, str], size: int) -> None:
     """Count one driver operation's copied bytes in `core.copies`."""
     core.copies.add(op, transfer_bytes(op, disk, size))
+
+
+def vm_clusters(vm: Vm) -> list[int]:
+    """The clusters all of the VM's image disks can be used in (the
+    intersection of their CLUSTER_ID lists), sorted; [] when no disk says."""
+    common: set[int] | None = None
+    for disk in vm.disks():
+        ids = {int(c) for c in disk.get("CLUSTER_ID", "").split(",") if c.strip().isdigit()}
+        if "IMAGE_ID" not in disk or not ids:
+            continue
+        common = ids if common is None else common & ids
+    return sorted(common or ())

@@ -13,6 +13,7 @@ from xml.sax.saxutils import escape as _esc
 
 from tests.onesim.constants import VmState
 from tests.onesim.model import (
+    Cluster,
     Datastore,
     Group,
     History,
@@ -245,6 +246,15 @@ def host_xml(host: Host, vms: list[Vm], disk: tuple[int, int, int], stamp: int) 
         share, ids_xml("VMS", [v.id for v in vms]),
         host.template.to_xml("TEMPLATE"), monitoring,
         "</HOST>",
+    ])
+
+
+def cluster_xml(cluster: Cluster, hosts: list[int], datastores: list[int]) -> str:
+    """Cluster::to_xml: HOSTS, DATASTORES, VNETS (onesim has no networks)."""
+    return "".join([
+        "<CLUSTER>", f"<ID>{cluster.id}</ID><NAME>{esc(cluster.name)}</NAME>",
+        ids_xml("HOSTS", hosts), ids_xml("DATASTORES", datastores), ids_xml("VNETS", []),
+        cluster.template.to_xml("TEMPLATE"), "</CLUSTER>",
     ])
 
 

@@ -111,6 +111,16 @@ class Hotplug:
             if img_type == 1 and not prefix:  # CDROM on a q35 machine
                 prefix = "sd"
             disk["TARGET"] = assign_target(prefix, used)
+        # VirtualMachineDisks::set_up_attach: the disk's CLUSTER_ID (its
+        # datastore's CLUSTERS, Datastore::disk_attribute) must hold the
+        # cluster the VM runs in (VirtualMachine::get_cid, its last history).
+        clusters = {c.strip() for c in disk.get("CLUSTER_ID", "").split(",") if c.strip()}
+        cid = vm.history[-1].cid if vm.history else -1
+        if clusters and str(cid) not in clusters:
+            if "IMAGE_ID" in disk:
+                self.core.release_image(vm.id, int(disk["IMAGE_ID"]))
+            raise DiskError(f"Image [{disk.get('IMAGE_ID', '-1')}] is not part of cluster "
+                            f"[{cid}]")
         disk["ATTACH"] = "YES"
         vm.template.add("DISK", disk)
         if snaps is not None:

@@ -21,8 +21,8 @@ import secrets
 from pathlib import Path
 
 from tests.onesim import dataplane
-from tests.onesim.constants import Action, DatastoreType, Lcm, VmState, state_str
-from tests.onesim.disks import is_volatile, record_transfer, volatile_info
+from tests.onesim.constants import Action, DatastoreType, HostState, Lcm, VmState, state_str
+from tests.onesim.disks import is_volatile, record_transfer, vm_clusters, volatile_info
 from tests.onesim.model import Datastore, History, Host, Vm, now
 from tests.onesim.oned import Caller, Oned
 
@@ -113,19 +113,19 @@ class Lifecycle:
         return self.core.ds_path(vm.system_ds())
 
     # -- deploy -----------------------------------------------------------
-    def default_system_ds(self, vm: Vm) -> int:
+    def default_system_ds(self, vm: Vm, cluster_id: int = 0) -> int | None:
         """SCHED_DS_REQUIREMENTS "ID=N" (or NAME=...) or the cluster's first
-        enabled system datastore."""
+        enabled system datastore (None: the cluster has none)."""
         req = (vm.user_template.get("SCHED_DS_REQUIREMENTS") or "").replace('"', "").strip()
         system = [d for d in sorted(self.core.store.datastores.values(), key=lambda d: d.id)
-                  if d.type == DatastoreType.SYSTEM_DS]
+                  if d.type == DatastoreType.SYSTEM_DS and cluster_id in d.cluster_ids]
         for ds in system:
             if req in (f"ID={ds.id}", f"ID = {ds.id}", f"NAME={ds.name}"):
                 return ds.id
         for ds in system:
             if ds.state == 0:
                 return ds.id
-        return system[0].id if system else 0
+        return system[0].id if system else None
 
     def deploy(self, vm: Vm, hid: int, ds_id: int, caller: Caller) -> None:
         """VirtualMachineAPI::deploy after its checks + DispatchManager::deploy."""
@@ -143,9 +143,29 @@ class Lifecycle:
         vm = self.core.store.vms.get(vid)
         if vm is None or vm.state != VmState.PENDING:
             return
+        placed = self.place(vm)
+        if placed is None:
+            return   # no host in the VM's clusters: it stays PENDING, as with mm_sched
+        hid, default_ds = placed
         ds_id = vm.system_ds() if vm.history and vm.history[-1].action in (
-            Action.STOP, Action.UNDEPLOY, Action.UNDEPLOY_HARD) else self.default_system_ds(vm)
-        self.deploy(vm, 0, ds_id, ONEADMIN)
+            Action.STOP, Action.UNDEPLOY, Action.UNDEPLOY_HARD) else default_ds
+        self.deploy(vm, hid, ds_id, ONEADMIN)
+
+    def place(self, vm: Vm) -> tuple[int, int] | None:
+        """What mm_sched decides, simplified: the first MONITORED host (by id)
+        whose cluster is in the VM's AUTOMATIC_REQUIREMENTS (the clusters of
+        its image disks' datastores, `vm_clusters`) and has a system
+        datastore (AUTOMATIC_DS_REQUIREMENTS); that datastore (the one
+        SCHED_DS_REQUIREMENTS names, else the first enabled one in the
+        cluster). None: no such host."""
+        clusters = vm_clusters(vm)
+        for host in sorted(self.core.store.hosts.values(), key=lambda h: h.id):
+            if host.state != HostState.MONITORED or (clusters and host.cluster_id not in clusters):
+                continue
+            ds_id = self.default_system_ds(vm, host.cluster_id)
+            if ds_id is not None:
+                return host.id, ds_id
+        return None
 
     def _trigger_deploy(self, vid: int) -> None:
         vm = self.core.store.vms.get(vid)

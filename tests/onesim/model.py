@@ -81,6 +81,18 @@ class Host:
 
 
 @dataclass
+class Cluster:
+    """A cluster (src/cluster/Cluster.cc). Its HOSTS and DATASTORES are not
+    kept here: they are derived from each host's CLUSTER_ID and each
+    datastore's CLUSTERS, which oned keeps in step with them
+    (ClusterPool::add_to_cluster / del_from_cluster)."""
+
+    id: int
+    name: str
+    template: Template = field(default_factory=Template)
+
+
+@dataclass
 class Datastore:
     id: int
     name: str
@@ -255,7 +267,7 @@ class Hook:
 # ---------------------------------------------------------------------------
 
 _TYPES: dict[str, type] = {cls.__name__: cls for cls in (
-    Perms, User, Group, Host, Datastore, Snapshots, Image, VmTemplate, History, Vm, Hook)}
+    Perms, User, Group, Cluster, Host, Datastore, Snapshots, Image, VmTemplate, History, Vm, Hook)}
 
 
 def _dump(obj: Any) -> Any:
@@ -290,7 +302,8 @@ def _load(data: Any) -> Any:
     return data
 
 
-POOLS = ("users", "groups", "hosts", "datastores", "images", "templates", "vms", "hooks")
+POOLS = ("users", "groups", "clusters", "hosts", "datastores", "images", "templates", "vms",
+         "hooks")
 
 
 class Store:
@@ -302,6 +315,7 @@ class Store:
         self.lock = threading.RLock()
         self.users: dict[int, User] = {}
         self.groups: dict[int, Group] = {}
+        self.clusters: dict[int, Cluster] = {}
         self.hosts: dict[int, Host] = {}
         self.datastores: dict[int, Datastore] = {}
         self.images: dict[int, Image] = {}
@@ -345,8 +359,11 @@ class Store:
             return False
         data = json.loads(self.path.read_text())
         for pool in POOLS:
-            setattr(self, pool, _load(data[pool]))
-        self.next_ids = data["next_ids"]
+            if pool in data:   # a state file older than the pool keeps the default
+                setattr(self, pool, _load(data[pool]))
+        if not self.clusters:
+            self.clusters[0] = Cluster(0, "default")
+        self.next_ids = {**{pool: 0 for pool in POOLS}, "clusters": 100, **data["next_ids"]}
         self.pending = data.get("pending", [])
         self.request_id = data.get("request_id", 1000)
         self.meta = data.get("meta", {})

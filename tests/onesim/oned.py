@@ -38,7 +38,18 @@ from tests.onesim.events import (
     vm_state_message,
 )
 from tests.onesim.faults import Faults
-from tests.onesim.model import Datastore, Group, Host, Image, Perms, Store, User, Vm, now
+from tests.onesim.model import (
+    Cluster,
+    Datastore,
+    Group,
+    Host,
+    Image,
+    Perms,
+    Store,
+    User,
+    Vm,
+    now,
+)
 
 ONEGATE_ENDPOINT = "http://127.0.0.1:5030"
 
@@ -185,20 +196,29 @@ class Oned:
                           auth_driver="server_cipher")
         s.groups[0].users.append(1)
         s.next_ids["users"] = 2
-        host = Host(0, "localhost", "kvm", "kvm", state=HostState.MONITORED,
-                    prev_state=HostState.MONITORED)
-        for key, value in (("ARCH", "x86_64"), ("CPUSPEED", "3200"), ("HOSTNAME", "localhost"),
-                           ("HYPERVISOR", "kvm"), ("IM_MAD", "kvm"),
-                           ("MODELNAME", "onesim virtual CPU @ 3.2GHz"), ("RESERVED_CPU", ""),
-                           ("RESERVED_MEM", ""), ("TOTALCPU", "800"),
-                           ("TOTALMEMORY", "16777216"), ("VM_MAD", "kvm")):
-            host.template.add(key, value)
-        s.hosts[0] = host
+        # ClusterPool::ClusterPool: cluster 0 "default" holds datastores 0-2;
+        # clusters users create start at 100 (set_lastOID(99)).
+        s.clusters[0] = Cluster(0, "default")
+        s.next_ids["clusters"] = 100
+        s.hosts[0] = self.new_host(0, "localhost", 0)
         s.next_ids["hosts"] = 1
         for ds in self._default_datastores():
             s.datastores[ds.id] = ds
             (self.root / "datastores" / str(ds.id)).mkdir(parents=True, exist_ok=True)
         s.next_ids["datastores"] = 100
+
+    def new_host(self, hid: int, name: str, cluster_id: int) -> Host:
+        """A KVM host as its first monitoring leaves it (MONITORED)."""
+        cluster = self.store.clusters[cluster_id]
+        host = Host(hid, name, "kvm", "kvm", state=HostState.MONITORED,
+                    prev_state=HostState.MONITORED, cluster_id=cluster.id, cluster=cluster.name)
+        for key, value in (("ARCH", "x86_64"), ("CPUSPEED", "3200"), ("HOSTNAME", name),
+                           ("HYPERVISOR", "kvm"), ("IM_MAD", "kvm"),
+                           ("MODELNAME", "onesim virtual CPU @ 3.2GHz"), ("RESERVED_CPU", ""),
+                           ("RESERVED_MEM", ""), ("TOTALCPU", "800"),
+                           ("TOTALMEMORY", "16777216"), ("VM_MAD", "kvm")):
+            host.template.add(key, value)
+        return host
 
     def _default_datastores(self) -> list[Datastore]:
         base = self.root / "datastores"
@@ -265,6 +285,12 @@ class Oned:
         if img is None:
             raise no_exists("IMAGE", iid)
         return img
+
+    def cluster(self, cid: int) -> Cluster:
+        cluster = self.store.clusters.get(cid)
+        if cluster is None:
+            raise no_exists("CLUSTER", cid)
+        return cluster
 
     def datastore(self, ds_id: int) -> Datastore:
         ds = self.store.datastores.get(ds_id)

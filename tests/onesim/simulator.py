@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.onesim import (  # noqa: F401 - importing registers the XML-RPC methods
+    api_cluster,
     api_image,
     api_misc,
     api_template,

@@ -179,12 +179,26 @@ def create_vm(one: Any, sim: Simulator, name: str, disks: list[int | dict[str, A
     return vm_id
 
 
-def create_proxy_vm(one: Any, sim: Simulator, name: str = "proxy", size_mb: int = 4) -> int:
+def create_proxy_vm(one: Any, sim: Simulator, name: str = "proxy", size_mb: int = 4,
+                    ds: int = 1) -> int:
     """A RUNNING VM with its own small virtio disk (vda) and context; its guest
-    devices appear under guest_dev_dir(sim, id)."""
+    devices appear under guest_dev_dir(sim, id). Its disk's image lives in
+    datastore `ds`, so the scheduler places it in a cluster of that datastore."""
     image_id = create_datablock(one, f"{name}-os-{time.monotonic_ns()}", size_mb,
-                                dev_prefix="vd")
+                                dev_prefix="vd", ds=ds)
     return create_vm(one, sim, name, [image_id])
+
+
+def create_cluster(one: Any, name: str, system_ds: int = 0) -> tuple[int, int, int]:
+    """A cluster with one KVM host and one image datastore of its own (TM
+    local, like datastore 1), sharing system datastore `system_ds` (added to
+    the cluster). Returns (cluster id, host id, image datastore id)."""
+    cid = int(one.cluster.allocate(name))
+    hid = int(one.host.allocate(f"{name}-host", "kvm", "kvm", cid))
+    ds = int(one.datastore.allocate(
+        f'NAME="{name}-images"\nTYPE="IMAGE_DS"\nDS_MAD="fs"\nTM_MAD="local"', cid))
+    one.cluster.adddatastore(cid, system_ds)
+    return cid, hid, ds
 
 
 def guest_dev_dir(sim: Simulator, vm_id: int) -> Path:
