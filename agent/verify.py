@@ -35,6 +35,10 @@ BACKGROUND = "background"
 COMMAND = "command"
 DAY = 86400.0
 _HOLE = bytes(CHUNK_ID_SIZE)
+# Chunk bytes a verify --read-data holds at once: each read holds the stored
+# chunk and the decoded block, so at 4 MiB blocks 8 reads in flight, whatever
+# `workers` asks (16 of them held 128 MiB).
+READ_MEMORY = 64 * 1024 * 1024
 
 
 class VerifyCatalog(Protocol):
@@ -216,26 +220,30 @@ def _locate(store: Repository, catalog: VerifyCatalog,
 
 def verify(store: Repository, catalog: VerifyCatalog, backup_ids: Sequence[int] = (), *,
            read_data: bool = False, sample: float | None = None, workers: int = 8,
-           rng: random.Random | None = None,
-           cancel: threading.Event | None = None) -> VerifyReport:
+           rng: random.Random | None = None, cancel: threading.Event | None = None,
+           memory: int = READ_MEMORY) -> VerifyReport:
     """Check the chosen backups (all the repository holds when none are
     named): every manifest reads and every chunk it references is there,
     or with `read_data` reads back whole (SHA-256) with the xxh3-128 the
     manifest records; `sample` (percent) checks that share of the chunks,
     drawn at random. A damaged chunk is quarantined. NotFound if a named
-    backup does not exist."""
+    backup does not exist. At most `workers` checks run at once, and with
+    `read_data` no more than fit twice their backups' largest block in
+    `memory`."""
     t0 = time.monotonic()
     report = VerifyReport(read_data, sample)
     chosen = _chosen(store, catalog, backup_ids, report)
     xxh3: dict[bytes, bytes] = {}
     conflicts: dict[bytes, set[bytes]] = {}   # chunks recorded with several xxh3s
     readable: list[tuple[str, int | None, bool]] = []
+    block_size = 0
     for name, backup_id, named in chosen:
         m = _read(store, name, backup_id, named, report)
         if m is None:
             continue
         report.manifests += 1
         readable.append((name, backup_id, named))
+        block_size = max([block_size, *(d.block_size for d in m.disks)])
         for dmap in m.maps.values():
             chunks, sums = bytes(dmap.chunks), bytes(dmap.checksums)
             for i in range(dmap.count):
@@ -251,6 +259,8 @@ def verify(store: Repository, catalog: VerifyCatalog, backup_ids: Sequence[int] 
     if sample is not None:
         k = min(len(ids), max(1 if ids else 0, round(len(ids) * sample / 100)))
         ids = sorted((rng or random.Random()).sample(ids, k))
+    if read_data:
+        workers = max(1, min(workers, memory // (2 * max(1, block_size))))
     bad: dict[bytes, _Found] = {}
     for chunk, found in _parallel(
             lambda c: _check(store, c, conflicts.get(c) or {xxh3[c]}, read_data),
