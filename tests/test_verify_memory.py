@@ -55,3 +55,46 @@ def test_verify_read_data_holds_at_most_its_memory_budget_of_chunks(
             report.checked
     finally:
         catalog.close()
+
+
+class OrderStore(LocalStore):
+    """The repository, recording the order chunks are checked in."""
+
+    seen: list[bytes] = []
+
+    def has(self, chunk_id: bytes) -> bool:
+        type(self).seen.append(chunk_id)
+        return super().has(chunk_id)
+
+    def get(self, chunk_id: bytes) -> bytes:
+        type(self).seen.append(chunk_id)
+        return super().get(chunk_id)
+
+
+def test_verify_checks_many_chunks_in_slices_of_the_id_space_and_still_finds_damage(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    vm = cloud.vm("many", [cloud.image("many-os", pattern(12 * BLOCK, 9))])
+    done = cloud.run("backup", str(vm), "--json", capsys=capsys)
+    assert done.code == 0, done.err
+    catalog, _ = repository.open_checked(cloud.tmp / "repo", cloud.tmp / "catalog.sqlite")
+    store = OrderStore.open(Path(cloud.tmp / "repo"))
+    try:
+        whole = verify.verify(store, catalog, read_data=True)
+        assert whole.slices == 1 and whole.checked >= 6 and not whole.damage
+        OrderStore.seen = []
+        # a budget of 2 chunks: the id space is cut into slices, each checked alone
+        sliced = verify.verify(store, catalog, read_data=True,
+                               chunk_memory=2 * verify.PER_CHUNK)
+        assert sliced.slices > 1
+        assert (sliced.chunks, sliced.checked, sliced.bytes_read, sliced.damage) == \
+            (whole.chunks, whole.checked, whole.bytes_read, [])
+        assert OrderStore.seen == sorted(OrderStore.seen) and len(set(OrderStore.seen)) == \
+            whole.checked
+        # a chunk lost from the repository is found, and its block named, slice or not
+        lost = max(OrderStore.seen)
+        (cloud.tmp / "repo" / "chunks" / lost.hex()[:2] / lost.hex()).unlink()
+        found = verify.verify(store, catalog, chunk_memory=2 * verify.PER_CHUNK)
+        assert [(d.chunk, d.problem) for d in found.damage][:1] == [(lost.hex(), "missing")]
+        assert all(d.backup_id is not None and d.block is not None for d in found.damage)
+    finally:
+        catalog.close()
