@@ -269,7 +269,7 @@ def _hooks(cloud: Cloud) -> tuple[Check, None]:
 def _repository(cfg: Config) -> tuple[Check, None]:
     from agent import repository
     repo, catalog_path = cfg.storage.repository, cfg.storage.catalog
-    catalog, store = repository.open_checked(repo, catalog_path, cfg.storage)   # names what is wrong
+    catalog, store = repository.open_checked(repo, catalog_path, cfg.storage)
     try:
         backups = catalog.backup_count()
         store.now()   # writes and removes a file in the repository: RepositoryError if it cannot

@@ -35,6 +35,17 @@ BACKGROUND = "background"
 COMMAND = "command"
 DAY = 86400.0
 _HOLE = bytes(CHUNK_ID_SIZE)
+# Chunk bytes a verify --read-data holds at once: each read holds the stored
+# chunk and the decoded block, so at 4 MiB blocks 8 reads in flight, whatever
+# `workers` asks (16 of them held 128 MiB).
+READ_MEMORY = 64 * 1024 * 1024
+# What a verify keeps per distinct chunk it checks (the id and the xxh3-128
+# the manifests record, in a dict, and its place in the sorted list), and
+# how much of that it holds at once: more chunks than fit are checked in
+# slices of the chunk-id space, the manifests read once per slice.
+PER_CHUNK = 240
+CHUNK_MEMORY = 32 * 1024 * 1024
+MAX_SLICES = 64   # each reads every manifest again
 
 
 class VerifyCatalog(Protocol):
@@ -43,6 +54,8 @@ class VerifyCatalog(Protocol):
     def manifest_of(self, backup_id: int) -> str | None: ...
 
     def manifest_names(self) -> dict[str, int]: ...
+
+    def referenced_chunk_count(self) -> int: ...
 
 
 class ProgressCatalog(VerifyCatalog, Protocol):
@@ -66,6 +79,7 @@ class VerifyReport:
     seconds: float = 0.0
     damage: list[Damage] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)   # hex ids moved aside
+    slices: int = 1                # slices of the chunk-id space checked one after another
 
     @property
     def damaged_backups(self) -> list[str]:
@@ -216,44 +230,78 @@ def _locate(store: Repository, catalog: VerifyCatalog,
 
 def verify(store: Repository, catalog: VerifyCatalog, backup_ids: Sequence[int] = (), *,
            read_data: bool = False, sample: float | None = None, workers: int = 8,
-           rng: random.Random | None = None,
-           cancel: threading.Event | None = None) -> VerifyReport:
+           rng: random.Random | None = None, cancel: threading.Event | None = None,
+           memory: int = READ_MEMORY, chunk_memory: int = CHUNK_MEMORY) -> VerifyReport:
     """Check the chosen backups (all the repository holds when none are
     named): every manifest reads and every chunk it references is there,
     or with `read_data` reads back whole (SHA-256) with the xxh3-128 the
     manifest records; `sample` (percent) checks that share of the chunks,
-    drawn at random. A damaged chunk is quarantined. NotFound if a named
-    backup does not exist."""
+    drawn at random (in each slice). A damaged chunk is quarantined.
+    NotFound if a named backup does not exist. At most `workers` checks run
+    at once, and with `read_data` no more than fit twice their backups'
+    largest block in `memory`. The chunks are checked in id order, in as
+    many slices of the id space as keep PER_CHUNK bytes per chunk within
+    `chunk_memory`, reckoned from the chunks the catalog references (at
+    most the blocks the manifests hold), at most MAX_SLICES."""
     t0 = time.monotonic()
     report = VerifyReport(read_data, sample)
     chosen = _chosen(store, catalog, backup_ids, report)
-    xxh3: dict[bytes, bytes] = {}
-    conflicts: dict[bytes, set[bytes]] = {}   # chunks recorded with several xxh3s
     readable: list[tuple[str, int | None, bool]] = []
+    block_size = blocks = 0
     for name, backup_id, named in chosen:
         m = _read(store, name, backup_id, named, report)
         if m is None:
             continue
         report.manifests += 1
         readable.append((name, backup_id, named))
+        block_size = max([block_size, *(d.block_size for d in m.disks)])
+        blocks += sum(dmap.count for dmap in m.maps.values())
+    if read_data:
+        workers = max(1, min(workers, memory // (2 * max(1, block_size))))
+    known = catalog.referenced_chunk_count()
+    chunks = min(blocks, known) if known else blocks
+    report.slices = max(1, min(MAX_SLICES, -(-chunks * PER_CHUNK // max(1, chunk_memory))))
+    bad: dict[bytes, _Found] = {}
+    for k in range(report.slices):
+        low, high = SPACE * k // report.slices, SPACE * (k + 1) // report.slices
+        _verify_slice(store, readable, low.to_bytes(CHUNK_ID_SIZE, "big"),
+                      None if high >= SPACE else high.to_bytes(CHUNK_ID_SIZE, "big"),
+                      report, bad, workers, rng, cancel)
+    report.damage += _locate(store, catalog, readable, bad)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _verify_slice(store: Repository, readable: Sequence[tuple[str, int | None, bool]],
+                  low: bytes, high: bytes | None, report: VerifyReport,
+                  bad: dict[bytes, _Found], workers: int, rng: random.Random | None,
+                  cancel: threading.Event | None) -> None:
+    """Check the chunks with ids from `low` (inclusive) to `high` (exclusive;
+    None: to the end) that the `readable` manifests reference; a manifest
+    gone since it was first read was forgotten meanwhile and is skipped."""
+    xxh3: dict[bytes, bytes] = {}
+    conflicts: dict[bytes, set[bytes]] = {}   # chunks recorded with several xxh3s
+    for name, backup_id, named in readable:
+        m = _read(store, name, backup_id, named, None)
+        if m is None:
+            continue
         for dmap in m.maps.values():
             chunks, sums = bytes(dmap.chunks), bytes(dmap.checksums)
             for i in range(dmap.count):
                 chunk = chunks[i * CHUNK_ID_SIZE:(i + 1) * CHUNK_ID_SIZE]
-                if chunk == _HOLE:
+                if chunk == _HOLE or chunk < low or (high is not None and chunk >= high):
                     continue
                 digest = sums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE]
                 first = xxh3.setdefault(chunk, digest)
                 if first != digest:
                     conflicts.setdefault(chunk, {first}).add(digest)
-    report.chunks = len(xxh3)
+    report.chunks += len(xxh3)
     ids = sorted(xxh3)
-    if sample is not None:
-        k = min(len(ids), max(1 if ids else 0, round(len(ids) * sample / 100)))
+    if report.sample is not None:
+        k = min(len(ids), max(1 if ids else 0, round(len(ids) * report.sample / 100)))
         ids = sorted((rng or random.Random()).sample(ids, k))
-    bad: dict[bytes, _Found] = {}
     for chunk, found in _parallel(
-            lambda c: _check(store, c, conflicts.get(c) or {xxh3[c]}, read_data),
+            lambda c: _check(store, c, conflicts.get(c) or {xxh3[c]}, report.read_data),
             ids, workers, cancel):
         report.checked += 1
         report.bytes_read += found.bytes_read
@@ -261,9 +309,6 @@ def verify(store: Repository, catalog: VerifyCatalog, backup_ids: Sequence[int] 
             bad[chunk] = found
             if found.quarantined:
                 report.quarantined.append(chunk.hex())
-    report.damage += _locate(store, catalog, readable, bad)
-    report.seconds = time.monotonic() - t0
-    return report
 
 
 def as_progress(report: VerifyReport, now: float | None = None) -> VerifyProgress:

@@ -55,6 +55,7 @@ class Row:
     rss_kib: int | None = None
     note: str = ""
     key: str = ""             # what targets() looks rows up by
+    value: float | None = None  # a measured quantity that is not a time, for targets()
 
 
 @dataclass
@@ -177,6 +178,11 @@ class Bench:
                      key=f"{key}.ops.{phase}"))
         self.add(Row("oneback", "(the rest)", max(m.wall - scan - ops, 0.0),
                      note="start-up, sweep, catalog, commit"))
+        if "cloud_bytes_copied" in doc:
+            copied = int(doc["cloud_bytes_copied"])
+            self.add(Row("oneback", "(OpenNebula copied)", note=f"{copied / MiB:.0f} MiB"
+                         f" copied by the datastore drivers: {copied / self.size:.2f}x the disk",
+                         key=f"oneback.copied.{phase}", value=copied / self.size))
 
     def oneback_startup(self, ob: Oneback, runs: int = 7) -> None:
         """Start-up of commands that do not talk to the cloud, on the still empty
@@ -204,6 +210,10 @@ class Bench:
         dd = run(["dd", f"if={ob.guest_disk}", "of=/dev/null", "bs=4M", "status=none"])
         self.measured("dd", "read VM disk, again", dd, "dd.read.vm.again",
                       note="just before the isolated scan")
+        dd = run(["dd", f"if={ob.guest_disk}", "of=/dev/null", "bs=4M", "iflag=direct",
+                  "status=none"])
+        self.measured("dd", "read VM disk, O_DIRECT", dd, "dd.read.vm.direct",
+                      note="the same with iflag=direct: the O_DIRECT read's limit")
         m = run(ob.scan_cmd())
         try:
             doc = json.loads(m.out)
@@ -415,7 +425,7 @@ Target = tuple[str, float | None, str, Callable[[float], bool] | None]
 
 
 def targets(rows: list[Row]) -> list[Target]:
-    """(what, value, goal, test) for the issue's targets and the informative ratios;
+    """(what, value, goal, test) for issue 13's goals and the informative ratios;
     value None when not measured, test None when only informative."""
     by_key = {r.key: r for r in rows if r.key}
 
@@ -430,34 +440,56 @@ def targets(rows: list[Row]) -> list[Target]:
         return lambda v: v >= goal
 
     scan, ob_incr = wall("oneback.scan.incremental"), wall("oneback.incremental")
-    ob_work = ob_incr - (wall("oneback.ops.incremental") or 0.0) if ob_incr else None
+    ops_incr = wall("oneback.ops.incremental")
+    ob_work = ob_incr - (ops_incr or 0.0) if ob_incr else None
     repo = {k: by_key[k].repo for k in ("oneback.incremental", "restic.incremental")
             if k in by_key}
-    restore = wall("oneback.export")
+    export = wall("oneback.export")
+    copied = by_key.get("oneback.copied.incremental")
+    rss = [r for r in rows if r.rss_kib is not None and r.tool == "oneback"]
+    top = max(rss, key=lambda r: r.rss_kib or 0) if rss else None
     return [
+        # -- issue 13's goals
+        ("restic incremental / oneback incremental without OpenNebula ops",
+         ratio(wall("restic.incremental"), ob_work), ">= 4x", at_least(4.0)),
+        ("borg incremental / oneback incremental without OpenNebula ops",
+         ratio(wall("borg.incremental"), ob_work), ">= 2x", at_least(2.0)),
+        ("incremental: bytes OpenNebula copied / disk size (copies of each disk)",
+         copied.value if copied else None, "= 1",
+         lambda v: 0.99 <= v <= 1.01),
+        ("incremental: share of the wall time spent in OpenNebula operations",
+         ratio(ops_incr, ob_incr), "report", None),
+        ("oneback read+scan rate / plain read rate of the same disk, both cold",
+         ratio(wall("dd.read.vm.again"), wall("oneback.scan.isolated")), ">= 0.95",
+         at_least(0.95)),
+        ("network disk: oneback scan rate (read_depth 16) / borg's read of the same path",
+         ratio(wall("netdisk.borg"), wall("netdisk.scan.16")), ">= 3x", at_least(3.0)),
+        ("restic restore / oneback restore VM (with OpenNebula ops)",
+         ratio(wall("restic.restore"), wall("oneback.restore")), "> 1", lambda v: v > 1.0),
+        ("oneback export rate / plain write rate", ratio(wall("dd.write"), export), ">= 0.9",
+         at_least(0.9)),
+        (f"oneback's largest peak RSS of any row, MiB ({top.phase})" if top
+         else "oneback's largest peak RSS of any row, MiB",
+         top.rss_kib / 1024 if top and top.rss_kib else None, "< 150", lambda v: v < 150),
         ("oneback list start-up on an empty catalog, seconds", wall("oneback.startup.list"),
          "< 0.15", lambda v: v < 0.15),
-        ("oneback read+scan rate / plain read rate of the same disk, both cold",
-         ratio(wall("dd.read.vm.again"), wall("oneback.scan.isolated")), ">= 0.90",
-         at_least(0.90)),
-        ("the same, buffered reads (direct_io = false)",
+        # -- informative: why, and like against like
+        ("read+scan, O_DIRECT / dd iflag=direct of the same disk (like against like)",
+         ratio(wall("dd.read.vm.direct"), wall("oneback.scan.isolated")), "info", None),
+        ("read+scan, buffered (direct_io = false) / plain read",
          ratio(wall("dd.read.vm.again"), wall("oneback.scan.buffered")), "info", None),
-        ("the same, inside the incremental backup (device just written by onesim)",
+        ("dd iflag=direct rate / plain read rate (what O_DIRECT costs on this disk)",
+         ratio(wall("dd.read.vm.again"), wall("dd.read.vm.direct")), "info", None),
+        ("read+scan inside the incremental / plain read (device just written by onesim)",
          ratio(wall("dd.read.vm") or wall("dd.read"), scan), "info", None),
-        ("restic incremental / oneback incremental without OpenNebula ops",
-         ratio(wall("restic.incremental"), ob_work), ">= 5x", at_least(5.0)),
-        ("borg incremental / oneback incremental without OpenNebula ops",
-         ratio(wall("borg.incremental"), ob_work), ">= 5x", at_least(5.0)),
         ("oneback repository / restic repository, after the incremental",
-         ratio(repo.get("oneback.incremental"), repo.get("restic.incremental")), "<= 1.0",
-         lambda v: v <= 1.0),
-        ("oneback read+scan rate / read rate from the page cache (strict)",
-         ratio(wall("dd.read.warm"), scan), "info", None),
+         ratio(repo.get("oneback.incremental"), repo.get("restic.incremental")), "info", None),
         ("restic incremental / whole oneback incremental command",
          ratio(wall("restic.incremental"), ob_incr), "info", None),
         ("full store with two fsyncs per chunk / with one syncfs (time)",
          ratio(wall("oneback.syncs.each"), wall("oneback.syncs.batch")), "info", None),
-        ("oneback export rate / plain write rate", ratio(wall("dd.write"), restore), "info", None),
+        ("restic restore / oneback export", ratio(wall("restic.restore"), export), "info", None),
+        ("borg restore / oneback export", ratio(wall("borg.restore"), export), "info", None),
         ("encrypted / plain full store rate (encryption's cost on backup throughput)",
          ratio(wall("oneback.syncs.batch"), wall("oneback.syncs.encrypted")), ">= 0.90",
          at_least(0.90)),
@@ -469,15 +501,9 @@ def targets(rows: list[Row]) -> list[Target]:
          ratio(wall("oneback.incremental"), wall("oneback.encrypted.incremental")), "info",
          None),
         ("encrypted / plain export rate (restore's data path)",
-         ratio(restore, wall("oneback.encrypted.export")), "info", None),
-        ("restic restore / oneback export", ratio(wall("restic.restore"), restore), "info", None),
-        ("borg restore / oneback export", ratio(wall("borg.restore"), restore), "info", None),
+         ratio(export, wall("oneback.encrypted.export")), "info", None),
         ("oneback mount: time to first byte, seconds", wall("oneback.mount.ttfb"), "info",
          None),
-        ("restic restore / oneback restore VM (with OpenNebula ops)",
-         ratio(wall("restic.restore"), wall("oneback.restore")), "info", None),
-        ("network disk: oneback scan rate (read_depth 16) / borg's read of the same path",
-         ratio(wall("netdisk.borg"), wall("netdisk.scan.16")), ">= 3x", at_least(3.0)),
         ("network disk: oneback scan rate (read_depth 16) / dd's read of the same path",
          ratio(wall("netdisk.dd"), wall("netdisk.scan.16")), "info", None),
         ("network disk: oneback scan rate, read_depth 32 / read_depth 1",
@@ -486,12 +512,12 @@ def targets(rows: list[Row]) -> list[Target]:
 
 
 def targets_table(rows: list[Row]) -> list[str]:
-    out = ["| ratio | value | goal | result |", "|---|--:|---|---|"]
+    out = ["| ratio | measured | goal | result |", "|---|--:|---|---|"]
     for what, value, goal, test in targets(rows):
         if value is None:
             out.append(f"| {what} |  | {goal} | not measured |")
         else:
-            result = "" if test is None else "PASS" if test(value) else "FAIL"
+            result = "" if test is None else "met" if test(value) else "NOT MET"
             out.append(f"| {what} | {value:.2f} | {goal} | {result} |")
     return out
 

@@ -29,10 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from sqlite_utils import Database
-
 from agent.catalog.jobs import JobQueue
-from agent.catalog.schema import _KNOWN, MIGRATIONS
+from agent.catalog.schema import _KNOWN, MIGRATION_SET, MIGRATIONS_TABLE, migrations
 from agent.catalog.shared import SharedRecords
 from agent.catalog.verify import VerifyRecords
 from agent.errors import IntegrityError, InternalError, NotFound, RepositoryError, StateError
@@ -64,9 +62,8 @@ class Catalog(JobQueue, VerifyRecords, SharedRecords):
     """An open catalog. Thread-safe (calls are serialised). Every writing
     call is one transaction, durable on return (WAL, synchronous=FULL)."""
 
-    def __init__(self, db: Database, path: Path) -> None:
-        self._db = db
-        self._conn: sqlite3.Connection = db.conn
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
         self.path = path
         self._lock = threading.RLock()
 
@@ -91,21 +88,25 @@ class Catalog(JobQueue, VerifyRecords, SharedRecords):
             # front instead of failing with "database is locked" on upgrade.
             conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False,
                                    isolation_level=None)
-            db = Database(conn, execute_plugins=False)
-            db.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA foreign_keys = ON")
             # Several processes may create or upgrade one catalog at once: one
             # at a time (the migrations' scripts commit as they go, so the
             # SQLite lock alone cannot hold them together).
             with _opening(path):
-                db.enable_wal()
-                db.execute("PRAGMA synchronous = FULL")
-                newer = [m.name for m in MIGRATIONS.applied(db) if m.name not in _KNOWN]
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode = wal")
+                conn.execute("PRAGMA synchronous = FULL")
+                applied = _applied_migrations(conn)
+                newer = [name for name in applied if name not in _KNOWN]
                 if newer:
                     raise RepositoryError(
                         f"catalog {path} was written by a newer oneback (schema "
                         f"{', '.join(newer)}); upgrade oneback"
                     )
-                MIGRATIONS.apply(db)
+                if set(_KNOWN) - set(applied):  # new or older: sqlite-utils migrates
+                    from sqlite_utils import Database
+
+                    migrations().apply(Database(conn, execute_plugins=False))
         except sqlite3.Error as e:
             if conn is not None:
                 conn.close()
@@ -124,11 +125,11 @@ class Catalog(JobQueue, VerifyRecords, SharedRecords):
             if conn is not None:
                 conn.close()
             raise
-        return cls(db, path)
+        return cls(conn, path)
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._conn.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -608,6 +609,18 @@ class Catalog(JobQueue, VerifyRecords, SharedRecords):
         with self._guard("listing chunks") as conn:
             ids = [bytes(r[0]) for r in conn.execute("SELECT sha256 FROM chunks WHERE refs > 0")]
         return iter(ids)
+
+
+def _applied_migrations(conn: sqlite3.Connection) -> list[str]:
+    """The names of the migrations applied to the catalog, in order (what
+    sqlite-utils' Migrations.applied reads, without importing it)."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                          (MIGRATIONS_TABLE,)).fetchone()
+    if exists is None:
+        return []
+    rows = conn.execute(f"SELECT name FROM {MIGRATIONS_TABLE} WHERE migration_set = ?"
+                        " ORDER BY rowid", (MIGRATION_SET,))
+    return [str(name) for (name,) in rows]
 
 
 @contextmanager

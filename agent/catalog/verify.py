@@ -64,6 +64,12 @@ class VerifyRecords:
                                     " AND sha256 < ? ORDER BY sha256", (low, high))
             return [bytes(r[0]) for r in rows]
 
+    def referenced_chunk_count(self) -> int:
+        """How many chunks the catalog's backups reference."""
+        with self._guard("counting chunks") as conn:
+            row = conn.execute("SELECT count(*) FROM chunks WHERE refs > 0").fetchone()
+        return int(row[0])
+
     def manifest_names(self) -> dict[str, int]:
         """{manifest name: backup id} of every backup that has a manifest."""
         with self._guard("listing manifests") as conn:

@@ -11,6 +11,7 @@ the bench can skip oneback's rows and still run.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -70,6 +71,14 @@ class Oneback:
             raise OnebackUnavailable("tests/onesim does not exist yet")
         root = work / "sim"
         root.mkdir()
+        # Byte-compile the agent as installing a package does (pip, Debian's
+        # python3 packages: restic is a binary, borg ships its .pyc files): with
+        # PYTHONDONTWRITEBYTECODE set, every oneback command would compile its
+        # modules again.
+        subprocess.run([sys.executable, "-m", "compileall", "-q",
+                        str(Path(__file__).resolve().parents[2] / "agent")],
+                       env={k: v for k, v in os.environ.items()
+                            if k != "PYTHONDONTWRITEBYTECODE"}, check=False)
         with open(work / "onesim.log", "w") as log:
             sim = subprocess.Popen(
                 [sys.executable, "-m", "tests.onesim", "serve", "--root", str(root),
