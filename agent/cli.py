@@ -15,7 +15,7 @@ from typing import NoReturn
 import click
 
 # Registering the commands: each module adds its commands to the `cli` group.
-from agent.commands import backups, cli, json_option, repository, runtime, service, snapshots  # noqa: F401
+from agent.commands import backups, cli, copy, json_option, repository, runtime, service, snapshots  # noqa: F401
 from agent.errors import (
     EXIT_CODES,
     OnebackError,

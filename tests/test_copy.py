@@ -1,0 +1,498 @@
+"""Copies between repositories (`oneback copy --to CONFIG`, `[copy] to`):
+through the real CLI (in-process and as killed processes), onesim, real
+repository directories and SQLite catalogs."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import copy
+from agent.export import export_disk
+from agent.prune import prune
+from agent.store import Codec, Data
+from agent.store.local import LocalStore
+from tests.agentkit import BLOCK, REPO, Cloud, Result, init_repository, pattern
+from tests.agentproc import AgentProcess, wait_backups
+from tests.onesim.testing import wait_until
+
+DISK = 12 * BLOCK
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def target_config(c: Cloud, name: str = "target") -> Path:
+    """A second configuration, for the same cloud, whose [storage] is another
+    repository and catalog (made by `oneback init`)."""
+    where = c.tmp / name
+    where.mkdir()
+    text = c.config.read_text()
+    text = text.replace(str(c.tmp / "repo"), str(where / "repo"))
+    text = text.replace(str(c.tmp / "catalog.sqlite"), str(where / "catalog.sqlite"))
+    cfg = where / "oneback.toml"
+    cfg.write_text(text)
+    init_repository(cfg)
+    return cfg
+
+
+def run(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
+    from agent.cli import main
+    capsys.readouterr()
+    try:
+        main([*args, "--config", str(cfg)])
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+def backup(c: Cloud, capsys: pytest.CaptureFixture[str], vm: int) -> dict[str, Any]:
+    r = c.run("backup", str(vm), "--json", capsys=capsys)
+    assert r.code == 0, r.err
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def listed(cfg: Path, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    r = run(cfg, capsys, "list", "--json")
+    assert r.code == 0, r.err
+    return list(r.json())
+
+
+def exports(cfg: Path, capsys: pytest.CaptureFixture[str], out: Path
+            ) -> dict[tuple[int, float, int], str]:
+    """{(VM, started, disk): SHA-256 of the exported disk} of every backup
+    the configuration's catalog lists: the same key in source and target."""
+    found = {}
+    for b in listed(cfg, capsys):
+        for d in b["disks"]:
+            if d["volatile"] or d["excluded"]:
+                continue
+            path = out / f"x-{b['backup_id']}-{d['disk_id']}.raw"
+            r = run(cfg, capsys, "export", str(b["backup_id"]), str(d["disk_id"]), "-o",
+                    str(path))
+            assert r.code == 0, r.err
+            found[(b["vm_id"], b["started"], d["disk_id"])] = hashlib.sha256(
+                path.read_bytes()).hexdigest()
+            path.unlink()
+    return found
+
+
+def copy_json(cfg: Path, capsys: pytest.CaptureFixture[str], to: Path, *args: str
+              ) -> dict[str, Any]:
+    r = run(cfg, capsys, "copy", "--to", str(to), "--json", *args)
+    assert r.code == 0, r.err
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def chunk_files(repo: Path) -> set[str]:
+    return {f.name for f in (repo / "chunks").glob("*/*") if len(f.name) == 64}
+
+
+def write_blocks(path: Path, blocks: list[int], seed: int) -> None:
+    with open(path, "r+b") as f:
+        for b in blocks:
+            f.seek(b * BLOCK)
+            f.write(pattern(BLOCK, seed * 1000 + b))
+
+
+@pytest.fixture
+def two_vms(cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """Two VMs, each backed up twice (the second time incrementally, a few
+    blocks changed); VM b's disk has a hole (all-zero blocks)."""
+    a = cloud.vm("a", [cloud.image("a0", pattern(DISK, 1))])
+    data = bytearray(pattern(DISK, 2))
+    data[3 * BLOCK:5 * BLOCK] = bytes(2 * BLOCK)
+    b = cloud.vm("b", [cloud.image("b0", bytes(data))])
+    ids = {}
+    for vm, name in ((a, "a"), (b, "b")):
+        ids[f"{name}1"] = backup(cloud, capsys, vm)["backup_id"]
+        write_blocks(cloud.disk_path(vm, 0), [1, 8], seed=vm + 10)
+        ids[f"{name}2"] = backup(cloud, capsys, vm)["backup_id"]
+    return {"a": a, "b": b, **ids}
+
+
+# -- copying ------------------------------------------------------------------------
+
+
+def test_copy_by_ids_by_vm_and_all_then_the_target_exports_byte_for_byte(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str], two_vms: dict[str, Any]) -> None:
+    """Copies by id, by VM and of all; the target lists, exports and verifies
+    them; a second run sends nothing; an incremental backup copies only
+    its new chunks."""
+    c, src = cloud, cloud.config
+    tgt = target_config(c)
+    trepo = c.tmp / "target" / "repo"
+
+    doc = copy_json(src, capsys, tgt, str(two_vms["a1"]))
+    assert [b["outcome"] for b in doc["backups"]] == ["copied"]
+    assert doc["chunks_sent"] == 12 and doc["translated"] is False
+    assert [b["vm_id"] for b in listed(tgt, capsys)] == [two_vms["a"]]
+
+    doc = copy_json(src, capsys, tgt, "--vm", str(two_vms["b"]))
+    assert [b["outcome"] for b in doc["backups"]] == ["copied", "copied"]
+    # b1: 10 data blocks (2 all-zero: holes, no chunk); b2: 2 changed blocks
+    assert [b["sent"] for b in doc["backups"]] == [10, 2]
+
+    doc = copy_json(src, capsys, tgt, "--all")
+    assert [b["outcome"] for b in doc["backups"]] == ["present", "copied", "present",
+                                                      "present"]
+    assert doc["chunks_sent"] == 2   # a2 reuses the 10 unchanged chunks of a1
+
+    again = copy_json(src, capsys, tgt, "--all")
+    assert again["chunks_sent"] == 0 and again["bytes_sent"] == 0
+    assert {b["outcome"] for b in again["backups"]} == {"present"}
+
+    # The target is a repository of its own: list, verify, export.
+    source_list = listed(src, capsys)
+    target_list = listed(tgt, capsys)
+    assert sorted((b["vm_id"], b["started"], b["kind"], b["vm_name"]) for b in source_list) \
+        == sorted((b["vm_id"], b["started"], b["kind"], b["vm_name"]) for b in target_list)
+    r = run(tgt, capsys, "verify", "--read-data")
+    assert r.code == 0, r.out + r.err
+    assert exports(tgt, capsys, c.tmp) == exports(src, capsys, c.tmp)
+    assert chunk_files(trepo) == chunk_files(c.tmp / "repo")
+
+    # Incremental: a third backup of VM a copies only the block it changed.
+    write_blocks(c.disk_path(two_vms["a"], 0), [11], seed=99)
+    third = backup(c, capsys, two_vms["a"])
+    doc = copy_json(src, capsys, tgt, "--all")
+    assert doc["chunks_sent"] == 1
+    assert [b["outcome"] for b in doc["backups"] if b["backup_id"] == third["backup_id"]] \
+        == ["copied"]
+    assert exports(tgt, capsys, c.tmp) == exports(src, capsys, c.tmp)
+    # ... and the target's own catalog can be rebuilt from its manifests.
+    (c.tmp / "target" / "catalog.sqlite").unlink()
+    r = run(tgt, capsys, "catalog", "rebuild", "--json")
+    assert r.code == 0, r.err
+    assert len(r.json()["imported"]) == 5 and r.json()["foreign"] == 0
+
+
+def test_restore_from_the_target(cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    vm = cloud.vm("r", [cloud.image("r0", pattern(DISK, 7))])
+    at_backup = cloud.disk_path(vm, 0).read_bytes()
+    backup(cloud, capsys, vm)
+    tgt = target_config(cloud)
+    copy_json(cloud.config, capsys, tgt, "--all")
+    (target_backup,) = listed(tgt, capsys)
+    r = run(tgt, capsys, "restore", str(target_backup["backup_id"]), "--name", "from-copy",
+            "--json")
+    assert r.code == 0, r.err
+    assert cloud.disk_path(r.json()["vm_id"], 0).read_bytes() == at_backup
+    assert cloud.leftovers() == []
+
+
+def test_a_damaged_source_chunk_fails_that_backup_only(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str], two_vms: dict[str, Any]) -> None:
+    """One line naming the backup and the chunk, exit 9; VM b's backups are
+    copied; nothing of VM a's second backup is visible in the target."""
+    c = cloud
+    tgt = target_config(c)
+    # a chunk a2 wrote (block 8 changed), which a1 does not reference
+    source_chunks = chunk_files(c.tmp / "repo")
+    copy_json(c.config, capsys, tgt, str(two_vms["a1"]))
+    new_in_a2 = _chunks_of(c, capsys, c.config, two_vms["a2"]) - _chunks_of(
+        c, capsys, c.config, two_vms["a1"])
+    assert len(new_in_a2) == 2 and new_in_a2 <= source_chunks
+    bad = sorted(new_in_a2)[0]
+    path = c.tmp / "repo" / "chunks" / bad[:2] / bad
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+
+    r = run(c.config, capsys, "copy", "--to", str(tgt), "--all")
+    assert r.code == 9, r
+    assert r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert f"backup {two_vms['a2']}" in r.err and bad in r.err
+    in_target = listed(tgt, capsys)
+    assert sorted(b["vm_id"] for b in in_target) == [two_vms["a"], two_vms["b"], two_vms["b"]]
+    assert run(tgt, capsys, "verify", "--read-data").code == 0
+    assert len(list((c.tmp / "target" / "repo" / "manifests").rglob("*T*Z-*"))) == 3
+
+
+def _chunks_of(c: Cloud, capsys: pytest.CaptureFixture[str], cfg: Path,
+               backup_id: int) -> set[str]:
+    """The chunk ids a backup references (from its manifest, through the store)."""
+    from agent import manifest as mf
+    from agent.catalog import Catalog
+    with Catalog.open(c.tmp / "catalog.sqlite", create=False) as catalog:
+        name = catalog.manifest_of(backup_id)
+    assert name is not None
+    m = mf.decode(LocalStore.open(c.tmp / "repo").get_manifest(name), name)
+    return {r.chunk.hex() for dm in m.maps.values() for r in dm.records() if r.chunk}
+
+
+def test_usage_errors_are_one_line(cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    tgt = target_config(cloud)
+    for args, code, words in (
+            ((), 2, "BACKUP_IDs, --vm VM_ID or --all"),
+            (("--all", "--vm", "3"), 2, "one of them"),
+            (("--all", "--lock-days", "30"), 2, "S3 target with Object Lock"),
+            (("99",), 6, "backup 99")):
+        r = run(cloud.config, capsys, "copy", "--to", str(tgt), *args)
+        assert r.code == code and r.err.count("\n") == 1, (args, r)
+        assert words in r.err, (args, r.err)
+    r = run(cloud.config, capsys, "copy", "--to", str(cloud.config), "--all")
+    assert r.code == 2 and "source repository itself" in r.err, r
+    missing = cloud.tmp / "nowhere.toml"
+    r = run(cloud.config, capsys, "copy", "--to", str(missing), "--all")
+    assert r.code == 3 and str(missing) in r.err, r
+
+
+# -- kill -9 at many points, and resume ---------------------------------------------------
+
+
+def _stop_when(proc: subprocess.Popen[str], ready: Callable[[], bool],
+               stopped: threading.Event) -> None:
+    while proc.poll() is None:
+        if ready():
+            os.kill(proc.pid, signal.SIGSTOP)
+            stopped.set()
+            return
+        time.sleep(0.0005)
+
+
+def test_killed_at_many_points_then_resumed_the_target_is_always_whole(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str], two_vms: dict[str, Any]) -> None:
+    """kill -9 after N chunk files, and just after a manifest appears: while
+    stopped, every backup the target lists has all its chunks (verify);
+    a rerun finishes, re-sending nothing that is there; the target verifies
+    clean (--read-data) and exports byte for byte."""
+    c = cloud
+    tgt = target_config(c)
+    trepo = c.tmp / "target" / "repo"
+    manifests = trepo / "manifests"
+    command = [*c.command("copy", "--to", str(tgt), "--all", "--workers", "1", "--json")]
+    total = len(chunk_files(c.tmp / "repo"))
+    killed = 0
+    points: list[Callable[[], bool]] = []
+    for n in (1, 5, 11, 14, 20, 24, 27):
+        points.append(lambda n=n: len(chunk_files(trepo)) >= n)       # type: ignore[misc]
+    for k in (1, 2, 3):
+        points.append(lambda k=k: sum(1 for _ in manifests.rglob("*Z-*")) >= k)  # type: ignore[misc]
+    for ready in points:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO)
+        stopped = threading.Event()
+        watcher = threading.Thread(target=_stop_when, args=(proc, ready, stopped))
+        watcher.start()
+        watcher.join(60)
+        if stopped.is_set():
+            # stopped: whatever the target lists is whole
+            r = run(tgt, capsys, "verify")
+            assert r.code == 0, r.out + r.err
+            os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.wait()
+        proc.communicate()
+        r = run(tgt, capsys, "verify")
+        assert r.code == 0, r.out + r.err
+    assert killed >= 5, killed
+    before = chunk_files(trepo)
+    # the last run, in this process, counting what it reads from the source
+    CountingStore.reads = 0
+    with copy.open_target(tgt) as target, _source_catalog(c) as source_catalog:
+        report = copy.copy_backups(CountingStore.open(c.tmp / "repo"),
+                                   copy.select(source_catalog), target, workers=2)
+    assert report.sent == total - len(before)   # nothing that was there is re-sent...
+    assert CountingStore.reads == report.sent   # ... or even read
+    assert {b.outcome for b in report.backups} <= {"copied", "present", "registered"}
+    assert len(listed(tgt, capsys)) == 4
+    r = run(tgt, capsys, "verify", "--read-data")
+    assert r.code == 0, r.out + r.err
+    assert exports(tgt, capsys, c.tmp) == exports(c.config, capsys, c.tmp)
+
+
+def test_a_manifest_without_its_catalog_entry_is_registered_on_the_rerun(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str], two_vms: dict[str, Any]) -> None:
+    """Killed between the manifest and the catalog entry (simulated: the
+    entry forgotten by hand, the manifest put back), the rerun enters the
+    copy in the catalog without sending a chunk."""
+    from agent.catalog import Catalog
+    c = cloud
+    tgt = target_config(c)
+    copy_json(c.config, capsys, tgt, str(two_vms["a1"]))
+    (entry,) = listed(tgt, capsys)
+    tcat = c.tmp / "target" / "catalog.sqlite"
+    with Catalog.open(tcat, create=False) as catalog:
+        name = catalog.manifest_of(entry["backup_id"])
+        catalog.forget_backup(entry["backup_id"])
+    assert name is not None and listed(tgt, capsys) == []
+    doc = copy_json(c.config, capsys, tgt, str(two_vms["a1"]))
+    assert [b["outcome"] for b in doc["backups"]] == ["registered"]
+    assert doc["chunks_sent"] == 0
+    (again,) = listed(tgt, capsys)
+    # under the id reserved for it (recorded in its manifest)
+    assert (again["started"], again["backup_id"]) == (entry["started"], entry["backup_id"])
+    assert run(tgt, capsys, "verify", "--read-data").code == 0
+
+
+# -- beside a prune on the target -------------------------------------------------------
+
+
+class PruningStore(LocalStore):
+    """The target store, with a prune of the same repository run (as another
+    process would) just after the copy's first flush: after it checked which
+    chunks the target has, before it writes the manifest."""
+
+    pruned: list[int] = []
+
+    def flush(self) -> None:
+        super().flush()
+        if not self.pruned:
+            self.pruned.append(prune(LocalStore.open(self.path)).deleted)
+
+
+def test_a_copy_beside_a_prune_on_the_target_never_references_a_deleted_chunk(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str], two_vms: dict[str, Any]) -> None:
+    """The target holds a backup's chunks, unreferenced (its copy was
+    forgotten there) and old: a prune takes them. A copy of the same backup
+    finds them present, then the prune runs; the copy's touch before the
+    manifest finds them gone and writes them again."""
+    c = cloud
+    tgt = target_config(c)
+    trepo = c.tmp / "target" / "repo"
+    copy_json(c.config, capsys, tgt, str(two_vms["b1"]))
+    (entry,) = listed(tgt, capsys)
+    assert run(tgt, capsys, "forget", str(entry["backup_id"])).code == 0
+    old = time.time() - 3600
+    for f in (trepo / "chunks").glob("*/*"):
+        os.utime(f, (old, old))
+    with copy.open_target(tgt) as target:
+        store = PruningStore.open(trepo)
+        wanted = [w for w in copy.select(_source_catalog(c)) if w.backup_id == two_vms["b1"]]
+        report = copy.copy_backups(LocalStore.open(c.tmp / "repo"), wanted,
+                                   replace(target, store=store), workers=2)
+    assert PruningStore.pruned == [10]       # the prune took all 10 chunks...
+    assert [b.outcome for b in report.backups] == ["copied"]
+    assert report.sent == 10                 # ... and the copy wrote them again
+    r = run(tgt, capsys, "verify", "--read-data")
+    assert r.code == 0, r.out + r.err
+    assert exports(tgt, capsys, c.tmp) == {
+        k: v for k, v in exports(c.config, capsys, c.tmp).items() if k[0] == two_vms["b"]
+        and k[1] == entry["started"]}
+
+
+def _source_catalog(c: Cloud) -> Any:
+    from agent.catalog import Catalog
+    return Catalog.open(c.tmp / "catalog.sqlite", create=False)
+
+
+# -- a target whose chunk ids differ ---------------------------------------------------
+
+
+class KeyedCodec(Codec):
+    """Chunk ids keyed as an encrypted repository keys them: HMAC-SHA256."""
+
+    KEY = b"test key of the target repository"
+
+    def chunk_id(self, data: Data) -> bytes:
+        return hmac.new(self.KEY, data, hashlib.sha256).digest()
+
+
+class CountingStore(LocalStore):
+    reads = 0
+
+    def get(self, chunk_id: bytes) -> bytes:
+        CountingStore.reads += 1
+        return super().get(chunk_id)
+
+
+def test_a_target_with_keyed_chunk_ids_gets_translated_manifests(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str], two_vms: dict[str, Any]) -> None:
+    c = cloud
+    tgt = target_config(c)
+    trepo = c.tmp / "target" / "repo"
+    source_catalog = _source_catalog(c)
+    source = CountingStore.open(c.tmp / "repo")
+    plain = LocalStore.open(trepo)
+    keyed = LocalStore(trepo, plain.id, 3, codec=KeyedCodec())
+    with copy.open_target(tgt) as t:
+        target = replace(t, store=keyed)
+        report = copy.copy_backups(source, copy.select(source_catalog, vm_ids=[two_vms["a"]]),
+                                   target, workers=2)
+        assert report.translated and [b.outcome for b in report.backups] == ["copied"] * 2
+        assert report.sent == 14
+        # ids are the target's: every chunk file is named by its keyed id
+        source_ids = chunk_files(c.tmp / "repo")
+        target_ids = chunk_files(trepo)
+        assert len(target_ids) == 14 and not target_ids & source_ids
+        for name in target_ids:
+            keyed.get(bytes.fromhex(name))     # decodes and matches its keyed id
+        # the copies export byte for byte from the keyed store
+        for b in target.catalog.list_backups():
+            out = c.tmp / f"k-{b.id}.raw"
+            export_disk(b.id, 0, out, catalog=target.catalog, store=keyed, workers=2)
+            digest = hashlib.sha256(out.read_bytes()).hexdigest()
+            ((_, want),) = [(k, v) for k, v in exports(c.config, capsys, c.tmp).items()
+                            if k[0] == two_vms["a"] and k[1] == b.started]
+            assert digest == want
+
+        # The next backup of VM a: the ids of its unchanged blocks are read
+        # off the previous copy, so only the changed chunk is read and sent.
+        write_blocks(c.disk_path(two_vms["a"], 0), [5], seed=77)
+        third = backup(c, capsys, two_vms["a"])
+        CountingStore.reads = 0
+        report = copy.copy_backups(source, copy.select(source_catalog, [third["backup_id"]]),
+                                   target, workers=2)
+        assert [b.outcome for b in report.backups] == ["copied"]
+        assert report.sent == 1 and CountingStore.reads == 1
+    source_catalog.close()
+
+
+# -- the agent -----------------------------------------------------------------------
+
+
+def test_the_agent_copies_every_new_backup_and_status_shows_the_lag(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str],
+        agent: Callable[..., AgentProcess]) -> None:
+    c = cloud
+    tgt = target_config(c)
+    trepo = c.tmp / "target" / "repo"
+    vm = c.vm("ag", [c.image("ag0", pattern(4 * BLOCK, 31))])
+    a = agent(reconcile=60, extra=f'[copy]\nto = "{tgt}"\n')
+    c.one.vm.update(vm, 'ONEBACK="yes"', 1)
+    wait_backups(c, vm, 1)
+    a.wait_event("copy.done", timeout=30)
+    status = wait_until(lambda: (d := c.call("status", "--json").json())["copy"]["pending"]
+                        == 0 and d, 15, 0.2)
+    assert status["copy"]["target"] == str(tgt) and status["copy"]["last_error"] is None
+    assert [b["vm_id"] for b in listed(tgt, capsys)] == [vm]
+
+    # The target is unreachable (its filesystem unmounted): the copy of the
+    # next backup (made by hand: level-triggered, no event needed) fails,
+    # and status shows the lag and why.
+    trepo.rename(c.tmp / "target" / "repo.away")
+    trepo.mkdir()
+    write_blocks(c.disk_path(vm, 0), [2], seed=5)
+    r = c.call("backup", str(vm), "--json")
+    assert r.code == 0, r.err
+    a.wait_event("copy.failed", timeout=30)
+    status = wait_until(lambda: (d := c.call("status", "--json").json())["copy"]["last_error"]
+                        and d, 15, 0.2)
+    assert status["copy"]["pending"] == 1 and status["copy"]["oldest_age"] >= 0
+    assert "no oneback repository" in status["copy"]["last_error"]
+    text = c.call("status")
+    assert "lag 1 backup(s)" in text.out and "last copy failed" in text.out, text.out
+
+    # Mounted again: the next pass catches up.
+    trepo.rmdir()
+    (c.tmp / "target" / "repo.away").rename(trepo)
+    wait_until(lambda: c.call("status", "--json").json()["copy"]["pending"] == 0, 30, 0.3)
+    assert c.call("status", "--json").json()["copy"]["last_error"] is None
+    assert len(listed(tgt, capsys)) == 2
+    assert run(tgt, capsys, "verify", "--read-data").code == 0
