@@ -496,3 +496,26 @@ def test_the_agent_copies_every_new_backup_and_status_shows_the_lag(
     assert c.call("status", "--json").json()["copy"]["last_error"] is None
     assert len(listed(tgt, capsys)) == 2
     assert run(tgt, capsys, "verify", "--read-data").code == 0
+
+
+def test_copy_section_errors_are_one_line_naming_the_key(
+        cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    base = cloud.config.read_text()
+    for extra, words in (('[copy]\nto = "x.toml"\nspeed = 3\n', "unknown key copy.speed"),
+                         ("[copy]\ninterval = 60\n", "missing key copy.to"),
+                         ('[copy]\nto = "x.toml"\ninterval = 0\n', "copy.interval"),
+                         ('[copy]\nto = "x.toml"\nlock_days = 0\n', "copy.lock_days"),
+                         (f'[copy]\nto = "{cloud.config}"\n', "this configuration file")):
+        cloud.config.write_text(base + extra)
+        r = cloud.run("status", capsys=capsys)
+        assert r.code == 3 and r.err.count("\n") == 1, (extra, r)
+        assert words in r.err and str(cloud.config) in r.err, (extra, r.err)
+    # a relative `to` is the configuration's directory's; status shows the lag
+    tgt = target_config(cloud)
+    cloud.config.write_text(base + '[copy]\nto = "target/oneback.toml"\n')
+    backup(cloud, capsys, cloud.vm("l", [cloud.image("l0", pattern(2 * BLOCK, 3))]))
+    doc = cloud.run("status", "--json", capsys=capsys).json()["copy"]
+    assert (doc["target"], doc["pending"], doc["last_error"]) == (str(tgt), 1, None)
+    assert doc["oldest_age"] >= 0
+    copy_json(cloud.config, capsys, tgt, "--all")
+    assert cloud.run("status", "--json", capsys=capsys).json()["copy"]["pending"] == 0
