@@ -4,8 +4,10 @@ repository directories and SQLite catalogs."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import json
 import os
 import signal
 import subprocess
@@ -266,6 +268,17 @@ def _stop_when(proc: subprocess.Popen[str], ready: Callable[[], bool],
         time.sleep(0.0005)
 
 
+def _every_manifest_whole(repo: Path) -> None:
+    from agent import manifest as mf
+    store = LocalStore(repo, "-", 3)   # reads only: no open-time tidying
+    present = chunk_files(repo)
+    for name in store.manifests():
+        m = mf.decode(store.get_manifest(name), name)
+        for dm in m.maps.values():
+            for r in dm.records():
+                assert r.chunk is None or r.chunk.hex() in present, (name, r)
+
+
 def test_killed_at_many_points_then_resumed_the_target_is_always_whole(
         cloud: Cloud, capsys: pytest.CaptureFixture[str], two_vms: dict[str, Any]) -> None:
     """kill -9 after N chunk files, and just after a manifest appears: while
@@ -276,15 +289,25 @@ def test_killed_at_many_points_then_resumed_the_target_is_always_whole(
     tgt = target_config(c)
     trepo = c.tmp / "target" / "repo"
     manifests = trepo / "manifests"
-    command = [*c.command("copy", "--to", str(tgt), "--all", "--workers", "1", "--json")]
+    command = c.command("copy", "--to", str(tgt), "--all", "--workers", "1", "--json")
     total = len(chunk_files(c.tmp / "repo"))
-    killed = 0
-    points: list[Callable[[], bool]] = []
-    for n in (1, 5, 11, 14, 20, 24, 27):
-        points.append(lambda n=n: len(chunk_files(trepo)) >= n)       # type: ignore[misc]
-    for k in (1, 2, 3):
-        points.append(lambda k=k: sum(1 for _ in manifests.rglob("*Z-*")) >= k)  # type: ignore[misc]
-    for ready in points:
+    assert total == 26
+    kills = {"chunks": 0, "manifest": 0}
+    outcomes: list[str] = []
+
+    def manifest_count() -> int:
+        return sum(1 for _ in manifests.rglob("*Z-*"))
+
+    # Each run is stopped (SIGSTOP) the moment it has written 1, 2 or 3 more
+    # chunk files, or one more manifest, than the target held when it began;
+    # checked while stopped, then killed. Nine times (or until a run
+    # finishes by itself); then the last run resumes.
+    plan = [("chunks", 1), ("manifest", 1), ("chunks", 2), ("manifest", 1), ("chunks", 3)]
+    for attempt in range(9):
+        kind, step = plan[attempt % len(plan)]
+        base = len(chunk_files(trepo)) if kind == "chunks" else manifest_count()
+        count = (lambda: len(chunk_files(trepo))) if kind == "chunks" else manifest_count
+        ready = functools.partial(lambda f, n: f() >= n, count, base + step)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=REPO)
         stopped = threading.Event()
@@ -292,16 +315,21 @@ def test_killed_at_many_points_then_resumed_the_target_is_always_whole(
         watcher.start()
         watcher.join(60)
         if stopped.is_set():
-            # stopped: whatever the target lists is whole
-            r = run(tgt, capsys, "verify")
-            assert r.code == 0, r.out + r.err
+            # stopped mid-copy (perhaps inside a catalog transaction): every
+            # manifest the target holds has all its chunks (the catalog lists
+            # only backups whose manifest is there: `verify` below)
+            _every_manifest_whole(trepo)
             os.kill(proc.pid, signal.SIGKILL)
-            killed += 1
-        proc.wait()
-        proc.communicate()
+            kills[kind] += 1
+        out, err = proc.communicate()
+        if not stopped.is_set():
+            assert proc.returncode == 0, err
+            outcomes += [b["outcome"] for b in json.loads(out)["backups"]]
+            break
         r = run(tgt, capsys, "verify")
         assert r.code == 0, r.out + r.err
-    assert killed >= 5, killed
+    assert kills["chunks"] >= 3 and kills["manifest"] >= 1, kills
+    assert set(outcomes) <= {"copied", "present", "registered"}
     before = chunk_files(trepo)
     # the last run, in this process, counting what it reads from the source
     CountingStore.reads = 0
