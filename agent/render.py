@@ -245,13 +245,15 @@ def copied_line(c: Copied) -> str:
     if c.outcome == "failed":
         return f"{head}: FAILED: {c.error}"
     if c.outcome == "present":
-        return f"{head}: already in the target (backup {c.target_backup_id})"
+        return f"{head}: already in the target (target backup {c.target_backup_id})"
     if c.outcome == "gone":
         return f"{head}: forgotten in the source meanwhile; skipped"
     if c.outcome == "registered":
-        return f"{head}: its copy was complete; entered as backup {c.target_backup_id}"
-    return (f"{head} -> backup {c.target_backup_id}: {c.sent} of {c.chunks} chunk(s) sent"
-            f" ({human_bytes(c.bytes_sent)}), the rest already there")
+        return (f"{head}: its copy was complete (an earlier run was stopped); entered as"
+                f" target backup {c.target_backup_id}")
+    there = f", {c.chunks - c.sent} already there" if c.sent < c.chunks else ""
+    return (f"{head} -> target backup {c.target_backup_id}: {c.sent} of {c.chunks} chunk(s)"
+            f" sent ({human_bytes(c.bytes_sent)}){there}")
 
 
 def copy_json(r: CopyReport) -> dict[str, Any]:
