@@ -262,6 +262,10 @@ def _copy_one(source: Repository, w: Wanted, target: Target, result: Copied, *,
     name = w.manifest
     try:
         with vm_lock(target.cfg.storage.catalog, w.vm_id):
+            done = target.catalog.manifest_names().get(name)
+            if done is not None:   # another copier was quicker
+                result.target_backup_id = done
+                return
             try:
                 held = target.store.get_manifest(name)
             except NotFound:
