@@ -17,6 +17,7 @@ import click
 # Registering the commands: each module adds its commands to the `cli` group.
 # One line per module, so that adding a command module touches one line.
 import agent.commands.backups  # noqa: F401
+import agent.commands.copy  # noqa: F401
 import agent.commands.doctor  # noqa: F401
 import agent.commands.key  # noqa: F401
 import agent.commands.mount  # noqa: F401

@@ -194,6 +194,13 @@ class VerifyConfig:
 
 
 @dataclass(frozen=True)
+class CopyConfig:
+    to: Path                       # the target's configuration file (its [storage])
+    interval: float | None = None  # seconds between two copy passes; None: after every backup
+    lock_days: int | None = None   # Object Lock retention of what is copied (S3 targets)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     opennebula: OpenNebulaConfig
@@ -204,6 +211,7 @@ class Config:
     verify: VerifyConfig = VerifyConfig()
     retention: KeepPolicy = KeepPolicy()   # [retention]: the default of every VM
                                            # without ONEBACK_KEEP (empty: keep all)
+    copy: CopyConfig | None = None         # [copy]: copy every new backup to another repository
 
 
 def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -311,7 +319,7 @@ _REQUIRED = object()
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document (see `load`)."""
     unknown = sorted(set(data) - {"opennebula", "proxy", "storage", "agent", "backup",
-                                  "verify", "retention"})
+                                  "verify", "retention", "copy"})
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
 
@@ -433,7 +441,26 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     rt.check_known({f"keep_{r}" for r in RULES})
     retention = KeepPolicy(**{r: rt.integer(f"keep_{r}", 0, minimum=0) for r in RULES})
     return Config(source=path, opennebula=opennebula, proxy=proxy, storage=storage,
-                  agent=agent, backup=backup, verify=verify, retention=retention)
+                  agent=agent, backup=backup, verify=verify, retention=retention,
+                  copy=_copy(data, path))
+
+
+def _copy(data: Mapping[str, Any], path: Path) -> CopyConfig | None:
+    """[copy]: `to` (the target's configuration file), optional `interval`
+    (seconds; absent: after every backup) and `lock_days` (S3 Object Lock)."""
+    if "copy" not in data:
+        return None
+    cp = _Section(data, "copy", path)
+    cp.check_known({"to", "interval", "lock_days"})
+    to = cp.path_("to")
+    if not to.is_absolute():
+        to = path.parent / to
+    if to.resolve() == path.resolve():
+        raise ConfigError(f"{path}: copy.to names this configuration file itself; it must be"
+                          " the configuration of another repository (its [storage])")
+    interval = cp.number("interval", 0.0) if "interval" in cp.data else None
+    lock_days = cp.integer("lock_days", 1) if "lock_days" in cp.data else None
+    return CopyConfig(to=to, interval=interval, lock_days=lock_days)
 
 
 def _metrics_listen(raw: Any, path: Path) -> tuple[str, int] | None:

@@ -43,6 +43,7 @@ from agent.catalog import Catalog
 from agent.cloud import Cloud
 from agent.config import Config
 from agent.control import ControlServer, Verifier
+from agent.copier import start_copier
 from agent.errors import (
     CloudError,
     DeviceError,
@@ -184,6 +185,7 @@ class Agent:
         workers = [self._start_worker(i) for i in range(self.cfg.agent.max_jobs)]
         verify_stop = threading.Event()
         verifier = self._start_verifier(verify_stop)
+        copier = start_copier(self.cfg, self.store, self.catalog, verify_stop)  # [copy]
         self.wakeups.add(events_mod.everything("start"))
         next_reconcile = time.monotonic() + self.cfg.agent.reconcile_interval
         next_sync = time.monotonic()
@@ -214,8 +216,9 @@ class Agent:
                 self.control.close()
             self.shutdown(workers)
             verify_stop.set()   # a step in progress stops between two chunks
-            if verifier is not None:
-                verifier.join(self.cfg.agent.shutdown_grace)
+            for t in (verifier, copier):
+                if t is not None:
+                    t.join(self.cfg.agent.shutdown_grace)
 
     def _event(self, topic: bytes, body: bytes) -> None:
         try:

@@ -16,6 +16,7 @@ import click
 from agent.model import Backoff, BackupRecord, Damage, Job, VerifyProgress
 
 if TYPE_CHECKING:  # types only: the CLI's offline commands must not import the engine
+    from agent.copy import Copied, CopyReport, Lag
     from agent.prune import PruneReport
     from agent.repository import ForgetPlan, InitResult, RebuildReport
     from agent.restore import DiskRestoreResult, RestoreResult
@@ -236,3 +237,50 @@ def forget_json(plan: ForgetPlan, forgotten: list[int], dry_run: bool) -> dict[s
 
 def prune_json(r: PruneReport) -> dict[str, Any]:
     return asdict(r)
+
+
+def copied_line(c: Copied) -> str:
+    """One backup of a `oneback copy`, for people."""
+    head = f"backup {c.backup_id} (VM {c.vm_id})"
+    if c.outcome == "failed":
+        return f"{head}: FAILED: {c.error}"
+    if c.outcome == "present":
+        return f"{head}: already in the target (target backup {c.target_backup_id})"
+    if c.outcome == "gone":
+        return f"{head}: forgotten in the source meanwhile; skipped"
+    if c.outcome == "registered":
+        return (f"{head}: its copy was complete (an earlier run was stopped); entered as"
+                f" target backup {c.target_backup_id}")
+    there = f", {c.chunks - c.sent} already there" if c.sent < c.chunks else ""
+    return (f"{head} -> target backup {c.target_backup_id}: {c.sent} of {c.chunks} chunk(s)"
+            f" sent ({human_bytes(c.bytes_sent)}){there}")
+
+
+def copy_json(r: CopyReport) -> dict[str, Any]:
+    return {"target": r.target, "repository": r.repository, "translated": r.translated,
+            "seconds": round(r.seconds, 3), "chunks_sent": r.sent, "bytes_sent": r.bytes_sent,
+            "failed": len(r.failed), "backups": [asdict(c) for c in r.backups]}
+
+
+def lag_json(lag: Lag, error: str | None, now: float) -> dict[str, Any]:
+    """`oneback status --json`'s "copy": the target, how many backups it
+    lacks, the age of the oldest of them, and the last copy error."""
+    return {"target": lag.target, "pending": lag.pending, "oldest_finished": lag.oldest,
+            "oldest_age": None if lag.oldest is None else round(max(0.0, now - lag.oldest), 3),
+            "target_error": lag.error, "last_error": error}
+
+
+def lag_lines(lag: Lag, error: str | None, now: float) -> list[str]:
+    """`oneback status`'s lines on the copies."""
+    if not lag.pending:
+        head = f"copy to {lag.target}: up to date (lag 0)"
+    else:
+        age = int(max(0.0, now - (lag.oldest or now)))
+        head = (f"copy to {lag.target}: lag {lag.pending} backup(s), the oldest finished"
+                f" {age}s ago")
+    lines = [head]
+    if lag.error:
+        lines.append(f"  target unreadable: {lag.error}")
+    if error:
+        lines.append(f"  last copy failed: {error}")
+    return lines

@@ -27,6 +27,8 @@ from agent.render import (
     backoff_json,
     emit_json,
     job_json,
+    lag_json,
+    lag_lines,
     verify_progress_json,
     verify_progress_lines,
 )
@@ -70,6 +72,12 @@ def status(config_file: str | None, as_json: bool) -> None:
         unserved = rt.catalog.not_served()
         checks = [p for p in (rt.catalog.verify_progress("background"),
                               rt.catalog.verify_progress("command")) if p is not None]
+        copy_lag, copy_error = None, None
+        if rt.cfg.copy is not None:   # [copy]: how far the target is behind
+            from agent import copy
+            copy_lag = copy.lag(rt.catalog, rt.cfg.copy.to)
+            copy_error = next((b.error for b in failing if b.key == copy.BACKOFF_KEY), None)
+    now = time.time()
     if as_json:
         emit_json({"queued": [job_json(j) for j in queued],
                    "running": [job_json(j) for j in running],
@@ -77,7 +85,8 @@ def status(config_file: str | None, as_json: bool) -> None:
                    "failing": [backoff_json(b) for b in failing],
                    "not_served": [{"vm_id": n.vm_id, "status": f"not served here ({n.reason})",
                                    "reason": n.reason, "since": n.since} for n in unserved],
-                   "verify": {p.key: verify_progress_json(p) for p in checks}})
+                   "verify": {p.key: verify_progress_json(p) for p in checks},
+                   "copy": None if copy_lag is None else lag_json(copy_lag, copy_error, now)})
         return
     for title, jobs in (("running", running), ("queued", queued), ("recent", recent)):
         click.echo(f"{title}: {len(jobs)}")
@@ -86,7 +95,6 @@ def status(config_file: str | None, as_json: bool) -> None:
             click.echo(f"  job {j.id}: VM {j.vm_id} {j.kind} {j.state}"
                        f" (attempt {j.attempts}) {what}")
     click.echo(f"failing (backing off): {len(failing)}")
-    now = time.time()
     for b in failing:
         vm = f"VM {b.vm_id} " if b.vm_id is not None else ""
         wait = max(0, int(b.next_try - now))
@@ -97,6 +105,9 @@ def status(config_file: str | None, as_json: bool) -> None:
         click.echo(f"  VM {n.vm_id}: not served here ({n.reason})")
     for p in checks:
         for line in verify_progress_lines(p):
+            click.echo(line)
+    if copy_lag is not None:
+        for line in lag_lines(copy_lag, copy_error, now):
             click.echo(line)
 
 
