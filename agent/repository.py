@@ -1,8 +1,10 @@
 """The repository as a whole: creating it, binding a catalog to it, and
 rebuilding a catalog from its manifests.
 
-Owns: `init` (create a repository and its catalog, or join an existing
-repository with a new catalog), `open_checked` (every other command's
+Owns: `open_store`/`init_store` (the one place that opens either backend,
+a directory or an S3 bucket, from `[storage]`), `init` (create a repository
+and its catalog, or join an existing repository with a new catalog),
+`open_checked` (every other command's
 check that the repository is there and is the catalog's own: an unmounted
 directory is refused, never replaced), and `rebuild` (a new catalog from the
 repository's manifests alone: the same backup ids, VMs, disks, documents and
@@ -16,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import manifest as mf
 from agent import retention
@@ -23,15 +26,76 @@ from agent.catalog import Catalog
 from agent.errors import IntegrityError, OnebackError, RepositoryError
 from agent.lease import is_alive, owners_dir
 from agent.manifest import DiskMap
-from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, block_count
+from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, S3Location, block_count
 from agent.retention import Decision, KeepPolicy
-from agent.store import Repository
+from agent.store import Backend, Codec, Locking, Maintainable, Repository
 from agent.store.local import LocalStore, fsync_dir
+
+if TYPE_CHECKING:
+    from agent.config import StorageConfig
+    from agent.store.s3 import S3Settings
+
+def _location(where: Path | StorageConfig) -> Path | S3Location:
+    return where if isinstance(where, Path) else where.repository
+
+
+def _s3_settings(storage: StorageConfig, lock_days: int | None) -> S3Settings:
+    from agent.store.s3 import S3Settings  # boto3 only for an S3 repository
+    s3 = storage.s3
+    if s3 is None:
+        raise RepositoryError(f"storage.repository is {storage.repository} but there is no"
+                              " [storage.s3] section; add one (see the README, \"S3\")")
+    access, secret = s3.read_credentials()
+    return S3Settings(
+        endpoint_url=s3.endpoint_url, region=s3.region, access_key=access, secret_key=secret,
+        addressing_style=s3.addressing_style,
+        lock_days=s3.lock_days if lock_days is None else lock_days, lock_mode=s3.lock_mode,
+        connections=max(storage.workers, storage.read_depth) + 4, hold=s3.prune_hold)
+
+
+def open_store(where: Path | StorageConfig, *, lock_days: int | None = None,
+               codec: Codec | None = None) -> Backend:
+    """Open the existing repository `where` names (never creates one):
+    RepositoryError, one line naming it and the fix, when it is missing,
+    unreachable or not a repository. `lock_days` overrides
+    `storage.s3.lock_days` (a copy's `--lock-days`)."""
+    location = _location(where)
+    if isinstance(location, Path):
+        return LocalStore.open(location)
+    from agent.store.s3 import S3Store
+    assert not isinstance(where, Path)
+    return S3Store.open(location, _s3_settings(where, lock_days), codec=codec)
+
+
+def init_store(where: Path | StorageConfig, *, lock_days: int | None = None) -> Backend:
+    """Create a new repository where `where` names (an empty directory or
+    prefix); RepositoryError if one is there, or anything else is."""
+    location = _location(where)
+    if isinstance(location, Path):
+        return LocalStore.init(location)
+    from agent.store.s3 import S3Store
+    assert not isinstance(where, Path)
+    return S3Store.init(location, _s3_settings(where, lock_days))
+
+
+def has_repository(where: Path | StorageConfig) -> bool:
+    """True if a repository is there (its config exists). RepositoryError
+    when an S3 bucket cannot be reached or read."""
+    location = _location(where)
+    if isinstance(location, Path):
+        return (location / "config").exists()
+    try:
+        open_store(where)
+    except RepositoryError as e:
+        if e.message.startswith("no oneback repository at"):
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True)
 class InitResult:
-    repository: Path
+    repository: Path | S3Location
     repository_id: str
     catalog: Path
     created_repository: bool      # False: joined an existing repository
@@ -39,11 +103,12 @@ class InitResult:
     backfilled: int = 0           # manifests written for an older catalog's backups
 
 
-def init(repository: Path, catalog_path: Path) -> InitResult:
-    """Create the repository at `repository` (or join the one there) and bind
+def init(where: Path | StorageConfig, catalog_path: Path) -> InitResult:
+    """Create the repository `where` names (or join the one there) and bind
     the catalog at `catalog_path` to it (creating it). RepositoryError, with
     nothing changed, if the catalog already belongs to a repository, or holds
     backups while the repository is new."""
+    repository = _location(where)
     existing: Catalog | None = None
     if catalog_path.exists():
         existing = Catalog.open(catalog_path)
@@ -57,13 +122,13 @@ def init(repository: Path, catalog_path: Path) -> InitResult:
                 f"catalog {catalog_path} is already initialised (repository {bound}); "
                 "nothing to do, or choose another storage.catalog"
             )
-        if count and not (repository / "config").exists():
+        if count and not has_repository(where):
             raise RepositoryError(
                 f"catalog {catalog_path} holds {count} backups but there is no repository "
                 f"at {repository}; mount the repository there, or fix storage.repository"
             )
-    joined = (repository / "config").exists()
-    store = LocalStore.open(repository) if joined else LocalStore.init(repository)
+    joined = has_repository(where)
+    store = open_store(where) if joined else init_store(where)
     manifests = sum(1 for _ in store.manifests()) if joined else 0
     with Catalog.open(catalog_path) as catalog:
         backfilled = backfill(catalog, store)
@@ -109,7 +174,7 @@ def _backfill(catalog: Catalog, store: Repository) -> int:
             image_documents=catalog.image_documents(backup_id), disks=record.disks,
             warnings=record.warnings, maps=maps)
         name = mf.new_name(record.vm_id, record.started)
-        if isinstance(store, LocalStore):
+        if isinstance(store, Maintainable):
             for dmap in maps.values():
                 last = hole
                 for i in range(dmap.count):
@@ -123,14 +188,17 @@ def _backfill(catalog: Catalog, store: Repository) -> int:
     return done
 
 
-def open_checked(repository: Path, catalog_path: Path) -> tuple[Catalog, LocalStore]:
+def open_checked(where: Path | StorageConfig, catalog_path: Path, *,
+                 lock_days: int | None = None) -> tuple[Catalog, Backend]:
     """The catalog and its repository, after checking they belong together.
     RepositoryError (one line naming the path and the fix) when either is
     missing, the repository is empty (not mounted?), or is not the catalog's."""
+    repository = _location(where)
     catalog = Catalog.open(catalog_path, create=False)
     try:
         bound = catalog.repository_id()
-        if bound is not None and not (repository / "config").exists():
+        if (bound is not None and isinstance(repository, Path)
+                and not (repository / "config").exists()):
             try:
                 LocalStore.open(repository)   # says why: missing, empty, not a repository
             except RepositoryError as e:
@@ -139,7 +207,7 @@ def open_checked(repository: Path, catalog_path: Path) -> tuple[Catalog, LocalSt
                     f"{bound}: mount it at {repository} (or fix storage.repository); if it "
                     "is lost, move the catalog away and run `oneback init`"
                 ) from e
-        store = LocalStore.open(repository)
+        store = open_store(where, lock_days=lock_days)
         if bound is None:
             raise RepositoryError(
                 f"catalog {catalog_path} records no repository (made by an older oneback); "
@@ -349,17 +417,27 @@ def plan_forget(catalog: Catalog, policy: KeepPolicy, vm_ids: list[int] | None =
     return ForgetPlan(tuple(decisions))
 
 
-def forget(catalog: Catalog, store: Repository, backup_ids: list[int]) -> list[int]:
+def forget(catalog: Catalog, store: Repository, backup_ids: list[int], *,
+           locked: list[tuple[int, float]] | None = None) -> list[int]:
     """Forget each backup: first from the catalog (one transaction, which
     keeps every other backup's map whole), then its manifest from the
     repository, so a crash between the two leaves a manifest (its chunks
     stay until a later forget or a rebuild), never a catalog backup whose
     chunks a prune may take. Chunks are freed by `oneback prune`. Returns
     the ids forgotten; NotFound for an unknown id (the earlier ones stay
-    forgotten)."""
+    forgotten). A backup whose manifest is under Object Lock is not
+    forgotten (its manifest cannot be deleted before its retention date):
+    it is appended to `locked` as (id, date) and stays in the catalog."""
     done = []
     own = catalog.catalog_id
     for backup_id in backup_ids:
+        if isinstance(store, Locking):
+            name = catalog.manifest_of(backup_id)
+            until = store.manifest_locked_until(name) if name else None
+            if until is not None:
+                if locked is not None:
+                    locked.append((backup_id, until))
+                continue
         manifest = catalog.forget_backup(backup_id)
         if manifest is not None and _written_by(store, manifest) == own:
             store.delete_manifest(manifest)

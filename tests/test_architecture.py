@@ -15,6 +15,8 @@ BOUNDARIES = {
     "zmq": {"subscriber.py"},
     "sqlite3": {"catalog.py"},
     "sqlite_utils": {"catalog.py"},
+    "boto3": {"s3.py"},
+    "botocore": {"s3.py"},
 }
 
 
