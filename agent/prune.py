@@ -20,7 +20,8 @@ waits for. Safety, in short (README, "Prune"):
   locally renamed into trash/ and, unless its mtime moved to `cutoff` or
   later meanwhile (touched just before the rename), deleted. A touch
   after the rename fails, and the backup writes the chunk again (`put`)
-  or fails its commit (the touch before the manifest): it never commits a reference to a deleted chunk.
+  or fails its commit (the touch before the manifest): it never commits
+  a reference to a deleted chunk.
 - A manifest committed after the mark belongs to a backup that was running
   when prune read the markers (its chunks are newer than `cutoff`) or
   started after (newer than `p0`). With no backup running, everything
