@@ -33,6 +33,7 @@ what a backup still needs. Must not: know about backups or the catalog.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -97,18 +98,31 @@ class S3Settings:
                 f" lock_days={self.lock_days})")
 
 
-def _client(settings: S3Settings) -> S3Client:
-    """A client that uses exactly these settings: no ~/.aws files, no
-    AWS_* environment (a botocore session with its config files pointed at
-    /dev/null and every setting we use given explicitly)."""
-    import botocore.session
+_session: boto3.Session | None = None
+_session_lock = threading.Lock()
 
-    session = botocore.session.Session()
-    session.set_config_variable("config_file", "/dev/null")
-    session.set_config_variable("credentials_file", "/dev/null")
-    session.set_config_variable("profile", "default")
-    session.set_config_variable("region", settings.region)
-    session.set_config_variable("ignore_configured_endpoint_urls", True)
+
+def _boto_session() -> boto3.Session:
+    """One session per process (it caches the S3 service model: a client is
+    made in milliseconds, not the ~0.2 s of loading it) that reads no
+    ~/.aws files and no AWS_* environment: its config files point at
+    /dev/null, no profile, every setting we use is given explicitly."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            import botocore.session
+
+            # no AWS_PROFILE: (config name, env var, default, conversion)
+            core = botocore.session.Session(session_vars={"profile": (None, None, None, None)})
+            core.set_config_variable("config_file", "/dev/null")
+            core.set_config_variable("credentials_file", "/dev/null")
+            core.set_config_variable("ignore_configured_endpoint_urls", True)
+            _session = boto3.Session(botocore_session=core)
+        return _session
+
+
+def _client(settings: S3Settings) -> S3Client:
+    """A client that uses exactly these settings and keys."""
     config = BotoConfig(
         region_name=settings.region,
         retries={"max_attempts": 5, "mode": "standard"},
@@ -116,7 +130,7 @@ def _client(settings: S3Settings) -> S3Client:
         connect_timeout=10, read_timeout=60,
         s3={"addressing_style": settings.addressing_style},  # type: ignore[arg-type]
     )
-    client: S3Client = boto3.Session(botocore_session=session).client(
+    client: S3Client = _boto_session().client(
         "s3", endpoint_url=settings.endpoint_url, aws_access_key_id=settings.access_key,
         aws_secret_access_key=settings.secret_key, config=config)
     return client
