@@ -267,9 +267,10 @@ class S3RepoView(RepoView):
 def storage_lines(kind: str, tmp: Path, prefix: str = "repo", lock: bool = False,
                   extra_s3: str = "") -> tuple[str, str, RepoView]:
     """(the storage.repository value, a [storage.s3] table or "", a view)
-    for a new repository of `kind` under `tmp`."""
+    for a new repository of `kind` under `tmp`: local, s3, or s3-lock (a
+    bucket with Object Lock)."""
     if kind == "local":
         return str(tmp / prefix), "", RepoView(tmp / prefix)
-    bucket = server().bucket(lock=lock)
+    bucket = server().bucket(lock=lock or kind == "s3-lock")
     repository, table = s3_section(tmp, bucket, prefix, extra_s3)
     return repository, table, S3RepoView(bucket, prefix)

@@ -362,15 +362,16 @@ class S3Store:
         return locked
 
     def _retention(self, key: str, version: str | None = None) -> float | None:
-        """The object's retention date if it is still in force."""
+        """The object's retention date if it is still in force (read with
+        HeadObject, which every S3 answers; moto's GetObjectRetention fails)."""
         kw: dict[str, Any] = {"VersionId": version} if version else {}
         try:
-            got = self._s3.get_object_retention(Bucket=self._bucket, Key=key, **kw)
+            head = self._s3.head_object(Bucket=self._bucket, Key=key, **kw)
         except botocore.exceptions.ClientError:
             return None
         except botocore.exceptions.BotoCoreError as e:
             raise self._fail("read a retention date", e) from e
-        until = got.get("Retention", {}).get("RetainUntilDate")
+        until = head.get("ObjectLockRetainUntilDate")
         if until is None or _ts(until) <= time.time():
             return None
         return _ts(until)
