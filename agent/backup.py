@@ -534,6 +534,10 @@ def running(store: Repository, what: str) -> Iterator[None]:
         marker.end()
 
 
+TOUCHERS = 8
+"""Touches in flight just before a manifest is written."""
+
+
 def _touch_all(store: Repository, vm_id: int, maps: Mapping[int, mf.DiskMap]) -> None:
     """Touch every chunk the backup references, just before its manifest: a
     block unchanged since the previous backup was never written, and its
@@ -544,6 +548,7 @@ def _touch_all(store: Repository, vm_id: int, maps: Mapping[int, mf.DiskMap]) ->
     if not isinstance(store, Maintainable):
         return
     hole = bytes(CHUNK_ID_SIZE)
+    todo: list[tuple[int, int, bytes]] = []   # (disk, block, chunk)
     for disk_id, m in sorted(maps.items()):
         last = hole
         chunks = memoryview(m.chunks)
@@ -552,7 +557,12 @@ def _touch_all(store: Repository, vm_id: int, maps: Mapping[int, mf.DiskMap]) ->
             if chunk == hole or chunk == last:
                 continue
             last = chunk
-            if not store.touch(chunk):
+            todo.append((disk_id, i, chunk))
+    touch = store.touch   # in parallel: on S3 a touch is two round trips
+    with ThreadPoolExecutor(TOUCHERS, thread_name_prefix="oneback-touch") as pool:
+        for (disk_id, i, chunk), ok in zip(todo, pool.map(lambda t: touch(t[2]), todo),
+                                           strict=True):
+            if not ok:
                 raise RepositoryError(
                     f"chunk {chunk.hex()} of VM {vm_id} disk {disk_id} block {i} was removed"
                     " while the backup ran (the backup it was compared against was forgotten"

@@ -1,6 +1,6 @@
 """A real S3 server for the tests, and one view of a repository on either backend.
 
-Owns: `s3server` (moto's standalone server, `ThreadedMotoServer`, on
+Owns: `s3server` (moto's standalone server, `python -m moto.server`, on
 127.0.0.1 and a free port, started once per test process: real HTTP, real
 signatures, nothing reaches the network), `S3Server.bucket()` (a fresh
 bucket per test), `s3_credentials` (dummy keys in a 0600 AWS credentials
@@ -62,17 +62,40 @@ _server: S3Server | None = None
 
 
 def server() -> S3Server:
-    """The test process's S3 server (started on first use, stopped at exit)."""
+    """The test process's S3 server, started on first use and stopped at
+    exit: moto's standalone server in a process of its own (in this process
+    it would share the GIL with the oneback commands the tests run here),
+    on 127.0.0.1 and a port that was free."""
     global _server
     if _server is None:
         import atexit
+        import socket
+        import subprocess
+        import sys
 
-        from moto.server import ThreadedMotoServer
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        host, port = moto.get_host_and_port()
-        _server = S3Server(f"http://{host}:{port}", moto)
-        atexit.register(moto.stop)
+        for _ in range(5):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            if proc.poll() is None and time.monotonic() < deadline:
+                break
+            proc.kill()   # the port was taken meanwhile: another one
+            proc.wait()
+        else:  # pragma: no cover
+            raise RuntimeError("cannot start moto's S3 server")
+        _server = S3Server(f"http://127.0.0.1:{port}", proc)
+        atexit.register(lambda: (proc.terminate(), proc.wait(10)))
     return _server
 
 
@@ -95,7 +118,7 @@ def s3_section(tmp: Path, bucket: str, prefix: str = "repo", extra: str = "") ->
     return (f"s3://{bucket}/{prefix}",
             f"[storage.s3]\nendpoint_url = \"{server().endpoint}\"\n"
             f"credentials_file = \"{creds}\"\naddressing_style = \"path\"\n"
-            f"prune_hold = 0.5\n{extra}")
+            f"prune_hold = 1\n{extra}")
 
 
 class RepoView:

@@ -67,6 +67,10 @@ HOLD = 30.0
 """Seconds a prune keeps a chunk's trash/ marker after deleting it: a touch
 that copied the chunk just before the delete sees the marker (it checks it
 within HOLD/2 of starting) and fails instead of trusting a deleted chunk."""
+TRASH_STALE = 600.0
+"""Seconds after which a trash/ announcement is a crashed prune's leftover
+(a prune announces a batch and decides it within seconds): ignored by a
+touch, removed by the next prune."""
 RELOCK_SLACK = 1.0
 """Days a re-lock adds past what a backup needs, so the next backups of the
 day find the retention long enough and do not re-lock again."""
@@ -570,11 +574,10 @@ class S3Store:
         key = self._chunk_key(chunk_id)
         if self.lock_days:
             return self._relock(chunk_id, key)
-        deadline = time.monotonic() + 10 * self.hold
         while True:
             started = time.monotonic()
             try:
-                self._s3.copy_object(
+                copied = self._s3.copy_object(
                     Bucket=self._bucket, Key=key, CopySource={"Bucket": self._bucket, "Key": key},
                     MetadataDirective="REPLACE", Metadata={"touched": f"{time.time():.3f}"})
             except botocore.exceptions.ClientError as e:
@@ -583,16 +586,15 @@ class S3Store:
                 raise self._fail(f"touch chunk {chunk_id.hex()}", e) from e
             except botocore.exceptions.BotoCoreError as e:
                 raise self._fail(f"touch chunk {chunk_id.hex()}", e) from e
-            announced = self._head(self._trash_key(chunk_id), "a trash marker") is not None
-            if not announced and time.monotonic() - started < self.hold / 2:
+            marker = self._head(self._trash_key(chunk_id), "a trash marker")
+            touched = copied.get("CopyObjectResult", {}).get("LastModified")
+            if marker is not None and touched is not None and (
+                    _ts(touched) - _ts(marker["LastModified"]) > TRASH_STALE):
+                marker = None   # a crashed prune's: no prune deletes it any more
+            if marker is None and time.monotonic() - started < self.hold / 2:
                 return True
             # A prune may be deleting it (or this took too long to tell):
             # wait for the prune to decide, then touch again.
-            if time.monotonic() > deadline:
-                raise RepositoryError(
-                    f"chunk {chunk_id.hex()} in {self.location} stays announced for deletion"
-                    f" (trash/{chunk_id.hex()}); remove that object if no prune runs, then"
-                    " back up again")
             time.sleep(min(1.0, self.hold / 10))
             if not self.has(chunk_id):
                 return False
@@ -644,6 +646,10 @@ class S3Store:
         with ThreadPoolExecutor(self._pool_size, thread_name_prefix="oneback-prune") as pool:
             if self.lock_days:
                 return list(pool.map(lambda c: self._retire_locked(c, cutoff), chunk_ids))
+            stale = time.time() - TRASH_STALE
+            for o in self._list("trash/", "trash markers"):
+                if _ts(o["LastModified"]) < stale:
+                    self._delete(o["Key"], "a stale trash marker")
             try:
                 list(pool.map(lambda c: self._call(
                     "announce a chunk's deletion", self._s3.put_object,
