@@ -174,6 +174,10 @@ class RepoView:
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
                 if p.is_file()}
 
+    def manifest_names(self) -> set[str]:
+        root = self.path / "manifests"
+        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
     def write_manifest(self, name: str, data: bytes) -> None:
         path = self.path / "manifests" / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +268,10 @@ class S3RepoView(RepoView):
         n = len(self._key("manifests/"))
         return {o["Key"][n:]: self._get(o["Key"][len(self.prefix) + 1:])
                 for o in self._objects("manifests/")}
+
+    def manifest_names(self) -> set[str]:
+        n = len(self._key("manifests/"))
+        return {o["Key"][n:] for o in self._objects("manifests/")}
 
     def write_manifest(self, name: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.bucket, Key=self._key(f"manifests/{name}"), Body=data)
