@@ -67,7 +67,8 @@ def open_store(where: Path | StorageConfig, *, lock_days: int | None = None,
     return S3Store.open(location, _s3_settings(where, lock_days), codec=codec)
 
 
-def init_store(where: Path | StorageConfig, *, lock_days: int | None = None) -> Backend:
+def init_store(where: Path | StorageConfig, *, lock_days: int | None = None,
+               codec: Codec | None = None) -> Backend:
     """Create a new repository where `where` names (an empty directory or
     prefix); RepositoryError if one is there, or anything else is."""
     location = _location(where)
@@ -75,7 +76,7 @@ def init_store(where: Path | StorageConfig, *, lock_days: int | None = None) -> 
         return LocalStore.init(location)
     from agent.store.s3 import S3Store
     assert not isinstance(where, Path)
-    return S3Store.init(location, _s3_settings(where, lock_days))
+    return S3Store.init(location, _s3_settings(where, lock_days), codec=codec)
 
 
 def has_repository(where: Path | StorageConfig) -> bool:

@@ -210,7 +210,7 @@ class S3Store:
 
     @classmethod
     def init(cls, location: S3Location, settings: S3Settings, level: int = DEFAULT_LEVEL,
-             client: S3Client | None = None) -> S3Store:
+             codec: Codec | None = None, client: S3Client | None = None) -> S3Store:
         """Create a repository under `location`, which must hold no object.
         With `settings.lock_days`, the bucket must have Object Lock enabled."""
         store = cls(location, settings, "", level, client=client)
@@ -236,7 +236,7 @@ class S3Store:
                               json.dumps(config, indent=2).encode() + b"\n", "write config"):
             raise RepositoryError(f"{location} was initialised by another process just now;"
                                   " run `oneback init` again to join it")
-        return cls.open(location, settings, level, client=store._s3)
+        return cls.open(location, settings, level, codec=codec, client=store._s3)
 
     @classmethod
     def open(cls, location: S3Location, settings: S3Settings, level: int = DEFAULT_LEVEL,
