@@ -220,17 +220,23 @@ def test_init_refuses_a_prefix_that_holds_something_else(
 
 class CuttingProxy:
     """A TCP proxy to the S3 server that forwards at most `limit` bytes of
-    each request, then drops the connection: an upload cut half-way."""
+    each request, then drops the connection: an upload cut half-way. With
+    `lose_answers` N, it forwards the first N PUTs whole and drops the
+    connection instead of passing their answer on: the PUT took effect,
+    and the client does not know."""
 
-    def __init__(self, upstream: str, limit: int) -> None:
+    def __init__(self, upstream: str, limit: int, lose_answers: int = 0) -> None:
         host, port = upstream.rsplit("//", 1)[1].split(":")
         self.upstream = (host, int(port))
         self.limit = limit
+        self.lose_answers = lose_answers
+        self.lost = 0
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
         self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.cut = 0
+        self._losing: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -247,6 +253,9 @@ class CuttingProxy:
         sent = 0
         try:
             while data := client.recv(65536):
+                if data.startswith(b"PUT ") and self.lost < self.lose_answers:
+                    self.lost += 1
+                    self._losing.add(client)
                 if sent + len(data) > self.limit:
                     up.sendall(data[:self.limit - sent])
                     self.cut += 1
@@ -265,6 +274,12 @@ class CuttingProxy:
     def _down(self, up: socket.socket, client: socket.socket) -> None:
         try:
             while data := up.recv(65536):
+                if client in self._losing:   # the PUT was done: its answer is lost
+                    self._losing.discard(client)
+                    client.shutdown(socket.SHUT_RDWR)
+                    client.close()
+                    up.close()
+                    return
                 client.sendall(data)
         except OSError:
             pass
@@ -299,6 +314,29 @@ def test_a_cut_upload_leaves_no_partial_object(s3server: S3Server) -> None:
     assert whole.put(cid, data) > 0 and whole.get(cid) == data
     whole.put_manifest("1/m", data)
     assert whole.get_manifest("1/m") == data
+
+
+def test_a_put_whose_answer_was_lost_is_retried_and_succeeds(s3server: S3Server) -> None:
+    """A manifest PUT reaches S3 but its answer is lost (the connection
+    drops): botocore retries it, the retry finds the name taken (If-None-Match)
+    and the store, seeing its own bytes there, reports success instead of
+    "already exists"; a chunk likewise. Another writer's bytes are still
+    refused."""
+    bucket = s3server.bucket()
+    _store(bucket, init=True)
+    proxy = CuttingProxy(s3server.endpoint, 1 << 40, lose_answers=2)
+    try:
+        store = S3Store.open(S3Location(bucket, "repo"), _settings(proxy.endpoint))
+        assert store.put_manifest("3/20261201T000000Z-a", b"manifest bytes") == 14
+        data = os.urandom(100_000)
+        store.put(hashlib.sha256(data).digest(), data)
+        assert proxy.lost == 2
+        assert store.get_manifest("3/20261201T000000Z-a") == b"manifest bytes"
+        assert store.get(hashlib.sha256(data).digest()) == data
+        with pytest.raises(RepositoryError, match="already exists"):
+            store.put_manifest("3/20261201T000000Z-a", b"other bytes")
+    finally:
+        proxy.close()
 
 
 def test_conditional_writes_let_one_writer_win(s3server: S3Server) -> None:
