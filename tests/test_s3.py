@@ -274,7 +274,8 @@ class CuttingProxy:
     def _down(self, up: socket.socket, client: socket.socket) -> None:
         try:
             while data := up.recv(65536):
-                if client in self._losing:   # the PUT was done: its answer is lost
+                if client in self._losing and not data.startswith(b"HTTP/1.1 100"):
+                    # the PUT was done (not just its "100 Continue"): its answer is lost
                     self._losing.discard(client)
                     client.shutdown(socket.SHUT_RDWR)
                     client.close()
