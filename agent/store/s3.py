@@ -19,15 +19,12 @@ ever visible. New chunks, manifests and keys are written with
 `If-None-Match: *`: a name is written once, and of two racing writers one
 wins whole. A successful PUT is durable, so `flush` has nothing to do.
 
-S3 has no rename and no atime, so a prune's safety rests on LastModified
-and two conditional steps (README, "Prune on S3"): `touch` copies a chunk
-onto itself (a new LastModified) and then checks that no prune announced
-its deletion (`trash/HEX`); a prune announces, re-reads LastModified,
-deletes, and keeps the announcement for `hold` seconds after the delete.
-With Object Lock (`lock_days`), every chunk and manifest is written with a
-retention date, a touch extends a retention that ends too soon instead of
-copying, and a delete of a locked object fails: S3 itself refuses to delete
-what a backup still needs. Must not: know about backups or the catalog.
+S3 has no rename and no atime: what a prune needs (touch, retire, the
+server's clock, running markers) is `agent.store.s3prune`, which calls S3
+only through this module. With Object Lock (`lock_days`), every chunk and
+manifest is written with a retention date and a delete of a locked object
+fails: S3 itself refuses to delete what a backup still needs. Must not:
+know about backups or the catalog.
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -57,23 +53,13 @@ from agent.store import (
     check_manifest_name,
     is_manifest_name,
 )
+from agent.store.s3prune import HOLD, S3Marker, S3Upkeep
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
 FORMAT = 1
 DAY = 86400.0
-HOLD = 30.0
-"""Seconds a prune keeps a chunk's trash/ marker after deleting it: a touch
-that copied the chunk just before the delete sees the marker (it checks it
-within HOLD/2 of starting) and fails instead of trusting a deleted chunk."""
-TRASH_STALE = 600.0
-"""Seconds after which a trash/ announcement is a crashed prune's leftover
-(a prune announces a batch and decides it within seconds): ignored by a
-touch, removed by the next prune."""
-RELOCK_SLACK = 1.0
-"""Days a re-lock adds past what a backup needs, so the next backups of the
-day find the retention long enough and do not re-lock again."""
 LOCK_MODES = ("COMPLIANCE", "GOVERNANCE")
 
 T = TypeVar("T")
@@ -166,6 +152,7 @@ class S3Store:
         self._bucket = location.bucket
         self._versioned = versioned or self.lock_days > 0
         self._pool_size = max(4, settings.connections)
+        self._upkeep = S3Upkeep(self)
 
     def __repr__(self) -> str:
         return f"S3Store({str(self.location)!r})"
@@ -558,215 +545,66 @@ class S3Store:
     def key_names(self) -> list[str]:
         return sorted(self._strip(o["Key"], "keys/") for o in self._list("keys/", "keys"))
 
-    # -- what a prune needs (agent.store.Maintainable) --------------------------------
-
-    def _trash_key(self, chunk_id: bytes) -> str:
-        return self._key(f"trash/{chunk_id.hex()}")
-
-    def touch(self, chunk_id: bytes) -> bool:
-        """Mark the chunk as used now; False if it is missing or a prune is
-        deleting it. Without Object Lock: copy it onto itself (a new
-        LastModified), then check, within HOLD/2 of starting, that no prune
-        announced its deletion (`trash/HEX`); while one is announced, wait
-        until the prune kept it (the announcement goes) or deleted it
-        (False). With Object Lock: extend its retention if it ends sooner
-        than a backup made now needs (a locked chunk cannot be deleted)."""
-        key = self._chunk_key(chunk_id)
-        if self.lock_days:
-            return self._relock(chunk_id, key)
-        while True:
-            started = time.monotonic()
-            try:
-                copied = self._s3.copy_object(
-                    Bucket=self._bucket, Key=key, CopySource={"Bucket": self._bucket, "Key": key},
-                    MetadataDirective="REPLACE", Metadata={"touched": f"{time.time():.3f}"})
-            except botocore.exceptions.ClientError as e:
-                if _code(e) in _MISSING:
-                    return False
-                raise self._fail(f"touch chunk {chunk_id.hex()}", e) from e
-            except botocore.exceptions.BotoCoreError as e:
-                raise self._fail(f"touch chunk {chunk_id.hex()}", e) from e
-            marker = self._head(self._trash_key(chunk_id), "a trash marker")
-            touched = copied.get("CopyObjectResult", {}).get("LastModified")
-            if marker is not None and touched is not None and (
-                    _ts(touched) - _ts(marker["LastModified"]) > TRASH_STALE):
-                marker = None   # a crashed prune's: no prune deletes it any more
-            if marker is None and time.monotonic() - started < self.hold / 2:
-                return True
-            # A prune may be deleting it (or this took too long to tell):
-            # wait for the prune to decide, then touch again.
-            time.sleep(min(1.0, self.hold / 10))
-            if not self.has(chunk_id):
-                return False
-
-    def _relock(self, chunk_id: bytes, key: str) -> bool:
-        head = self._head(key, f"chunk {chunk_id.hex()}")
-        if head is None:
-            return False
-        needed = datetime.now(UTC) + timedelta(days=self.lock_days)
-        until = head.get("ObjectLockRetainUntilDate")
-        if until is not None and until >= needed:
-            return True
-        target = needed + timedelta(days=RELOCK_SLACK)
-        kw: dict[str, Any] = {"VersionId": head["VersionId"]} if head.get("VersionId") else {}
+    def _copy_onto_itself(self, key: str, what: str) -> float | None:
+        """Copy an object onto itself (metadata replaced): a new LastModified,
+        returned; None if the object is missing."""
         try:
-            mode = "GOVERNANCE" if head.get("ObjectLockMode") == "GOVERNANCE" or (
-                head.get("ObjectLockMode") is None
-                and self.settings.lock_mode == "GOVERNANCE") else "COMPLIANCE"
-            retention: Any = {"Mode": mode, "RetainUntilDate": target}
+            copied = self._s3.copy_object(
+                Bucket=self._bucket, Key=key, CopySource={"Bucket": self._bucket, "Key": key},
+                MetadataDirective="REPLACE", Metadata={"touched": f"{time.time():.3f}"})
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _MISSING:
+                return None
+            raise self._fail(f"touch {what}", e) from e
+        except botocore.exceptions.BotoCoreError as e:
+            raise self._fail(f"touch {what}", e) from e
+        touched = copied.get("CopyObjectResult", {}).get("LastModified")
+        return _ts(touched) if touched is not None else time.time()
+
+    def _set_retention(self, key: str, version: str | None, governance: bool,
+                       until: datetime, what: str) -> bool:
+        """Set an object version's retention date; False if it is missing."""
+        kw: dict[str, Any] = {"VersionId": version} if version else {}
+        retention: Any = {"Mode": "GOVERNANCE" if governance else "COMPLIANCE",
+                          "RetainUntilDate": until}
+        try:
             self._s3.put_object_retention(Bucket=self._bucket, Key=key, Retention=retention,
                                           **kw)
         except botocore.exceptions.ClientError as e:
             if _code(e) in _MISSING:
-                return False   # deleted by a prune meanwhile: written again
-            raise self._fail(f"extend the retention of chunk {chunk_id.hex()}", e) from e
+                return False
+            raise self._fail(f"extend the retention of {what}", e) from e
         except botocore.exceptions.BotoCoreError as e:
-            raise self._fail(f"extend the retention of chunk {chunk_id.hex()}", e) from e
+            raise self._fail(f"extend the retention of {what}", e) from e
         return True
 
+    # -- what a prune needs (agent.store.Maintainable): agent.store.s3prune -----------
+
+    def touch(self, chunk_id: bytes) -> bool:
+        """See `S3Upkeep.touch`."""
+        return self._upkeep.touch(chunk_id)
+
     def chunk_files(self) -> Iterator[tuple[bytes, float, int]]:
-        for o in self._list("chunks/", "chunks"):
-            name = o["Key"].rsplit("/", 1)[-1]
-            if len(name) != 64 or not o["Key"].endswith(f"{name[:2]}/{name}"):
-                continue
-            try:
-                chunk = bytes.fromhex(name)
-            except ValueError:
-                continue
-            yield chunk, _ts(o["LastModified"]), int(o["Size"])
+        return self._upkeep.chunk_files()
 
     def retire_all(self, chunk_ids: list[bytes], cutoff: float) -> list[Retired]:
-        """Delete each chunk unless it was used at or after `cutoff`
-        (see `touch` for the other side): announce (`trash/HEX`), read
-        LastModified again, delete, and remove the announcements `hold`
-        seconds after the last delete. With Object Lock, S3 refuses to delete
-        a chunk whose retention is in force: it is reported `locked_until`."""
-        if not chunk_ids:
-            return []
-        with ThreadPoolExecutor(self._pool_size, thread_name_prefix="oneback-prune") as pool:
-            if self.lock_days:
-                return list(pool.map(lambda c: self._retire_locked(c, cutoff), chunk_ids))
-            stale = time.time() - TRASH_STALE
-            for o in self._list("trash/", "trash markers"):
-                if _ts(o["LastModified"]) < stale:
-                    self._delete(o["Key"], "a stale trash marker")
-            try:
-                list(pool.map(lambda c: self._call(
-                    "announce a chunk's deletion", self._s3.put_object,
-                    Key=self._trash_key(c), Body=b""), chunk_ids))
-                results = list(pool.map(lambda c: self._retire_one(c, cutoff), chunk_ids))
-            finally:
-                # a touch that copied a chunk just before its delete checks
-                # the announcement within hold/2: keep it that long and more
-                time.sleep(self.hold)
-                list(pool.map(lambda c: self._delete(self._trash_key(c), "a trash marker"),
-                              chunk_ids))
-        return results
-
-    def _retire_one(self, chunk_id: bytes, cutoff: float) -> Retired:
-        key = self._chunk_key(chunk_id)
-        head = self._head(key, f"chunk {chunk_id.hex()}")
-        if head is None or _ts(head["LastModified"]) >= cutoff:
-            return Retired(chunk_id)
-        until = self._delete(key, f"chunk {chunk_id.hex()}")
-        if until is not None:
-            return Retired(chunk_id, locked_until=until)
-        return Retired(chunk_id, freed=int(head.get("ContentLength", 0)))
-
-    def _retire_locked(self, chunk_id: bytes, cutoff: float) -> Retired:
-        key = self._chunk_key(chunk_id)
-        head = self._head(key, f"chunk {chunk_id.hex()}")
-        if head is None or _ts(head["LastModified"]) >= cutoff:
-            return Retired(chunk_id)
-        until = head.get("ObjectLockRetainUntilDate")
-        if until is not None and _ts(until) > time.time():
-            return Retired(chunk_id, locked_until=_ts(until))
-        locked = self._delete(key, f"chunk {chunk_id.hex()}")
-        if locked is not None:
-            return Retired(chunk_id, locked_until=locked)
-        return Retired(chunk_id, freed=int(head.get("ContentLength", 0)))
+        """See `S3Upkeep.retire_all`."""
+        return self._upkeep.retire_all(chunk_ids, cutoff)
 
     def now(self) -> float:
-        """The server's clock (a probe object's LastModified, whole seconds
-        like every LastModified)."""
-        key = self._key(f"tmp/clock-{uuid.uuid4().hex}")
-        self._call("write a clock probe", self._s3.put_object, Key=key, Body=b"")
-        try:
-            head = self._head(key, "a clock probe")
-        finally:
-            self._delete(key, "a clock probe")
-        if head is None:
-            raise RepositoryError(f"a probe written to {self.location} vanished at once;"
-                                  " check the bucket")
-        return _ts(head["LastModified"])
+        return self._upkeep.now()
 
     def running_start(self, what: str) -> S3Marker:
-        """Write running/<what>-<random>; its start is the object's first
-        LastModified (the server's clock), each beat re-writes it."""
-        name = f"{what}-{uuid.uuid4().hex[:12]}"
-        marker = S3Marker(self, name, 0.0)
-        key = self._key(f"running/{name}")
-        self._call(f"write running/{name}", self._s3.put_object, Key=key,
-                   Body=json.dumps({"what": what}).encode())
-        head = self._head(key, f"running/{name}")
-        marker.started = _ts(head["LastModified"]) if head is not None else self.now()
-        return marker
+        return self._upkeep.running_start(what)
 
     def running(self) -> list[tuple[str, float, float]]:
-        found: list[tuple[str, float, float]] = []
-        for o in self._list("running/", "running markers"):
-            name = self._strip(o["Key"], "running/")
-            beat = _ts(o["LastModified"])
-            try:
-                doc = json.loads(self._get(o["Key"], f"running/{name}"))
-                started = float(doc["started"]) if "started" in doc else beat
-            except NotFound:
-                continue   # ended meanwhile
-            except (ValueError, KeyError, TypeError):
-                started = beat
-            found.append((name, started, beat))
-        return sorted(found)
+        return self._upkeep.running()
 
     def end_running(self, name: str) -> None:
-        if "/" in name or name.startswith("."):
-            return
-        try:
-            self._delete(self._key(f"running/{name}"), f"running/{name}")
-        except RepositoryError:
-            pass
+        self._upkeep.end_running(name)
 
     def clean_temp(self, older_than: float = 0.0) -> int:
-        """Remove clock probes left by a crash (S3 has no other unfinished writes)."""
-        limit = time.time() - older_than
-        removed = 0
-        for o in self._list("tmp/", "temporary objects"):
-            if _ts(o["LastModified"]) <= limit:
-                self._delete(o["Key"], "a temporary object")
-                removed += 1
-        return removed
-
-
-class S3Marker:
-    """A running backup's marker in PREFIX/running/ (see `S3Store.running_start`)."""
-
-    def __init__(self, store: S3Store, name: str, started: float) -> None:
-        self._store = store
-        self.name = name
-        self.started = started
-
-    def beat(self) -> None:
-        """Re-write the marker (a new LastModified), with its start: also
-        writes it again if a prune took it for a crash leftover. Best effort."""
-        try:
-            self._store._call(
-                f"refresh running/{self.name}", self._store._s3.put_object,
-                Key=self._store._key(f"running/{self.name}"),
-                Body=json.dumps({"started": self.started}).encode())
-        except RepositoryError:
-            pass
-
-    def end(self) -> None:
-        self._store.end_running(self.name)
+        return self._upkeep.clean_temp(older_than)
 
 
 def _date(ts: float) -> str:
