@@ -208,7 +208,15 @@ def open_checked(where: Path | StorageConfig, catalog_path: Path, *,
                     f"{bound}: mount it at {repository} (or fix storage.repository); if it "
                     "is lost, move the catalog away and run `oneback init`"
                 ) from e
-        store = open_store(where, lock_days=lock_days)
+        try:
+            store = open_store(where, lock_days=lock_days)
+        except RepositoryError as e:
+            if bound is None or not e.message.startswith("no oneback repository at"):
+                raise
+            raise RepositoryError(
+                f"{e.message.split(';')[0]}; catalog {catalog_path} belongs to repository "
+                f"{bound}: fix storage.repository (or [storage.s3]) to name it; if it is "
+                "lost, move the catalog away and run `oneback init`") from e
         if bound is None:
             raise RepositoryError(
                 f"catalog {catalog_path} records no repository (made by an older oneback); "

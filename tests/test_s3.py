@@ -205,6 +205,9 @@ def test_wrong_keys_missing_bucket_and_unreachable_endpoint_are_one_line(
     assert _run(cfg, capsys, "init")[0] == 0
     view.s3.put_object(Bucket=view.bucket, Key="repo/config", Body=b"{not json")
     _one_line(_run(cfg, capsys, "list"), 8, "repository config in", "unreadable")
+    view.s3.delete_object(Bucket=view.bucket, Key="repo/config")   # the wrong prefix, say
+    _one_line(_run(cfg, capsys, "list"), 8, f"no oneback repository at {view.location}",
+              "belongs to repository", "fix storage.repository")
 
 
 def test_init_refuses_a_prefix_that_holds_something_else(
