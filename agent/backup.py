@@ -47,8 +47,7 @@ from agent.model import (
 )
 from agent.policy import BASE_SNAPSHOT, DiskPlan, plan_disks
 from agent.progress import Progress, Quiet
-from agent.store import ChunkStore, Healing, Repository
-from agent.store.local import LocalStore
+from agent.store import ChunkStore, Healing, Maintainable, Repository
 
 
 @contextmanager
@@ -517,7 +516,7 @@ def running(store: Repository, what: str) -> Iterator[None]:
     """Hold a marker in the repository's running/ directory while the block
     runs, refreshed every HEARTBEAT seconds: a prune (in any process or on
     any host) keeps every chunk written or touched since it started."""
-    if not isinstance(store, LocalStore):
+    if not isinstance(store, Maintainable):
         yield
         return
     marker = store.running_start(what)
@@ -537,16 +536,21 @@ def running(store: Repository, what: str) -> Iterator[None]:
         marker.end()
 
 
+TOUCHERS = 8
+"""Touches in flight just before a manifest is written."""
+
+
 def _touch_all(store: Repository, vm_id: int, maps: Mapping[int, mf.DiskMap]) -> None:
     """Touch every chunk the backup references, just before its manifest: a
     block unchanged since the previous backup was never written, and its
     chunk file may be old; touched, a prune that has not yet taken it keeps
-    it (`LocalStore.retire`). A chunk already gone (its last backup was
-    forgotten and pruned during this one) fails the backup: it is never
+    it (`Maintainable.retire_all`). A chunk already gone (its last backup
+    was forgotten and pruned during this one) fails the backup: it is never
     committed referencing a missing chunk."""
-    if not isinstance(store, LocalStore):
+    if not isinstance(store, Maintainable):
         return
     hole = bytes(CHUNK_ID_SIZE)
+    todo: list[tuple[int, int, bytes]] = []   # (disk, block, chunk)
     for disk_id, m in sorted(maps.items()):
         last = hole
         chunks = memoryview(m.chunks)
@@ -555,7 +559,12 @@ def _touch_all(store: Repository, vm_id: int, maps: Mapping[int, mf.DiskMap]) ->
             if chunk == hole or chunk == last:
                 continue
             last = chunk
-            if not store.touch(chunk):
+            todo.append((disk_id, i, chunk))
+    touch = store.touch   # in parallel: on S3 a touch is two round trips
+    with ThreadPoolExecutor(TOUCHERS, thread_name_prefix="oneback-touch") as pool:
+        for (disk_id, i, chunk), ok in zip(todo, pool.map(lambda t: touch(t[2]), todo),
+                                           strict=True):
+            if not ok:
                 raise RepositoryError(
                     f"chunk {chunk.hex()} of VM {vm_id} disk {disk_id} block {i} was removed"
                     " while the backup ran (the backup it was compared against was forgotten"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.model import ONE_ID_MAX
+from agent.model import ONE_ID_MAX, S3Location
 from agent.retention import RULES, KeepPolicy
 
 DEFAULT_PATH = Path("/etc/oneback/oneback.toml")
@@ -88,8 +88,74 @@ production: it weakens the passphrase's protection of the key."""
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """`[storage.s3]`: how to reach the bucket of an `s3://` repository."""
+
+    credentials_file: Path
+    endpoint_url: str | None = None   # None: AWS S3 itself
+    region: str = "us-east-1"
+    addressing_style: str = "auto"    # path | virtual | auto
+    lock_days: int = 0                # Object Lock retention of every chunk and manifest
+    lock_mode: str = "COMPLIANCE"     # or GOVERNANCE
+    prune_hold: float = 30.0          # seconds a prune keeps its trash/ announcements
+
+    def read_credentials(self) -> tuple[str, str]:
+        """(access key id, secret access key) from the `[default]` section of
+        the AWS shared-credentials file. Refuses a file others can read. The
+        keys are never logged or shown."""
+        import configparser
+
+        path = self.credentials_file
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"S3 credentials file {path} does not exist: create it with a [default]"
+                " section holding aws_access_key_id and aws_secret_access_key, mode 0600"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"S3 credentials file {path}: {e.strerror}") from None
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(
+                f"S3 credentials file {path} has mode {stat.S_IMODE(st.st_mode):04o}:"
+                f" run 'chmod 600 {path}'")
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read_string(path.read_text(encoding="utf-8"), str(path))
+        except OSError as e:
+            raise ConfigError(f"S3 credentials file {path}: {e.strerror}") from None
+        except configparser.Error as e:
+            raise ConfigError(f"S3 credentials file {path} is not in the AWS credentials"
+                              f" format ({type(e).__name__}); see the README, \"S3\"") from None
+        keys = []
+        for name in ("aws_access_key_id", "aws_secret_access_key"):
+            value = parser.get("default", name, fallback="").strip()
+            if not value:
+                raise ConfigError(f"S3 credentials file {path} has no {name} in its"
+                                  " [default] section")
+            keys.append(value)
+        return keys[0], keys[1]
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def parse_s3_location(text: str) -> S3Location | None:
+    """`s3://BUCKET[/PREFIX]` as a location; None if it is not one."""
+    if not text.startswith("s3://"):
+        return None
+    bucket, _, prefix = text[5:].partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET.match(bucket) or (prefix and (not _PREFIX.match(prefix) or any(
+            part in (".", "..") for part in prefix.split("/")))):
+        return None
+    return S3Location(bucket, prefix)
+
+
+@dataclass(frozen=True)
 class StorageConfig:
-    repository: Path
+    repository: Path | S3Location
     catalog: Path
     block_size: int
     workers: int
@@ -98,6 +164,7 @@ class StorageConfig:
     passphrase_file: Path | None = None  # an encrypted repository's passphrase (mode 0600)
     key_file: Path | None = None   # or its exported key (`oneback key export`, mode 0600)
     kdf_n: int = KDF_N             # scrypt N of the key blobs this process writes
+    s3: S3Config | None = None  # [storage.s3], for an s3:// repository
 
     def read_passphrase(self) -> bytes:
         """The passphrase in storage.passphrase_file (ConfigError if unset)."""
@@ -370,11 +437,12 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
 
     st = _Section(data, "storage", path)
     st.check_known({"repository", "catalog", "block_size", "workers", "read_depth",
-                    "direct_io", "passphrase_file", "key_file"})
+                    "direct_io", "passphrase_file", "key_file", "s3"})
     secrets = {k: st.path_(k) if k in st.data else None for k in ("passphrase_file", "key_file")}
     if secrets["passphrase_file"] is not None and secrets["key_file"] is not None:
         raise ConfigError(f"{path}: set storage.passphrase_file or storage.key_file (an"
                           f" exported key), not both")
+    repository, s3 = _repository(st, path)
     block_size = st.raw_default("block_size", 4 * MiB)
     if (isinstance(block_size, bool) or not isinstance(block_size, int)
             or not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1)):
@@ -386,7 +454,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         raise ConfigError(f"{path}: storage.read_depth must be from 1 to {MAX_READ_DEPTH},"
                           f" e.g. 16 (network storage) or 4 (a local disk); got {read_depth}")
     storage = StorageConfig(
-        repository=st.path_("repository", "/var/lib/oneback/repo"),
+        repository=repository,
         catalog=st.path_("catalog", "/var/lib/oneback/catalog.sqlite"),
         block_size=block_size,
         workers=st.integer("workers", os.cpu_count() or 2),
@@ -394,6 +462,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         direct_io=st.flag("direct_io", True),
         passphrase_file=secrets["passphrase_file"],
         key_file=secrets["key_file"],
+        s3=s3,
     )
     ag = _Section({"agent": data.get("agent", {})}, "agent", path)
     ag.check_known({"listen", "secret_file", "reconcile_interval", "max_jobs", "max_attached",
@@ -489,6 +558,49 @@ def _clusters(raw: Any, path: Path) -> tuple[int, ...] | None:
                           f" (leave it out to serve the cluster of the proxy VM's host);"
                           f" got {raw!r}")
     return tuple(sorted(set(raw)))
+
+
+def _repository(st: _Section, path: Path) -> tuple[Path | S3Location, S3Config | None]:
+    """storage.repository (a directory, or s3://BUCKET/PREFIX) and [storage.s3]."""
+    text = st.text("repository", "/var/lib/oneback/repo")
+    raw = st.data.get("s3")
+    if not text.startswith("s3://"):
+        if raw is not None:
+            raise ConfigError(f"{path}: [storage.s3] is set but storage.repository is not an"
+                              " s3://BUCKET/PREFIX location; remove one of them")
+        return Path(text), None
+    location = parse_s3_location(text)
+    if location is None:
+        raise ConfigError(
+            f"{path}: storage.repository must be s3://BUCKET/PREFIX with a valid bucket name"
+            f" (3-63 lower-case letters, digits, '.', '-') and a prefix of letters, digits,"
+            f" '.', '_', '-' and '/'; got {text!r}")
+    s3 = _Section({"storage.s3": raw if raw is not None else {}}, "storage.s3", path)
+    s3.check_known({"endpoint_url", "region", "credentials_file", "addressing_style",
+                    "lock_days", "lock_mode", "prune_hold"})
+    endpoint = s3.data.get("endpoint_url")
+    if endpoint is not None and (not isinstance(endpoint, str) or not re.match(
+            r"^https?://[^/\s]+/?$", endpoint)):
+        raise ConfigError(f"{path}: storage.s3.endpoint_url must be an http(s) URL such as"
+                          " https://s3.example.com or http://127.0.0.1:9000")
+    style = s3.text("addressing_style", "auto")
+    if style not in ("auto", "path", "virtual"):
+        raise ConfigError(f"{path}: storage.s3.addressing_style must be path, virtual or"
+                          f" auto; got {style!r}")
+    mode = s3.text("lock_mode", "COMPLIANCE").upper()
+    if mode not in ("COMPLIANCE", "GOVERNANCE"):
+        raise ConfigError(f"{path}: storage.s3.lock_mode must be COMPLIANCE or GOVERNANCE;"
+                          f" got {mode!r}")
+    config = S3Config(
+        credentials_file=s3.path_("credentials_file", "/etc/oneback/s3_credentials"),
+        endpoint_url=endpoint.rstrip("/") if endpoint else None,
+        region=s3.text("region", "us-east-1"),
+        addressing_style=style,
+        lock_days=s3.integer("lock_days", 0, minimum=0),
+        lock_mode=mode,
+        prune_hold=s3.number("prune_hold", 30.0),
+    )
+    return location, config
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)\s*|(%)\s*)?$")

@@ -68,14 +68,6 @@ class Touching(Protocol):
     def touch(self, chunk_id: bytes) -> bool: ...
 
 
-@runtime_checkable
-class Locking(Protocol):
-    """A store that can keep what it writes from deletion for some days
-    (S3 Object Lock): the same store, writing with that retention."""
-
-    def with_lock_days(self, days: int) -> Repository: ...
-
-
 @dataclass(frozen=True)
 class Wanted:
     """A backup of the source catalog to copy."""
@@ -143,22 +135,22 @@ def open_target(config: Path, *, source_id: str | None = None,
     store that cannot lock (Object Lock needs an S3 target)."""
     from agent import repository
     cfg = config_mod.load(config)
-    catalog, store = repository.open_checked(cfg.storage.repository, cfg.storage.catalog,
-                                             cfg.storage)
+    if lock_days is not None and isinstance(cfg.storage.repository, Path):
+        raise UsageError(
+            f"--lock-days needs an S3 target with Object Lock; the repository of"
+            f" {config} ({cfg.storage.repository}) is a local directory: drop"
+            " --lock-days (and [copy] lock_days), or copy to an S3 bucket with"
+            " Object Lock")
+    # lock_days overrides the target's storage.s3.lock_days: every chunk and
+    # manifest the copy writes carries that retention (S3 Object Lock)
+    catalog, store = repository.open_checked(cfg.storage, cfg.storage.catalog,
+                                             lock_days=lock_days)
     try:
         if source_id is not None and store.id == source_id:
             raise UsageError(
                 f"--to {config} names the source repository itself ({cfg.storage.repository});"
                 " give the configuration of another repository")
         target: Repository = store
-        if lock_days is not None:
-            if not isinstance(store, Locking):
-                raise UsageError(
-                    f"--lock-days needs an S3 target with Object Lock; the repository of"
-                    f" {config} ({cfg.storage.repository}) is a local directory: drop"
-                    " --lock-days (and [copy] lock_days), or copy to an S3 bucket with"
-                    " Object Lock")
-            target = store.with_lock_days(lock_days)
         lease = Lease.acquire(cfg.storage.catalog)
         try:
             yield Target(config, cfg, catalog, target)

@@ -269,7 +269,7 @@ def _hooks(cloud: Cloud) -> tuple[Check, None]:
 def _repository(cfg: Config) -> tuple[Check, None]:
     from agent import repository
     repo, catalog_path = cfg.storage.repository, cfg.storage.catalog
-    catalog, store = repository.open_checked(repo, catalog_path, cfg.storage)
+    catalog, store = repository.open_checked(cfg.storage, catalog_path)
     try:
         backups = catalog.backup_count()
         store.now()   # writes and removes a file in the repository: RepositoryError if it cannot
@@ -277,6 +277,10 @@ def _repository(cfg: Config) -> tuple[Check, None]:
             if not os.access(path, os.W_OK):
                 raise ConfigError(f"the catalog {path} is not writable by this user: fix its"
                                   f" owner or mode, or run oneback as its owner")
+        if not isinstance(repo, Path):   # an S3 bucket: no free space to speak of
+            return Check("repository", OK, f"{repo} (id {store.id}) is the catalog's"
+                         f" repository, writable; catalog {catalog_path} holds {backups}"
+                         f" backup(s)"), None
         fs = os.statvfs(repo)
         free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
     finally:

@@ -521,3 +521,19 @@ class VerifyProgress:
     pass_checked: int = 0          # chunks checked by the current pass so far
     last_pass_finished: float | None = None
     read_data: bool = True
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """Where an S3 repository lives: `s3://BUCKET/PREFIX` (`storage.repository`).
+    `prefix` has no leading or trailing `/` and may be empty (the bucket's root)."""
+
+    bucket: str
+    prefix: str = ""
+
+    def key(self, name: str) -> str:
+        """The object key of `name` (e.g. `chunks/ab/abcd...`) under the prefix."""
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"

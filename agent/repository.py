@@ -1,11 +1,13 @@
 """The repository as a whole: creating it, binding a catalog to it, and
 rebuilding a catalog from its manifests.
 
-Owns: `init` (create a repository, plain or encrypted, and its catalog, or
-join an existing repository with a new catalog), `open_checked` (every
-other command's check that the repository is there and is the catalog's
-own: an unmounted directory is refused, never replaced; an encrypted one is
-unlocked, `agent.keys`), and `rebuild` (a new catalog from the
+Owns: `open_store`/`init_store` (the one place that opens either backend,
+a directory or an S3 bucket, from `[storage]`), `init` (create a
+repository, plain or encrypted, and its catalog, or join an existing
+repository with a new catalog), `open_checked` (every other command's
+check that the repository is there and is the catalog's own: an unmounted
+directory is refused, never replaced; an encrypted one is unlocked,
+`agent.keys`), and `rebuild` (a new catalog from the
 repository's manifests alone: the same backup ids, VMs, disks, documents and
 block maps), and `sync` (import, incrementally, the backups other catalogs
 sharing the repository wrote). Must not: write SQL (the catalog does), do file I/O in the
@@ -19,6 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import keys, retention
 from agent import manifest as mf
@@ -26,15 +29,78 @@ from agent.catalog import Catalog
 from agent.errors import ConfigError, IntegrityError, OnebackError, RepositoryError
 from agent.lease import VmBusy, is_alive, owners_dir, vm_lock
 from agent.manifest import DiskMap
-from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, block_count
+from agent.model import CHECKSUM_SIZE, CHUNK_ID_SIZE, BlockList, S3Location, block_count
 from agent.retention import Decision, KeepPolicy
-from agent.store import Repository
+from agent.store import Backend, Codec, Locking, Maintainable, Repository
 from agent.store.local import LocalStore, fsync_dir
+
+if TYPE_CHECKING:
+    from agent.config import StorageConfig
+    from agent.store.s3 import S3Settings
+
+def _location(where: Path | StorageConfig) -> Path | S3Location:
+    return where if isinstance(where, Path) else where.repository
+
+
+def _s3_settings(storage: StorageConfig, lock_days: int | None) -> S3Settings:
+    from agent.store.s3 import S3Settings  # boto3 only for an S3 repository
+    s3 = storage.s3
+    if s3 is None:
+        raise RepositoryError(f"storage.repository is {storage.repository} but there is no"
+                              " [storage.s3] section; add one (see the README, \"S3\")")
+    access, secret = s3.read_credentials()
+    return S3Settings(
+        endpoint_url=s3.endpoint_url, region=s3.region, access_key=access, secret_key=secret,
+        addressing_style=s3.addressing_style,
+        lock_days=s3.lock_days if lock_days is None else lock_days, lock_mode=s3.lock_mode,
+        connections=max(storage.workers, storage.read_depth) + 4, hold=s3.prune_hold)
+
+
+def open_store(where: Path | StorageConfig, *, lock_days: int | None = None,
+               codec: Codec | None = None) -> Backend:
+    """Open the existing repository `where` names (never creates one):
+    RepositoryError, one line naming it and the fix, when it is missing,
+    unreachable or not a repository. `lock_days` overrides
+    `storage.s3.lock_days` (a copy's `--lock-days`)."""
+    location = _location(where)
+    if isinstance(location, Path):
+        return LocalStore.open(location)
+    from agent.store.s3 import S3Store
+    assert not isinstance(where, Path)
+    return S3Store.open(location, _s3_settings(where, lock_days), codec=codec)
+
+
+def init_store(where: Path | StorageConfig, *, lock_days: int | None = None,
+               codec: Codec | None = None, encryption: str = "none") -> Backend:
+    """Create a new repository where `where` names (an empty directory or
+    prefix); RepositoryError if one is there, or anything else is."""
+    location = _location(where)
+    if isinstance(location, Path):
+        return LocalStore.init(location, encryption=encryption)
+    from agent.store.s3 import S3Store
+    assert not isinstance(where, Path)
+    return S3Store.init(location, _s3_settings(where, lock_days), codec=codec,
+                        encryption=encryption)
+
+
+def has_repository(where: Path | StorageConfig) -> bool:
+    """True if a repository is there (its config exists). RepositoryError
+    when an S3 bucket cannot be reached or read."""
+    location = _location(where)
+    if isinstance(location, Path):
+        return (location / "config").exists()
+    try:
+        open_store(where)
+    except RepositoryError as e:
+        if e.message.startswith("no oneback repository at"):
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True)
 class InitResult:
-    repository: Path
+    repository: Path | S3Location
     repository_id: str
     catalog: Path
     created_repository: bool      # False: joined an existing repository
@@ -43,14 +109,18 @@ class InitResult:
     encryption: str = "none"      # the repository's cipher ("none": plain)
 
 
-def init(repository: Path, catalog_path: Path, *, encrypt: bool = False,
+def init(where: Path | StorageConfig, catalog_path: Path, *, encrypt: bool = False,
          secrets: keys.Secrets | None = None) -> InitResult:
-    """Create the repository at `repository` (or join the one there) and bind
+    """Create the repository `where` names (or join the one there) and bind
     the catalog at `catalog_path` to it (creating it). RepositoryError, with
     nothing changed, if the catalog already belongs to a repository, or holds
     backups while the repository is new. `encrypt`: a new repository is
     encrypted, its master key wrapped under the passphrase of `secrets`
-    (which also open an existing encrypted repository; see `keys.unlock`)."""
+    (which also open an existing encrypted repository; see `keys.unlock`;
+    default: `where` when it is the `[storage]` section)."""
+    repository = _location(where)
+    if secrets is None and not isinstance(where, Path):
+        secrets = where
     existing: Catalog | None = None
     if catalog_path.exists():
         existing = Catalog.open(catalog_path)
@@ -64,13 +134,13 @@ def init(repository: Path, catalog_path: Path, *, encrypt: bool = False,
                 f"catalog {catalog_path} is already initialised (repository {bound}); "
                 "nothing to do, or choose another storage.catalog"
             )
-        if count and not (repository / "config").exists():
+        if count and not has_repository(where):
             raise RepositoryError(
                 f"catalog {catalog_path} holds {count} backups but there is no repository "
                 f"at {repository}; mount the repository there, or fix storage.repository"
             )
-    joined = (repository / "config").exists()
-    store = LocalStore.open(repository) if joined else _create(repository, encrypt, secrets)
+    joined = has_repository(where)
+    store = open_store(where) if joined else _create(where, encrypt, secrets)
     if joined:
         _check_joined(store, encrypt)
         keys.unlock(store, secrets)
@@ -85,7 +155,8 @@ def init(repository: Path, catalog_path: Path, *, encrypt: bool = False,
 # -- encryption (agent.keys): the only encryption-specific part of opening -------------
 
 
-def _create(repository: Path, encrypt: bool, secrets: keys.Secrets | None) -> LocalStore:
+def _create(where: Path | StorageConfig, encrypt: bool, secrets: keys.Secrets | None
+            ) -> Backend:
     """A new repository: plain, or encrypted with a new master key wrapped
     under the configured passphrase (checked before anything is created)."""
     passphrase_file = secrets.passphrase_file if secrets is not None else None
@@ -94,20 +165,20 @@ def _create(repository: Path, encrypt: bool, secrets: keys.Secrets | None) -> Lo
             raise ConfigError(
                 "storage.passphrase_file (or key_file) is set: run `oneback init "
                 "--encryption` to create an encrypted repository, or remove it for a plain one")
-        return LocalStore.init(repository)
+        return init_store(where)
     if secrets is None or passphrase_file is None:
         raise ConfigError("`oneback init --encryption` needs storage.passphrase_file: a "
                           "file holding the new repository's passphrase (mode 0600)")
     secrets.read_passphrase()   # a missing or unsafe file: refused before anything is made
     from agent.store.encryption import ALGORITHM
-    store = LocalStore.init(repository, encryption=ALGORITHM)
+    store = init_store(where, encryption=ALGORITHM)
     keys.create(store, secrets)
     return store
 
 
-def _check_joined(store: LocalStore, encrypt: bool) -> None:
+def _check_joined(store: Backend, encrypt: bool) -> None:
     if encrypt and store.encryption == "none":
-        raise ConfigError(f"repository {store.path} exists and is not encrypted; "
+        raise ConfigError(f"repository {store} exists and is not encrypted; "
                           "`--encryption` applies to a new repository only: choose another "
                           "storage.repository, or join this one without it")
 
@@ -150,7 +221,7 @@ def _backfill(catalog: Catalog, store: Repository) -> int:
             image_documents=catalog.image_documents(backup_id), disks=record.disks,
             warnings=record.warnings, maps=maps)
         name = mf.new_name(record.vm_id, record.started)
-        if isinstance(store, LocalStore):
+        if isinstance(store, Maintainable):
             for dmap in maps.values():
                 last = hole
                 for i in range(dmap.count):
@@ -164,17 +235,23 @@ def _backfill(catalog: Catalog, store: Repository) -> int:
     return done
 
 
-def open_checked(repository: Path, catalog_path: Path, secrets: keys.Secrets | None = None
-                 ) -> tuple[Catalog, LocalStore]:
+def open_checked(where: Path | StorageConfig, catalog_path: Path,
+                 secrets: keys.Secrets | None = None, *,
+                 lock_days: int | None = None) -> tuple[Catalog, Backend]:
     """The catalog and its repository, after checking they belong together.
     RepositoryError (one line naming the path and the fix) when either is
     missing, the repository is empty (not mounted?), or is not the catalog's.
-    An encrypted repository is unlocked with `secrets` (ConfigError, one
-    line, if they do not open it; see `keys.unlock`)."""
+    An encrypted repository is unlocked with `secrets` (default: `where` when
+    it is the `[storage]` section; ConfigError, one line, if they do not
+    open it; see `keys.unlock`)."""
+    repository = _location(where)
+    if secrets is None and not isinstance(where, Path):
+        secrets = where
     catalog = Catalog.open(catalog_path, create=False)
     try:
         bound = catalog.repository_id()
-        if bound is not None and not (repository / "config").exists():
+        if (bound is not None and isinstance(repository, Path)
+                and not (repository / "config").exists()):
             try:
                 LocalStore.open(repository)   # says why: missing, empty, not a repository
             except RepositoryError as e:
@@ -183,7 +260,15 @@ def open_checked(repository: Path, catalog_path: Path, secrets: keys.Secrets | N
                     f"{bound}: mount it at {repository} (or fix storage.repository); if it "
                     "is lost, move the catalog away and run `oneback init`"
                 ) from e
-        store = LocalStore.open(repository)
+        try:
+            store = open_store(where, lock_days=lock_days)
+        except RepositoryError as e:
+            if bound is None or not e.message.startswith("no oneback repository at"):
+                raise
+            raise RepositoryError(
+                f"{e.message.split(';')[0]}; catalog {catalog_path} belongs to repository "
+                f"{bound}: fix storage.repository (or [storage.s3]) to name it; if it is "
+                "lost, move the catalog away and run `oneback init`") from e
         if bound is None:
             raise RepositoryError(
                 f"catalog {catalog_path} records no repository (made by an older oneback); "
@@ -396,17 +481,27 @@ def plan_forget(catalog: Catalog, policy: KeepPolicy, vm_ids: list[int] | None =
     return ForgetPlan(tuple(decisions))
 
 
-def forget(catalog: Catalog, store: Repository, backup_ids: list[int]) -> list[int]:
+def forget(catalog: Catalog, store: Repository, backup_ids: list[int], *,
+           locked: list[tuple[int, float]] | None = None) -> list[int]:
     """Forget each backup: first from the catalog (one transaction, which
     keeps every other backup's map whole), then its manifest from the
     repository, so a crash between the two leaves a manifest (its chunks
     stay until a later forget or a rebuild), never a catalog backup whose
     chunks a prune may take. Chunks are freed by `oneback prune`. Returns
     the ids forgotten; NotFound for an unknown id (the earlier ones stay
-    forgotten)."""
+    forgotten). A backup whose manifest is under Object Lock is not
+    forgotten (its manifest cannot be deleted before its retention date):
+    it is appended to `locked` as (id, date) and stays in the catalog."""
     done = []
     own = catalog.catalog_id
     for backup_id in backup_ids:
+        if isinstance(store, Locking):
+            name = catalog.manifest_of(backup_id)
+            until = store.manifest_locked_until(name) if name else None
+            if until is not None:
+                if locked is not None:
+                    locked.append((backup_id, until))
+                continue
         manifest = catalog.forget_backup(backup_id)
         if manifest is not None and _written_by(store, manifest) == own:
             store.delete_manifest(manifest)

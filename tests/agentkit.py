@@ -37,6 +37,7 @@ from tests.onesim.testing import (
     guest_dev_dir,
     guest_disk_path,
 )
+from tests.s3server import BACKENDS, RepoView, S3RepoView, storage_lines
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 1024 * 1024   # the smallest storage.block_size oneback accepts
@@ -60,6 +61,11 @@ class Cloud:
     proxy_id: int
     config: Path
     tmp: Path
+    repo: RepoView = None  # type: ignore[assignment]   # set by make_cloud
+
+    def __post_init__(self) -> None:
+        if self.repo is None:
+            self.repo = RepoView(self.tmp / "repo")
 
     # -- running oneback -------------------------------------------------------
 
@@ -153,7 +159,10 @@ class Cloud:
 
 
 def write_config(tmp: Path, sim: Simulator, proxy_id: int, *, block_size: int = BLOCK,
-                 extra: str = "") -> Path:
+                 extra: str = "", backend: str = "local") -> Path:
+    """The configuration (and an initialised repository on `backend`, local
+    or s3; the view of it is `repo_view(cfg)`)."""
+    repository, s3_table, view = storage_lines(backend, tmp)
     auth = tmp / "one_auth"
     auth.write_text(sim.credentials + "\n")
     auth.chmod(0o600)
@@ -172,13 +181,25 @@ dev_root = "{guest_dev_dir(sim, proxy_id)}"
 sys_root = "{guest_dir(Path(sim.root), proxy_id) / 'sys'}"
 device_timeout = 5
 [storage]
-repository = "{tmp / 'repo'}"
+repository = "{repository}"
 catalog = "{tmp / 'catalog.sqlite'}"
 block_size = {block_size}
 workers = 2
-{extra}""")
+{extra}
+{s3_table}""")
+    if isinstance(view, S3RepoView):
+        view.config_file = cfg
+    _views[cfg] = view
     init_repository(cfg)
     return cfg
+
+
+_views: dict[Path, RepoView] = {}
+
+
+def repo_view(cfg: Path) -> RepoView:
+    """The repository a configuration written here names."""
+    return _views[cfg]
 
 
 def init_repository(cfg: Path) -> None:
@@ -212,10 +233,10 @@ STORAGES: dict[str, tuple[str, str, str]] = {
 
 @contextmanager
 def make_cloud(tmp_path: Path, version: str = "7.4.0", storage: str = "local",
-               ) -> Iterator[Cloud]:
+               backend: str = "local") -> Iterator[Cloud]:
     """A simulated cloud (reporting `version`, datastores set up as
     STORAGES[`storage`]) with a RUNNING proxy VM, and a oneback config for
-    it; stopped on exit."""
+    it whose repository is on `backend` (local, s3); stopped on exit."""
     system_tm, image_tm, extra = STORAGES[storage]
     sim = Simulator.start(tmp_path / "onesim", delay=FAST, version=version)
     try:
@@ -227,7 +248,8 @@ def make_cloud(tmp_path: Path, version: str = "7.4.0", storage: str = "local",
         proxy = create_proxy_vm(one, sim)
         work = tmp_path / "oneback"
         work.mkdir()
-        yield Cloud(sim, one, proxy, write_config(work, sim, proxy, extra=extra), work)
+        cfg = write_config(work, sim, proxy, extra=extra, backend=backend)
+        yield Cloud(sim, one, proxy, cfg, work, repo_view(cfg))
     finally:
         sim.stop()
 
@@ -251,6 +273,25 @@ cloud_per_storage = pytest.fixture(params=["shared-raw", "qcow2"], name="cloud")
     _cloud_per_storage)
 
 
+def _cloud_per_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cloud]:
+    with make_cloud(tmp_path, backend=request.param) as c:
+        yield c
+
+
+# `from tests.agentkit import cloud_per_backend` in a test module runs its
+# `cloud` tests once per repository backend (a directory, an S3 bucket on
+# the tests' own S3 server): the repository suites. A test about the local
+# filesystem alone narrows it with
+# `@pytest.mark.parametrize("cloud", ["local"], indirect=True)`.
+cloud_per_backend = pytest.fixture(params=BACKENDS, name="cloud")(_cloud_per_backend)
+
+
+@pytest.fixture(params=BACKENDS)
+def repo_backend(request: pytest.FixtureRequest) -> str:
+    """Each repository backend in turn: "local", then "s3"."""
+    return str(request.param)
+
+
 def pattern(size: int, seed: int) -> bytes:
     """Deterministic, incompressible-ish bytes (different per seed)."""
     import hashlib
@@ -267,9 +308,11 @@ def env_without_oneback() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ONEBACK")}
 
 
-def offline_config(tmp: Path, storage: str = "") -> Path:
+def offline_config(tmp: Path, storage: str = "", backend: str = "local") -> Path:
     """A configuration for commands that never reach oned (its endpoint is a
-    closed port): a repository and catalog under `tmp`, plus `storage` lines."""
+    closed port): a repository (on `backend`) and catalog under `tmp`, plus
+    `storage` lines. Not initialised; `repo_view(cfg)` is its repository."""
+    repository, s3_table, view = storage_lines(backend, tmp)
     auth = tmp / "one_auth"
     auth.write_text("oneadmin:x\n")
     auth.chmod(0o600)
@@ -281,8 +324,12 @@ credentials_file = "{auth}"
 [proxy]
 vm_id = 0
 [storage]
-repository = "{tmp / 'repo'}"
+repository = "{repository}"
 catalog = "{tmp / 'catalog.sqlite'}"
 {storage}
+{s3_table}
 """)
+    if isinstance(view, S3RepoView):
+        view.config_file = cfg
+    _views[cfg] = view
     return cfg

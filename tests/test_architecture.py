@@ -18,6 +18,8 @@ BOUNDARIES = {
     "cryptography": {"encryption.py"},   # agent/store/encryption.py
     "mfusepy": {"mount.py"},             # FUSE: agent/mount.py
     "prometheus_client": {"metrics.py"},
+    "boto3": {"s3.py"},
+    "botocore": {"s3.py"},
 }
 
 

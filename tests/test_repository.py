@@ -23,9 +23,11 @@ from agent.store.local import LocalStore
 from tests.agentkit import (
     BLOCK,
     Cloud,
+    cloud_per_backend,  # noqa: F401  (`cloud`: both backends)
     init_repository,
     offline_config,
     pattern,
+    repo_view,
 )
 
 # -- the manifest encoding ---------------------------------------------------------------
@@ -99,8 +101,8 @@ def test_a_newer_manifest_format_asks_for_an_upgrade() -> None:
 # -- oneback init, and the check every other command makes --------------------------------
 
 
-def _config(tmp: Path) -> Path:
-    return offline_config(tmp)
+def _config(tmp: Path, backend: str = "local") -> Path:
+    return offline_config(tmp, backend=backend)
 
 
 def _run(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -122,23 +124,29 @@ def _refused(r: tuple[int, str, str], *words: str) -> None:
 
 
 def test_commands_refuse_a_repository_that_was_never_initialised(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = _config(tmp_path)
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], repo_backend: str) -> None:
+    cfg = _config(tmp_path, repo_backend)
+    view = repo_view(cfg)
     for command in (["list"], ["show", "1"], ["status"], ["export", "1", "0", "-o", "x"]):
         _refused(_run(cfg, capsys, *command), str(tmp_path / "catalog.sqlite"),
                  "oneback init")
-    assert not (tmp_path / "repo").exists() and not (tmp_path / "catalog.sqlite").exists()
+    assert not view.exists() and not (tmp_path / "catalog.sqlite").exists()
 
     code, out, _ = _run(cfg, capsys, "init", "--json")
     made = json.loads(out)
     assert code == 0 and made["created_repository"] is True
-    assert json.loads((tmp_path / "repo" / "config").read_text())["id"] == made["repository_id"]
+    assert made["repository"] == view.location
+    config = json.loads(view.config())
+    assert config["id"] == made["repository_id"]
+    assert (config["format"], config["compression"], config["hash"]) == (1, "zstd", "sha256")
     assert _run(cfg, capsys, "list", "--json")[:2] == (0, "[]\n")
     _refused(_run(cfg, capsys, "init"), "already initialised")
 
 
 def test_an_unmounted_or_foreign_repository_is_refused_never_replaced(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Local only: about a directory whose filesystem is not mounted (S3's
+    missing bucket and empty prefix: tests/test_s3.py)."""
     cfg = _config(tmp_path)
     assert _run(cfg, capsys, "init")[0] == 0
     repo = tmp_path / "repo"
@@ -170,8 +178,8 @@ def test_an_unmounted_or_foreign_repository_is_refused_never_replaced(
 
 
 def test_a_second_catalog_joins_an_existing_repository(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = _config(tmp_path)
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], repo_backend: str) -> None:
+    cfg = _config(tmp_path, repo_backend)
     assert _run(cfg, capsys, "init")[0] == 0
     second = tmp_path / "second.toml"
     second.write_text(cfg.read_text().replace("catalog.sqlite", "second.sqlite"))
@@ -223,8 +231,9 @@ def _catalog_view(c: Cloud) -> dict:
     return {"backups": rows, "images": images, "disks": disks}
 
 
-def _manifest_files(c: Cloud) -> list[Path]:
-    return sorted(p for p in (c.tmp / "repo" / "manifests").rglob("*") if p.is_file())
+def _manifest_files(c: Cloud) -> dict[str, bytes]:
+    """{name: stored bytes} of every manifest in the repository."""
+    return c.repo.manifests()
 
 
 def _delete_catalog(c: Cloud) -> None:
@@ -264,12 +273,13 @@ def test_rebuild_after_losing_the_catalog_restores_every_backup_byte_for_byte(
     # One immutable manifest per backup, in the repository, small.
     files = _manifest_files(c)
     assert len(files) == len(backups)
-    assert {f.parent.name for f in files} == {str(web), str(db)}
-    for f in files:
-        assert f.stat().st_mode & 0o777 == 0o400   # read-only, private (umask 077)
-        m = mf.decode(f.read_bytes(), f.name)
+    assert {f.split("/")[0] for f in files} == {str(web), str(db)}
+    for f, data in files.items():
+        if c.repo.kind == "local":   # read-only, private (umask 077)
+            assert (c.tmp / "repo" / "manifests" / f).stat().st_mode & 0o777 == 0o400
+        m = mf.decode(data, f)
         blocks = sum(x.count for x in m.maps.values())
-        assert f.stat().st_size <= 4096 + 50 * blocks, (f, f.stat().st_size, blocks)
+        assert len(data) <= 4096 + 50 * blocks, (f, len(data), blocks)
 
     before = _exports(c, capsys, backups)
     view = _catalog_view(c)
@@ -321,17 +331,16 @@ def test_rebuild_refuses_an_existing_catalog_and_reports_damaged_manifests(
     assert r.code == 8 and "--force" in r.err and str(catalog) in r.err, r.err
     assert catalog.read_bytes() == catalog_bytes
 
-    files = sorted(_manifest_files(c),   # in backup order
-                   key=lambda f: mf.decode(f.read_bytes(), f.name).backup_id)
+    stored = _manifest_files(c)
+    files = sorted(stored, key=lambda f: mf.decode(stored[f], f).backup_id)   # backup order
     for f, how in ((files[1], "truncate"), (files[2], "flip")):
-        os.chmod(f, 0o600)
-        data = bytearray(f.read_bytes())
+        data = bytearray(stored[f])
         if how == "truncate":
             data = data[:len(data) // 3]
         else:
             data[len(data) // 2] ^= 0x40
-        f.write_bytes(bytes(data))
-    bad = sorted(f"{f.parent.name}/{f.name}" for f in files[1:3])
+        c.repo.write_manifest(f, bytes(data))
+    bad = sorted(files[1:3])
 
     r = c.run("catalog", "rebuild", "--force", "--json", capsys=capsys)
     assert r.code == 9, r
@@ -350,11 +359,11 @@ def test_rebuild_refuses_an_existing_catalog_and_reports_damaged_manifests(
     assert _backup(c, capsys, vm)["kind"] == "incremental"
 
 
-def _stop_at_new_manifest(proc: subprocess.Popen[str], manifests: Path, known: set[str],
+def _stop_at_new_manifest(proc: subprocess.Popen[str], c: Cloud, known: set[str],
                           stopped: threading.Event) -> None:
     """SIGSTOP `proc` the moment a manifest not in `known` appears."""
     while proc.poll() is None:
-        if set(os.listdir(manifests)) - known:
+        if c.repo.manifest_names() - known:
             os.kill(proc.pid, signal.SIGSTOP)
             stopped.set()
             return
@@ -369,7 +378,6 @@ def test_killed_between_manifest_and_commit_rebuild_picks_the_backup_up(
     c = cloud
     vm = c.vm("k", [c.image("k-os", pattern(8 * BLOCK, 1))])
     first = _backup(c, capsys, vm)
-    manifests = c.tmp / "repo" / "manifests" / str(vm)
     caught: dict | None = None
     for attempt in range(12):
         with open(c.disk_path(vm, 0), "r+b") as f:
@@ -377,20 +385,20 @@ def test_killed_between_manifest_and_commit_rebuild_picks_the_backup_up(
             f.write(pattern(4096, 900 + attempt))
         with open(c.disk_path(vm, 0), "rb") as f:
             disk_now = hashlib.sha256(f.read()).hexdigest()
-        known = set(os.listdir(manifests))
+        known = c.repo.manifest_names()
         proc = c.spawn("backup", str(vm))
         stopped = threading.Event()
         watcher = threading.Thread(target=_stop_at_new_manifest,
-                                   args=(proc, manifests, known, stopped))
+                                   args=(proc, c, known, stopped))
         watcher.start()
         watcher.join(60)
         if stopped.is_set():
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        new = sorted(set(os.listdir(manifests)) - known)
+        new = sorted(c.repo.manifest_names() - known)
         assert len(new) == 1
         listed = c.run("list", "--json", capsys=capsys).json()
-        m = mf.decode((manifests / new[0]).read_bytes(), new[0])
+        m = mf.decode(c.repo.manifests()[new[0]], new[0])
         if m.backup_id not in [b["backup_id"] for b in listed]:
             caught = {"backup_id": m.backup_id, "digest": disk_now, "name": new[0]}
             break
@@ -424,7 +432,7 @@ def test_two_catalogs_sharing_a_repository_never_collide(
     second_cfg = c.tmp / "second.toml"
     second_cfg.write_text(c.config.read_text().replace("catalog.sqlite", "second.sqlite"))
     init_repository(second_cfg)
-    second = Cloud(c.sim, c.one, c.proxy_id, second_cfg, c.tmp)
+    second = Cloud(c.sim, c.one, c.proxy_id, second_cfg, c.tmp, c.repo)
     other = _backup(second, capsys, b)
     assert other["backup_id"] == first["backup_id"]   # each catalog numbers its own
     before = _exports(c, capsys, [first]) | {
@@ -460,7 +468,8 @@ def test_init_on_a_catalog_from_before_manifests_writes_them(
     with sqlite3.connect(c.tmp / "catalog.sqlite") as db:
         db.execute("DELETE FROM meta WHERE key = 'repository_id'")
         db.execute("UPDATE backups SET manifest = NULL")
-    shutil.rmtree(c.tmp / "repo" / "manifests")
+    for name in c.repo.manifest_names():
+        c.repo.delete_manifest(name)
 
     r = c.run("list", capsys=capsys)
     assert r.code == 8 and "records no repository" in r.err and "oneback init" in r.err, r.err
@@ -479,10 +488,10 @@ def test_init_on_a_catalog_from_before_manifests_writes_them(
 
 
 def test_rebuild_refuses_a_catalog_a_running_process_holds(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], repo_backend: str) -> None:
     from agent.lease import Lease
 
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, repo_backend)
     assert _run(cfg, capsys, "init")[0] == 0
     held = Lease.acquire(tmp_path / "catalog.sqlite")   # what every running oneback holds
     try:

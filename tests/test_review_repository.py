@@ -5,7 +5,6 @@ onesim, real SQLite files and a real repository directory."""
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,7 +15,15 @@ import pytest
 from agent import prune
 from agent.store import chunk_id_of
 from agent.store.local import LocalStore
-from tests.agentkit import BLOCK, Cloud, init_repository, pattern
+from tests.agentkit import (
+    BLOCK,
+    Cloud,
+    cloud_per_backend,  # noqa: F401  (`cloud`: both backends)
+    init_repository,
+    offline_config,
+    pattern,
+    repo_view,
+)
 
 
 def _backup(c: Cloud, capsys: pytest.CaptureFixture[str], vm: int) -> dict:
@@ -27,10 +34,7 @@ def _backup(c: Cloud, capsys: pytest.CaptureFixture[str], vm: int) -> dict:
 
 
 def _age_chunks(c: Cloud, seconds: float) -> None:
-    then = time.time() - seconds
-    for p in (c.tmp / "repo" / "chunks").rglob("*"):
-        if p.is_file():
-            os.utime(p, (then, then))
+    c.repo.age_chunks(seconds)
 
 
 def test_a_prune_beside_the_backfill_of_init_never_takes_the_chunks_it_describes(
@@ -52,10 +56,11 @@ def test_a_prune_beside_the_backfill_of_init_never_takes_the_chunks_it_describes
     with sqlite3.connect(c.tmp / "catalog.sqlite") as db:
         db.execute("DELETE FROM meta WHERE key = 'repository_id'")
         db.execute("UPDATE backups SET manifest = NULL")
-    shutil.rmtree(c.tmp / "repo" / "manifests")
+    for name in c.repo.manifest_names():
+        c.repo.delete_manifest(name)
     _age_chunks(c, 3600)   # written long ago, by the older oneback
 
-    store = LocalStore.open(c.tmp / "repo")
+    store = c.repo.open()
     listed = store.manifests
 
     def list_then_init() -> Iterator[str]:
@@ -82,7 +87,9 @@ def test_a_stalled_backup_whose_marker_a_prune_removed_is_protected_again(
     removes its running marker. When the process resumes, its heartbeat must
     put the marker back (with its start), or every later prune ignores the
     backup and deletes the chunks it wrote and has not yet committed. Before
-    the fix the heartbeat failed silently and the second prune deleted them."""
+    the fix the heartbeat failed silently and the second prune deleted them.
+    Local only: it sets the marker's mtime by hand (an S3 marker's beat
+    writes it again whole, whether a prune took it or not)."""
     from agent import backup
 
     monkeypatch.setattr(backup, "HEARTBEAT", 0.05)
@@ -113,7 +120,8 @@ def test_a_verify_never_quarantines_a_chunk_another_process_just_healed(
     the backup moves the damaged file aside and writes the chunk whole, then
     the verify moves aside whatever has the name now. Before the fix that was
     the healed, whole chunk: the backup just committed referenced a chunk
-    missing from chunks/."""
+    missing from chunks/. Local only: it swaps the local store's read-back;
+    on S3 the quarantine copies only the object it read (If-Match its ETag)."""
     LocalStore.init(tmp_path / "repo")
     verifier = LocalStore.open(tmp_path / "repo")
     backup = LocalStore.open(tmp_path / "repo")
@@ -159,7 +167,7 @@ def test_a_rebuilt_catalog_never_forgets_the_backups_another_catalog_holds(
     second_cfg = c.tmp / "second.toml"
     second_cfg.write_text(c.config.read_text().replace("catalog.sqlite", "second.sqlite"))
     init_repository(second_cfg)
-    second = Cloud(c.sim, c.one, c.proxy_id, second_cfg, c.tmp)
+    second = Cloud(c.sim, c.one, c.proxy_id, second_cfg, c.tmp, c.repo)
     old = _backup(second, capsys, b)
     with open(c.disk_path(b, 0), "r+b") as f:
         f.write(pattern(BLOCK, 9))           # block 0 changes: the old chunk is old's alone
@@ -179,22 +187,21 @@ def test_a_rebuilt_catalog_never_forgets_the_backups_another_catalog_holds(
     assert out.read_bytes() == pattern(2 * BLOCK, 2)
 
 
-def test_a_full_backup_keeps_the_old_chunks_it_checked_from_a_prune(tmp_path: Path) -> None:
+def test_a_full_backup_keeps_the_old_chunks_it_checked_from_a_prune(
+        tmp_path: Path, repo_backend: str) -> None:
     """`backup --full` stores every block through `Healing`: a chunk that is
     already there and whole is kept, not written. Like `put`'s dedup hit it
     must be touched then, so a prune beside the backup keeps it (the block
     is in the backup being written). Before the fix the chunk kept its old
     mtime: a prune deleted it, and the backup failed at its commit."""
-    from agent import backup
+    from agent import backup, config, repository
     from agent.store import Healing
-
-    store = LocalStore.init(tmp_path / "repo")
+    cfg = offline_config(tmp_path, backend=repo_backend)
+    store = repository.init_store(config.load(cfg).storage)
     data = pattern(BLOCK, 6)
     chunk = chunk_id_of(data)
     store.put(chunk, data)
-    path = tmp_path / "repo" / "chunks" / chunk.hex()[:2] / chunk.hex()
-    then = time.time() - 3600
-    os.utime(path, (then, then))      # stored long ago; its backup was just forgotten
+    repo_view(cfg).age_chunks(3600)   # stored long ago; its backup was just forgotten
     with backup.running(store, "backup-vm7"):
         assert Healing(store).put(chunk, data) == 0   # whole: kept as it is
         report = prune.prune(store)
@@ -214,13 +221,12 @@ def test_a_rebuilt_catalog_takes_over_its_own_backups_and_forgets_them_for_good(
     with open(c.disk_path(a, 0), "r+b") as f:
         f.write(pattern(BLOCK, 7))
     _backup(c, capsys, a)
-    manifests = c.tmp / "repo" / "manifests"
-    before = sorted(p for p in manifests.rglob("*") if p.is_file())
+    before = c.repo.manifest_names()
     assert len(before) == 2
     for suffix in ("", "-wal", "-shm"):
         Path(f"{c.tmp / 'catalog.sqlite'}{suffix}").unlink(missing_ok=True)
     r = c.run("catalog", "rebuild", "--json", capsys=capsys)
     assert r.code == 0 and r.json()["foreign"] == 0, r.out + r.err
     assert c.run("forget", "--keep-last", "1", capsys=capsys).code == 0
-    after = sorted(p for p in manifests.rglob("*") if p.is_file())
-    assert len(after) == 1 and after[0] in before   # one manifest is gone for good
+    after = c.repo.manifest_names()
+    assert len(after) == 1 and after < before   # one manifest is gone for good

@@ -22,7 +22,8 @@ from agent.errors import IntegrityError, InternalError, NotFound, RepositoryErro
 from agent.store import ChunkStore, Repository, chunk_id_of
 from agent.store.local import TEMP_GRACE, LocalStore
 from agent.store.memory import MemoryStore
-from tests.agentkit import Cloud, pattern
+from tests.agentkit import Cloud, offline_config, pattern
+from tests.s3server import BACKENDS, S3RepoView
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,11 +55,24 @@ def _write_damaged(stored: bytes, how: str, write: Callable[[bytes], object]) ->
         write(zstandard.ZstdCompressor().compress(b"not the chunk you are looking for"))
 
 
-@pytest.fixture(params=["local", "memory"])
+def damage_s3(store: ChunkStore, chunk_id: bytes, how: str) -> None:
+    from agent.store.s3 import S3Store
+    assert isinstance(store, S3Store)
+    view = S3RepoView(store.location.bucket, store.location.prefix)
+    _write_damaged(view.read_chunk(chunk_id.hex()), how,
+                   lambda b: view.write_chunk(chunk_id.hex(), b))
+
+
+@pytest.fixture(params=[*BACKENDS, "memory"])
 def backend(request: pytest.FixtureRequest,
             tmp_path: Path) -> Iterator[tuple[ChunkStore, Callable[..., None]]]:
+    """Every backend: a directory, an S3 bucket (the tests' own server), memory."""
     if request.param == "local":
         yield LocalStore.init(tmp_path / "repo"), damage_local
+    elif request.param == "s3":
+        from agent import config, repository
+        cfg = offline_config(tmp_path, backend="s3")
+        yield repository.init_store(config.load(cfg).storage), damage_s3
     else:
         yield MemoryStore(), damage_memory
 

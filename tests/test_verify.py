@@ -1,5 +1,5 @@
 """`oneback verify` and self-healing, through the real CLI against onesim, a
-real SQLite catalog and a real repository directory: damage found and named
+real SQLite catalog and a real repository (a directory, and an S3 bucket): damage found and named
 (backup, disk, block), damaged chunks quarantined, the next backup stores
 them anew, and every older backup that shared them restores again; the
 agent's continuous verify finds damage on its own and `oneback status` says so."""
@@ -15,8 +15,15 @@ from typing import Any
 import pytest
 
 from agent import manifest as mf
-from tests.agentkit import BLOCK, Cloud, pattern
+from tests.agentkit import (
+    BLOCK,
+    Cloud,
+    cloud_per_backend,  # noqa: F401  (`cloud`: both backends)
+    offline_config,
+    pattern,
+)
 from tests.agentproc import AgentProcess
+from tests.s3server import BACKENDS, S3RepoView
 
 DISK = 4 * BLOCK
 
@@ -35,18 +42,10 @@ def _export(c: Cloud, capsys: pytest.CaptureFixture[str], backup_id: int) -> tup
     return r.code, out.read_bytes() if r.code == 0 else b""
 
 
-def _repo(c: Cloud) -> Path:
-    return c.tmp / "repo"
-
-
 def _latest_manifest(c: Cloud, vm: int) -> mf.Manifest:
-    found = [mf.decode(p.read_bytes(), p.name)
-             for p in (_repo(c) / "manifests" / str(vm)).iterdir()]
+    found = [mf.decode(data, name) for name, data in c.repo.manifests().items()
+             if name.startswith(f"{vm}/")]
     return max(found, key=lambda m: m.backup_id)   # names sort by the second only
-
-
-def _chunk_path(c: Cloud, chunk: bytes) -> Path:
-    return _repo(c) / "chunks" / chunk.hex()[:2] / chunk.hex()
 
 
 def _chunk_of(c: Cloud, vm: int, block: int) -> bytes:
@@ -55,16 +54,14 @@ def _chunk_of(c: Cloud, vm: int, block: int) -> bytes:
     return chunk
 
 
-def _rewrite(path: Path, data: bytes) -> None:
-    path.chmod(0o644)
-    path.write_bytes(data)
-    path.chmod(0o444)
+def _rewrite(c: Cloud, chunk: bytes, data: bytes) -> None:
+    c.repo.write_chunk(chunk.hex(), data)
 
 
-def _flip(path: Path) -> None:
-    data = bytearray(path.read_bytes())
+def _flip(c: Cloud, chunk: bytes) -> None:
+    data = bytearray(c.repo.read_chunk(chunk.hex()))
     data[len(data) // 2] ^= 0x01
-    _rewrite(path, bytes(data))
+    _rewrite(c, chunk, bytes(data))
 
 
 def _verify(c: Cloud, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any, str]:
@@ -99,7 +96,7 @@ def test_a_flipped_byte_is_named_quarantined_and_healed_by_the_next_backup(
     assert code == 0 and doc["clean"] and doc["checked"] == doc["chunks"] == 5, doc
 
     chunk = _chunk_of(cloud, vm, 0)          # block 0: in both backups
-    _flip(_chunk_path(cloud, chunk))
+    _flip(cloud, chunk)
     code, doc, err = _verify(cloud, capsys, "--read-data")
     assert code == 9, doc
     assert "damaged" in err and err.count("\n") == 1
@@ -109,9 +106,8 @@ def test_a_flipped_byte_is_named_quarantined_and_healed_by_the_next_backup(
     assert sorted(doc["damaged_backups"]) == sorted(str(i) for i in ids)
     assert all(d["quarantined"] and d["vm_id"] == vm for d in doc["damage"])
     # Kept aside, not deleted; no longer in the chunk store.
-    assert not _chunk_path(cloud, chunk).exists()
-    assert [p.name.split(".")[0] for p in (_repo(cloud) / "quarantine").iterdir()] == [
-        chunk.hex()]
+    assert not cloud.repo.has_chunk(chunk.hex())
+    assert cloud.repo.quarantined() == [chunk.hex()]
     # People get the same, one line per damaged block.
     r = cloud.run("verify", capsys=capsys)
     assert r.code == 9
@@ -123,7 +119,7 @@ def test_a_flipped_byte_is_named_quarantined_and_healed_by_the_next_backup(
     assert third["kind"] == "incremental"
     assert any("stored again" in w for w in third["warnings"]), third
     assert third["disks"][0]["bytes_changed"] == BLOCK
-    assert hashlib.sha256(_chunk_path(cloud, chunk).read_bytes()).digest() != b""
+    assert cloud.repo.read_chunk(chunk.hex())
     code, doc, _ = _verify(cloud, capsys, "--read-data")
     assert code == 0 and doc["clean"], doc
     for b in ids:     # the older backups that shared the chunk restore again
@@ -137,10 +133,10 @@ def test_a_deleted_chunk_is_missing_without_reading_data_and_healed(
     vm, backups, at = two_backups
     ids = [b["backup_id"] for b in backups]
     flipped, deleted = _chunk_of(cloud, vm, 1), _chunk_of(cloud, vm, 2)   # 2: only the 2nd's
-    _flip(_chunk_path(cloud, flipped))
+    _flip(cloud, flipped)
     code, doc, _ = _verify(cloud, capsys)   # existence only: a flipped byte is not seen
     assert code == 0 and doc["clean"] and not doc["read_data"] and doc["bytes_read"] == 0
-    _chunk_path(cloud, deleted).unlink()
+    cloud.repo.delete_chunk(deleted.hex())
     code, doc, _ = _verify(cloud, capsys)
     assert code == 9
     assert [(d["backup_id"], d["disk_id"], d["block"], d["problem"], d["chunk"])
@@ -171,11 +167,11 @@ def test_full_backup_replaces_a_damaged_chunk_no_verify_has_seen(
     vm, backups, at = two_backups
     ids = [b["backup_id"] for b in backups]
     chunk = _chunk_of(cloud, vm, 3)
-    _flip(_chunk_path(cloud, chunk))
+    _flip(cloud, chunk)
     assert _export(cloud, capsys, ids[0])[0] == 9
     full = _backup(cloud, capsys, vm, "--full")
     assert full["kind"] == "full"
-    assert len(list((_repo(cloud) / "quarantine").iterdir())) == 1   # kept aside
+    assert len(cloud.repo.quarantined()) == 1   # kept aside
     code, doc, _ = _verify(cloud, capsys, "--read-data")
     assert code == 0 and doc["clean"], doc
     for b in ids:
@@ -188,17 +184,17 @@ def test_hostile_chunks_are_caught_by_read_data(
         two_backups: tuple[int, list[dict[str, Any]], dict[int, bytes]]) -> None:
     vm, backups, at = two_backups
     victim, other = _chunk_of(cloud, vm, 1), _chunk_of(cloud, vm, 3)
-    path = _chunk_path(cloud, victim)
+    stored = cloud.repo.read_chunk(victim.hex())
     if how == "truncated":
-        _rewrite(path, path.read_bytes()[:len(path.read_bytes()) // 3])
+        _rewrite(cloud, victim, stored[:len(stored) // 3])
     else:   # a valid zstd frame of a valid chunk, under the wrong name
-        _rewrite(path, _chunk_path(cloud, other).read_bytes())
+        _rewrite(cloud, victim, cloud.repo.read_chunk(other.hex()))
     code, doc, _ = _verify(cloud, capsys, "--read-data")
     assert code == 9
     assert {(d["disk_id"], d["block"], d["problem"], d["chunk"]) for d in doc["damage"]} == {
         (0, 1, "corrupt", victim.hex())}
     assert doc["quarantined"] == [victim.hex()]
-    assert _chunk_path(cloud, other).exists()   # the innocent chunk stays
+    assert cloud.repo.has_chunk(other.hex())   # the innocent chunk stays
     _backup(cloud, capsys, vm)
     assert _verify(cloud, capsys, "--read-data")[0] == 0
     for b in backups:
@@ -218,13 +214,13 @@ def test_a_manifest_naming_a_chunk_that_never_existed(
     forged = mf.Manifest(**{**m.__dict__, "backup_id": 77, "catalog": "ff" * 16,
                             "maps": {0: mf.DiskMap(m.maps[0].checksums, chunks)}})
     name = f"{vm}/29991231T000000Z-0123456789abcdef"
-    (_repo(cloud) / "manifests" / name).write_bytes(mf.encode(forged))
+    cloud.repo.write_manifest(name, mf.encode(forged))
     for args in ((), ("--read-data",)):
         code, doc, _ = _verify(cloud, capsys, *args)
         assert code == 9, doc
         assert [(d["manifest"], d["backup_id"], d["block"], d["problem"])
                 for d in doc["damage"]] == [(name, None, 1, "missing")]
-    (_repo(cloud) / "manifests" / name).write_bytes(b"not a manifest")
+    cloud.repo.write_manifest(name, b"not a manifest")
     code, doc, _ = _verify(cloud, capsys)
     assert code == 9 and [(d["manifest"], d["problem"]) for d in doc["damage"]] == [
         (name, "manifest")]
@@ -247,12 +243,12 @@ def test_the_agent_verifies_in_the_background_and_status_shows_damage(
     vm = cloud.vm("db", [cloud.image("db-os", pattern(DISK, 5))])
     first = _backup(cloud, capsys, vm)
     chunk = _chunk_of(cloud, vm, 2)
-    _flip(_chunk_path(cloud, chunk))
+    _flip(cloud, chunk)
     # The whole repository twice a second (in quarter steps): a test's pace.
     a = agent(extra='[verify]\nrate = "172800/1"\ninterval = 0.1\n')
     found = a.wait_event("verify.damaged", timeout=30)
     assert found["chunks"] == [chunk.hex()]
-    assert not _chunk_path(cloud, chunk).exists()   # quarantined
+    assert not cloud.repo.has_chunk(chunk.hex())   # quarantined
     r = cloud.call("status", "--json")
     assert r.code == 0, r.err
     bg = r.json()["verify"]["background"]
@@ -276,7 +272,7 @@ def test_a_manifest_recording_a_wrong_xxh3_is_named_alone(
     forged = mf.Manifest(**{**m.__dict__, "backup_id": 78, "catalog": "ee" * 16,
                             "maps": {0: mf.DiskMap(sums, m.maps[0].chunks)}})
     name = f"{vm}/29991231T000000Z-fedcba9876543210"
-    (_repo(cloud) / "manifests" / name).write_bytes(mf.encode(forged))
+    cloud.repo.write_manifest(name, mf.encode(forged))
     assert _verify(cloud, capsys)[0] == 0
     code, doc, _ = _verify(cloud, capsys, "--read-data")
     assert code == 9 and doc["quarantined"] == []
@@ -336,19 +332,30 @@ def test_a_restarted_agent_goes_on_with_its_verify_pass(
 # -- the store's side: quarantine and heal, on every backend -----------------------------
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=[*BACKENDS, "memory"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    from agent.store.local import LocalStore
+    from agent import config, repository
     from agent.store.memory import MemoryStore
-    return LocalStore.init(tmp_path / "repo") if request.param == "local" else MemoryStore()
+    if request.param == "memory":
+        return MemoryStore()
+    cfg = offline_config(tmp_path, backend=request.param)
+    return repository.init_store(config.load(cfg).storage)
 
 
 def _damage(store: Any, chunk: bytes) -> None:
+    from agent.store.local import LocalStore
     from agent.store.memory import MemoryStore
     if isinstance(store, MemoryStore):
         store.blobs[chunk] = store.blobs[chunk][:-3] + b"xyz"
-    else:
-        _flip(store.path / "chunks" / chunk.hex()[:2] / chunk.hex())
+        return
+    if isinstance(store, LocalStore):
+        path = store.path / "chunks" / chunk.hex()[:2] / chunk.hex()
+        path.chmod(0o644)
+        stored = path.read_bytes()
+        path.write_bytes(stored[:-3] + b"xyz")
+        return
+    view = S3RepoView(store.location.bucket, store.location.prefix)
+    view.write_chunk(chunk.hex(), view.read_chunk(chunk.hex())[:-3] + b"xyz")
 
 
 def test_store_quarantines_only_damaged_chunks_and_heal_replaces_them(store: Any) -> None:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from agent.catalog import Catalog
     from agent.cloud import Cloud
     from agent.lease import Lease
-    from agent.store.local import LocalStore
+    from agent.store import Backend
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,7 +53,7 @@ class Runtime:
     cfg: config_mod.Config
     connection: Cloud | None   # None for commands that work from the catalog alone
     catalog: Catalog
-    store: LocalStore
+    store: Backend
     lease: Lease
 
     @property
@@ -84,8 +84,7 @@ def runtime(config_file: str | None, *, cloud: bool = True) -> Iterator[Runtime]
                     timeout=cfg.opennebula.timeout,
                     operation_timeout=cfg.opennebula.operation_timeout,
                     poll_interval=cfg.opennebula.poll_interval)
-    catalog, store = repository.open_checked(cfg.storage.repository, cfg.storage.catalog,
-                                             cfg.storage)
+    catalog, store = repository.open_checked(cfg.storage, cfg.storage.catalog)
     try:
         lease = Lease.acquire(cfg.storage.catalog)
         try:

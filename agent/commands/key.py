@@ -28,11 +28,10 @@ def key_() -> None:
 def key_passwd(new_file: str, config_file: str | None, as_json: bool) -> None:
     """Change the passphrase: the key is re-wrapped, no data is rewritten.
     Then put the new passphrase into storage.passphrase_file."""
-    from agent import keys
-    from agent.store.local import LocalStore
+    from agent import keys, repository
     cfg = config_mod.load(config_file)
     new = config_mod.read_passphrase_file(Path(new_file), "--new-passphrase-file")
-    store = LocalStore.open(cfg.storage.repository)
+    store = repository.open_store(cfg.storage)
     added, removed = keys.passwd(store, cfg.storage, new)
     if as_json:
         emit_json({"repository": str(cfg.storage.repository), "key": added,
@@ -53,10 +52,9 @@ def key_export(output: str | None, config_file: str | None, as_json: bool) -> No
     """Print (or write) the repository's master key, to keep somewhere safe: it
     opens the repository without the passphrase (storage.key_file). On
     standard output the key is one JSON document, with or without --json."""
-    from agent import keys
-    from agent.store.local import LocalStore
+    from agent import keys, repository
     cfg = config_mod.load(config_file)
-    store = LocalStore.open(cfg.storage.repository)
+    store = repository.open_store(cfg.storage)
     opened = keys.unlock(store, cfg.storage)
     if opened is None:
         raise UsageError(f"repository {cfg.storage.repository} is not encrypted; it has no"
@@ -80,11 +78,10 @@ def key_export(output: str | None, config_file: str | None, as_json: bool) -> No
 def key_import(key_file: str, config_file: str | None, as_json: bool) -> None:
     """Make the passphrase in storage.passphrase_file open the repository again,
     from its exported key FILE (a forgotten passphrase, lost key files)."""
-    from agent import keys
-    from agent.store.local import LocalStore
+    from agent import keys, repository
     cfg = config_mod.load(config_file)
     document = config_mod.read_private_file(Path(key_file), "key file")
-    store = LocalStore.open(cfg.storage.repository)
+    store = repository.open_store(cfg.storage)
     added = keys.import_key(store, document, f"key file {key_file}", cfg.storage)
     if as_json:
         emit_json({"repository": str(cfg.storage.repository), "key": added})

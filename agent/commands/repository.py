@@ -43,7 +43,7 @@ def init_(encryption: bool, config_file: str | None, as_json: bool) -> None:
     """Create the repository and the catalog (or join an existing repository)."""
     from agent import repository
     cfg = config_mod.load(config_file)
-    result = repository.init(cfg.storage.repository, cfg.storage.catalog,
+    result = repository.init(cfg.storage, cfg.storage.catalog,
                              encrypt=encryption, secrets=cfg.storage)
     if as_json:
         emit_json(init_json(result))
@@ -82,9 +82,8 @@ def catalog_rebuild(force: bool, as_catalog: str | None, config_file: str | None
                     as_json: bool) -> None:
     """Rebuild the catalog from the repository's manifests alone."""
     from agent import keys, repository
-    from agent.store.local import LocalStore
     cfg = config_mod.load(config_file)
-    store = LocalStore.open(cfg.storage.repository)
+    store = repository.open_store(cfg.storage)
     keys.unlock(store, cfg.storage)
     report = repository.rebuild(store, store.id, cfg.storage.catalog, force=force,
                                 as_catalog=as_catalog)
@@ -218,17 +217,31 @@ def forget_(backup_ids: tuple[int, ...], vm_ids: tuple[int, ...], keep_last: int
             plan = repository.ForgetPlan(tuple(decisions))
         else:
             plan = repository.plan_forget(rt.catalog, policy, list(vm_ids) or None)
+        locked: list[tuple[int, float]] = []
         forgotten = plan.forget if dry_run else repository.forget(
-            rt.catalog, rt.store, plan.forget)
+            rt.catalog, rt.store, plan.forget, locked=locked)
     if as_json:
-        emit_json(forget_json(plan, forgotten, dry_run))
+        doc = forget_json(plan, forgotten, dry_run)
+        doc["locked"] = [{"backup_id": b, "until": until} for b, until in locked]
+        emit_json(doc)
         return
     verb = "would forget" if dry_run else "forgot"
+    held = dict(locked)
     for vm, d in plan.decisions:
         when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(d.started))
         why = f"keep ({', '.join(d.reasons)})" if d.keep else verb
+        if d.backup_id in held:
+            why = f"locked until {_date(held[d.backup_id])}"
         click.echo(f"VM {vm} backup {d.backup_id} {when}: {why}")
     click.echo(f"{verb} {len(forgotten)} backup(s); `oneback prune` frees their chunks")
+    if locked:
+        click.echo(f"  {len(locked)} backup(s) are locked until"
+                   f" {_date(max(held.values()))} (Object Lock) and stay; forget them"
+                   " again after that date")
+
+
+def _date(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
 
 
 @cli.command("prune")
@@ -250,6 +263,9 @@ def prune_(dry_run: bool, config_file: str | None, as_json: bool) -> None:
     if report.kept_recent:
         click.echo(f"  kept {report.kept_recent} unreferenced chunk(s) newer than the cut-off"
                    f" ({len(report.running)} backup(s) running); a later prune frees them")
+    if report.locked:
+        click.echo(f"  {report.locked} chunk(s) are locked until {_date(report.locked_until)}"
+                   " (Object Lock) and stay; a prune after that date frees them")
     if report.stale:
         click.echo(f"  ignored {len(report.stale)} stale running marker(s) of crashed"
                    " processes" + ("" if dry_run else " (removed)"))

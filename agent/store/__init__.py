@@ -4,8 +4,14 @@ Owns: the `ChunkStore` Protocol every backend implements (content-addressed
 chunks keyed by the SHA-256 of their raw bytes), and the one chunk encoding
 all backends share (zstd frame on the way in; decompress and verify the
 SHA-256 on the way out). Must not: know about backups, disks, blocks or the
-catalog; print; read configuration. Backends: `local.LocalStore` (a directory)
-and `memory.MemoryStore` (tests). Consumers depend on the Protocol only.
+catalog; print; read configuration. Backends: `local.LocalStore` (a directory),
+`s3.S3Store` (a bucket and prefix) and `memory.MemoryStore` (tests).
+Consumers depend on the Protocol only.
+
+A prune needs more of a backend than a backup does: `Maintainable` (touch,
+list chunks with their last use, retire, the repository's clock, running
+markers), implemented by the local and the S3 backend; `Backend` is a whole
+repository a command opens.
 
 Beside the chunks, a repository holds manifests (`ManifestStore`): immutable
 named blobs, one per backup, whose bytes the store does not interpret
@@ -20,6 +26,7 @@ import hashlib
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import zstandard
@@ -119,6 +126,112 @@ class ManifestStore(Protocol):
 @runtime_checkable
 class Repository(ChunkStore, ManifestStore, Protocol):
     """A whole repository: chunks and manifests."""
+
+
+class Marker(Protocol):
+    """A running backup's (or prune's) marker in the repository's running/."""
+
+    @property
+    def name(self) -> str:
+        """Its name in running/ (what `Maintainable.running` lists)."""
+        ...
+
+    @property
+    def started(self) -> float:
+        """When it was written, on the repository's clock."""
+        ...
+
+    def beat(self) -> None:
+        """Refresh the heartbeat; write the marker again if a prune removed it."""
+        ...
+
+    def end(self) -> None:
+        """Remove it. Best effort."""
+        ...
+
+
+@dataclass(frozen=True)
+class Retired:
+    """What `Maintainable.retire_all` did to one chunk: `freed` stored bytes
+    (None: kept, it was used at or after the cut-off, or is gone), or
+    `locked_until` (a retention date, epoch seconds: it cannot be deleted
+    before)."""
+
+    chunk_id: bytes
+    freed: int | None = None
+    locked_until: float | None = None
+
+
+@runtime_checkable
+class Maintainable(Protocol):
+    """What a prune (and a backup beside it) needs of a backend: each chunk's
+    last use on the repository's own clock, a way to renew it (`touch`),
+    a delete that loses every race against a touch (`retire_all`), and
+    markers of running backups. README, "Prune", argues why this is safe."""
+
+    def touch(self, chunk_id: bytes) -> bool:
+        """Mark the chunk as used now; False if it is missing (or being
+        deleted by a prune: the caller writes it again or fails)."""
+        ...
+
+    def chunk_files(self) -> Iterator[tuple[bytes, float, int]]:
+        """(id, last use on the repository's clock, stored bytes) of every chunk."""
+        ...
+
+    def retire_all(self, chunk_ids: list[bytes], cutoff: float) -> list[Retired]:
+        """Delete each chunk unless it was used at or after `cutoff`; a touch
+        racing the delete either keeps the chunk or fails."""
+        ...
+
+    def now(self) -> float:
+        """The repository's clock now (what a chunk written now records)."""
+        ...
+
+    def running_start(self, what: str) -> Marker:
+        """Write a marker in running/: something runs that writes or may
+        reference chunks. Its start is on the repository's clock."""
+        ...
+
+    def running(self) -> list[tuple[str, float, float]]:
+        """(name, started, heartbeat) of every marker in running/."""
+        ...
+
+    def end_running(self, name: str) -> None:
+        """Remove the marker `name` (a crashed process's). Idempotent."""
+        ...
+
+    def clean_temp(self, older_than: float = 0.0) -> int:
+        """Remove unfinished writes older than `older_than` seconds."""
+        ...
+
+
+@runtime_checkable
+class Locking(Protocol):
+    """A backend whose objects may carry a retention date (S3 Object Lock)."""
+
+    def manifest_locked_until(self, name: str) -> float | None:
+        """The manifest's retention date (epoch seconds) if it is still in
+        force, so it cannot be deleted yet; else None."""
+        ...
+
+
+@runtime_checkable
+class Backend(Repository, Maintainable, Protocol):
+    """A repository a command opens: chunks, manifests and maintenance, the
+    key blobs of an encrypted one, and its codec (`agent.keys` unlocks it)."""
+
+    id: str
+    encryption: str   # what the repository's config says: "none" or the cipher
+
+    def put_key(self, name: str, data: bytes) -> object: ...
+
+    def get_key(self, name: str) -> bytes: ...
+
+    def delete_key(self, name: str) -> None: ...
+
+    def key_names(self) -> list[str]: ...
+
+    def use_codec(self, codec: Codec) -> None: ...
 
 
 _SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}"

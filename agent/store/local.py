@@ -48,6 +48,7 @@ from agent.store import (
     DEFAULT_LEVEL,
     Codec,
     Data,
+    Retired,
     check_chunk_id,
     check_key_name,
     check_manifest_name,
@@ -594,6 +595,10 @@ class LocalStore(LocalLeases):
             ) from e
         return int(st.st_size)
 
+    def retire_all(self, chunk_ids: list[bytes], cutoff: float) -> list[Retired]:
+        """`retire` each chunk (see `Maintainable.retire_all`)."""
+        return [Retired(c, self.retire(c, cutoff)) for c in chunk_ids]
+
     def now(self) -> float:
         """The repository filesystem's clock now (the mtime a new file gets):
         the clock chunk mtimes are compared against."""
@@ -807,6 +812,10 @@ class RunningMarker:
     def __init__(self, path: Path, started: float) -> None:
         self.path = path
         self.started = started
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     def beat(self) -> None:
         """Refresh the heartbeat (the marker's mtime). Best effort. A marker
