@@ -30,6 +30,7 @@ know about backups or the catalog.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -42,8 +43,8 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
-from agent.errors import NotFound, RepositoryError
-from agent.model import S3Location
+from agent.errors import InternalError, NotFound, RepositoryError
+from agent.model import S3Location, StoredLease
 from agent.store import (
     DEFAULT_LEVEL,
     Codec,
@@ -58,6 +59,7 @@ from agent.store.s3prune import HOLD, S3Marker, S3Upkeep
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
+_LEASE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 FORMAT = 2
 """The newest repository format this oneback reads (2: encrypted)."""
 DAY = 86400.0
@@ -607,6 +609,61 @@ class S3Store:
 
     def now(self) -> float:
         return self._upkeep.now()
+
+    # -- leases (agent.vmlease's LeaseStore): one object per lease ---------------
+    # `leases/<name>`, replaced by conditional PUTs: If-None-Match "*" creates
+    # it, If-Match on the ETag read replaces exactly that version, so of two
+    # writers replacing the same version one wins (S3 answers 412 to the
+    # other): the compare-and-swap a local repository makes with `link`. The
+    # version is the ETag; the time of a write is the object's LastModified
+    # (the server's clock, as prune's). Leases are never Object-Locked.
+
+    def lease_now(self) -> float:
+        return self._upkeep.now()
+
+    def _lease_key(self, name: str) -> str:
+        if not _LEASE_NAME.fullmatch(name):
+            raise InternalError(f"{name!r:.80} is not a valid lease name")
+        return self._key(f"leases/{name}")
+
+    def lease_names(self) -> list[str]:
+        names = []
+        for obj in self._list("leases/", "list the leases"):
+            name = str(obj["Key"]).rsplit("/", 1)[-1]
+            if _LEASE_NAME.fullmatch(name):
+                names.append(name)
+        return sorted(names)
+
+    def lease_get(self, name: str) -> StoredLease | None:
+        key = self._lease_key(name)
+        try:
+            got = self._s3.get_object(Bucket=self._bucket, Key=key, Range="bytes=0-65535")
+            data = got["Body"].read()
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _MISSING:
+                return None
+            raise self._fail(f"read lease {name}", e) from e
+        except botocore.exceptions.BotoCoreError as e:
+            raise self._fail(f"read lease {name}", e) from e
+        return StoredLease(str(got["ETag"]), data, got["LastModified"].timestamp())
+
+    def lease_put(self, name: str, data: bytes, replaces: str | None) -> StoredLease | None:
+        key = self._lease_key(name)
+        condition = {"IfNoneMatch": "*"} if replaces is None else {"IfMatch": replaces}
+        try:
+            put = self._s3.put_object(Bucket=self._bucket, Key=key, Body=bytes(data),
+                                      **condition)   # type: ignore[arg-type]
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict") or (
+                    replaces is not None and _code(e) in _MISSING):
+                return None
+            raise self._fail(f"write lease {name}", e) from e
+        except botocore.exceptions.BotoCoreError as e:
+            raise self._fail(f"write lease {name}", e) from e
+        head = self._head(key, f"lease {name}")
+        if head is None or head.get("ETag") != put.get("ETag"):
+            return None   # replaced by another writer right after ours
+        return StoredLease(str(put["ETag"]), bytes(data), head["LastModified"].timestamp())
 
     def running_start(self, what: str) -> S3Marker:
         return self._upkeep.running_start(what)
