@@ -81,10 +81,11 @@ class ProxyConfig:
 MAX_READ_DEPTH = 256
 KDF_N = 2**16
 """scrypt's cost (N, with r=8, p=1: 64 MiB and ~0.15 s) for a new key blob."""
-KDF_ENV = "ONEBACK_TEST_KDF_N"
-"""For tests only: a smaller scrypt N for new key blobs (a power of two from
-1024), so that an encrypted repository's tests run fast. Never set it in
-production: it weakens the passphrase's protection of the key."""
+TEST_KDF_N: int | None = None
+"""For tests only, set in the test's own process (never from the
+environment, a file or an option: nothing a production process inherits can
+weaken a new key): a smaller scrypt N for the key blobs `load`'s
+configurations write, so that an encrypted repository's tests run fast."""
 
 
 @dataclass(frozen=True)
@@ -231,13 +232,8 @@ def load(explicit: str | Path | None = None, environ: Mapping[str, str] | None =
     except OSError as e:
         raise ConfigError(f"configuration file {path}: {e.strerror}") from None
     cfg = parse(data, path)
-    env = os.environ if environ is None else environ
-    if env.get(KDF_ENV):
-        n = env[KDF_ENV]
-        if not n.isdigit() or not 1024 <= int(n) <= KDF_N or int(n) & (int(n) - 1):
-            raise ConfigError(f"${KDF_ENV} must be a power of two from 1024 to {KDF_N}"
-                              f" (tests only); got {n!r}")
-        cfg = replace(cfg, storage=replace(cfg.storage, kdf_n=int(n)))
+    if TEST_KDF_N is not None:
+        cfg = replace(cfg, storage=replace(cfg.storage, kdf_n=TEST_KDF_N))
     return cfg
 
 
