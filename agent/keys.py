@@ -39,7 +39,9 @@ from agent.store import Codec
 
 KDF = "scrypt"
 KDF_R, KDF_P = 8, 1
-KDF_MIN_N, KDF_MAX_N = 2**10, 2**20   # a key blob asking for more is refused (1 GiB)
+KDF_MIN_N, KDF_MAX_N = 2**10, 2**20
+KDF_MAX_MEMORY = 2**28   # 128*n*r: a key blob asking for more is refused (256 MiB, 4x ours)
+KDF_MAX_WORK = 2**30     # 128*n*r*p: so is one asking for more work (16x ours, a few s)
 SALT_SIZE = 32
 EXPORT_FORMAT = "oneback-key"
 _WRAP = b"oneback key\x00"
@@ -141,14 +143,15 @@ def unwrap(blob: bytes, passphrase: bytes, name: str) -> MasterKey | None:
     from agent.store.encryption import Sealer, scrypt
     try:
         doc = json.loads(blob)
-        n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
+        n, r, p = _int(doc["n"]), _int(doc["r"]), _int(doc["p"])
         salt, frame = _unb64(doc["salt"]), _unb64(doc["data"])
         kdf = doc["kdf"]
     except (ValueError, KeyError, TypeError) as e:
         raise RepositoryError(f"key {name} is damaged ({e}); open the repository with an "
                               "exported key (storage.key_file) and `oneback key import`") from e
     if kdf != KDF or not KDF_MIN_N <= n <= KDF_MAX_N or n & (n - 1) or not (
-            1 <= r <= 32 and 1 <= p <= 16 and 128 * r * n <= 2**30):
+            1 <= r <= 32 and 1 <= p <= 16 and 128 * r * n <= KDF_MAX_MEMORY
+            and 128 * r * n * p <= KDF_MAX_WORK):
         raise RepositoryError(f"key {name} asks for a KDF this oneback does not use ({kdf},"
                               f" n={n}, r={r}, p={p}); upgrade oneback")
     plain = Sealer(scrypt(passphrase, salt, n, r, p)).open(frame, _WRAP)
@@ -337,6 +340,13 @@ def _where(store: KeyStore) -> str:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _int(value: object) -> int:
+    """A JSON integer (not a float: json reads Infinity and NaN, not a bool)."""
+    if type(value) is not int:
+        raise ValueError(f"expected an integer, not {type(value).__name__}")
+    return value
 
 
 def _unb64(text: object) -> bytes:

@@ -77,3 +77,66 @@ def test_an_environment_variable_cannot_weaken_a_new_key(
     assert r.code == 0, r.err
     [blob] = _blobs(tmp_path)
     assert blob["n"] == KDF_N, blob
+
+
+# -- a tampered repository's key blobs ---------------------------------------------
+
+
+def _forge(tmp: Path, name: str, **fields: Any) -> None:
+    """A key blob named `name` (sorted before the real one): a copy of the real
+    blob with `fields` replaced (json text, so that Infinity can be written)."""
+    real = _blobs(tmp)[0]
+    real.update(fields)
+    text = json.dumps(real)
+    (tmp / "repo" / "keys" / name).write_text(text)
+
+
+@pytest.mark.parametrize("fields", [
+    {"n": float("inf")},            # json.loads reads Infinity: int() raised OverflowError
+    {"r": float("inf")},
+    {"p": float("-inf")},
+    {"n": 2**40},
+    {"r": 2**30},
+    {"n": 2**20, "r": 8, "p": 1},   # 1 GiB of memory for one blob
+    {"n": 2**17, "r": 32, "p": 16},   # 512 MiB, 128x the work of a real key
+    {"n": 2**16, "r": 8, "p": 2**20},
+])
+def test_a_forged_key_blob_neither_crashes_nor_exhausts_the_agent(
+        tmp_path: Path, cheap_kdf: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], fields: dict[str, Any]) -> None:
+    """Whoever can write to the repository (its NFS export, its bucket) adds a
+    key blob with absurd scrypt parameters. Opening the repository must skip
+    it after a bounded effort (memory at most 256 MiB, at most 16x the work
+    of a real key) and open with the real key; never a traceback."""
+    cfg = _repo(tmp_path, capsys)
+    _forge(tmp_path, "0000forged", **fields)
+    from agent.store import encryption
+    real_scrypt = encryption.scrypt
+    asked: list[tuple[int, int, int]] = []
+
+    def bounded(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+        asked.append((n, r, p))
+        assert 128 * n * r <= 2**28 and 128 * n * r * p <= 2**30, (n, r, p)
+        return real_scrypt(passphrase, salt, n, r, p)
+
+    monkeypatch.setattr(encryption, "scrypt", bounded)
+    r = run(cfg, capsys, "key", "export", "--json")
+    assert r.code == 0, (r.code, r.err)
+    assert "Traceback" not in r.err
+    assert json.loads(r.out)["format"] == "oneback-key"
+    assert all(128 * n * r_ <= 2**28 for n, r_, _ in asked), asked
+
+
+def test_only_forged_key_blobs_is_one_line(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """With the real key gone and only a forged one left, the error is one line."""
+    cfg = _repo(tmp_path, capsys)
+    _forge(tmp_path, "0000forged", n=float("inf"))
+    for p in (tmp_path / "repo" / "keys").iterdir():
+        if p.name != "0000forged":
+            p.chmod(0o600)
+            p.unlink()
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 8, (r.code, r.err)
+    assert r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert "0000forged" in r.err
