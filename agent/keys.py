@@ -30,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -89,8 +89,8 @@ class KeyStore(Protocol):
 @dataclass(frozen=True)
 class MasterKey:
     repository: str     # the id of the repository it encrypts
-    encrypt: bytes      # AES-256-GCM key of chunks and manifests
-    mac: bytes          # HMAC-SHA256 key of chunk ids
+    encrypt: bytes = field(repr=False)   # AES-256-GCM key of chunks and manifests
+    mac: bytes = field(repr=False)       # HMAC-SHA256 key of chunk ids (never in a repr)
 
     @classmethod
     def new(cls, repository: str) -> MasterKey:

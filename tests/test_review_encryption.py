@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from agent import config as config_mod
+from agent import keys
 from agent.config import KDF_N
 from tests.agentkit import Result, offline_config
 
@@ -140,3 +141,23 @@ def test_only_forged_key_blobs_is_one_line(
     assert r.code == 8, (r.code, r.err)
     assert r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
     assert "0000forged" in r.err
+
+
+# -- secrets in reprs ----------------------------------------------------------------
+
+
+def test_the_master_key_never_shows_in_a_repr(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """A MasterKey (or the Unlocked holding it) in a log line, an event, an
+    assertion message or a traceback's locals must not print the keys."""
+    cfg = _repo(tmp_path, capsys)
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    master = keys.MasterKey.from_json(doc)
+    for shown in (repr(master), str(master), repr(keys.Unlocked(master, "k")),
+                  f"{master!r}"):
+        for secret in (master.encrypt, master.mac):
+            assert repr(secret) not in shown and doc["encrypt"] not in shown, shown
+            assert secret.hex() not in shown and doc["mac"] not in shown, shown
+        assert master.repository in shown or "MasterKey" in shown
