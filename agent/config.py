@@ -113,20 +113,48 @@ class StorageConfig:
         return read_private_file(self.key_file, "storage.key_file")
 
 
+SECRET_FILE_MAX = 1 << 20
+"""A secret file (passphrase, exported key) larger than this is refused."""
+
+
 def read_private_file(path: Path, what: str) -> bytes:
     """The bytes of a secret file (`what` names it: a config key or an
-    option). Refuses a missing file, one others can read, and an empty one."""
+    option). Refuses a missing file, one that is not a regular file (a FIFO
+    would hang the read, a device never end), one owned by another user
+    than this process's or root (who can read or replace it), one others
+    can read, and an empty or oversized one. The checks are made on the
+    opened file (fstat), not on the name (which may change between)."""
     try:
-        st = path.stat()
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist: create it (mode 0600), or fix"
                           f" the path") from None
     except OSError as e:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ConfigError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: run"
-                          f" 'chmod 600 {path}'")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file: put the secret in a"
+                              " file (mode 0600)")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise ConfigError(f"{what} {path} is owned by uid {st.st_uid}, who can read or"
+                              f" change it: run 'chown {os.geteuid()} {path}'")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: run"
+                              f" 'chmod 600 {path}'")
+        if st.st_size > SECRET_FILE_MAX:
+            raise ConfigError(f"{what} {path} is {st.st_size} bytes, too large for a"
+                              " passphrase or a key: check the path")
+        data = b""
+        while len(data) <= SECRET_FILE_MAX and (piece := os.read(fd, SECRET_FILE_MAX + 1)):
+            data += piece
+        if len(data) > SECRET_FILE_MAX:
+            raise ConfigError(f"{what} {path} is too large for a passphrase or a key:"
+                              " check the path")
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if not data.strip():
         raise ConfigError(f"{what} {path} is empty")
     return data

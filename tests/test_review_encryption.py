@@ -6,6 +6,7 @@ directory. Each test failed before the fix that came with it."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,45 @@ def test_the_master_key_never_shows_in_a_repr(
             assert repr(secret) not in shown and doc["encrypt"] not in shown, shown
             assert secret.hex() not in shown and doc["mac"] not in shown, shown
         assert master.repository in shown or "MasterKey" in shown
+
+
+# -- the secret files ----------------------------------------------------------------
+
+
+def test_a_passphrase_file_that_is_not_a_regular_file_is_refused_at_once(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """storage.passphrase_file naming a FIFO (mode 0600) hung every command
+    (and the agent) forever on the read: it is refused in one line."""
+    import subprocess
+    import sys
+
+    from tests.agentkit import REPO, env_without_oneback
+    cfg = _repo(tmp_path, capsys)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "passphrase"), str(fifo)))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "agent", "key", "export", "--config",
+                               str(cfg)], capture_output=True, text=True, timeout=30,
+                              cwd=REPO, env=env_without_oneback())
+    except subprocess.TimeoutExpired:
+        pytest.fail("oneback hung reading a FIFO as its passphrase file")
+    assert proc.returncode == 3, (proc.returncode, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(fifo) in proc.stderr and "regular file" in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_a_passphrase_file_owned_by_another_user_is_refused(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 0600 passphrase file owned by another (unprivileged) user: that user
+    knows (or chose) the passphrase. Refused as ssh refuses such a key file."""
+    cfg = _repo(tmp_path, capsys)
+    passphrase = tmp_path / "passphrase"
+    os.chown(passphrase, 4242, 4242)
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 3, (r.code, r.err)
+    assert r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert str(passphrase) in r.err and "4242" in r.err and "chown" in r.err, r.err
+    os.chown(passphrase, 0, 0)
+    assert run(cfg, capsys, "key", "export").code == 0
