@@ -204,3 +204,39 @@ def test_a_passphrase_file_owned_by_another_user_is_refused(
     assert str(passphrase) in r.err and "4242" in r.err and "chown" in r.err, r.err
     os.chown(passphrase, 0, 0)
     assert run(cfg, capsys, "key", "export").code == 0
+
+
+# -- a tampered repository's keys/ directory -----------------------------------------
+
+
+def _export_in_a_process(cfg: Path) -> Any:
+    import subprocess
+    import sys
+
+    from tests.agentkit import REPO, env_without_oneback
+    try:
+        return subprocess.run([sys.executable, "-m", "agent", "key", "export", "--config",
+                               str(cfg)], capture_output=True, text=True, timeout=30,
+                              cwd=REPO, env=env_without_oneback())
+    except subprocess.TimeoutExpired:
+        pytest.fail("oneback hung opening the repository")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_a_key_blob_that_is_a_fifo_or_huge_is_skipped(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str],
+        kind: str) -> None:
+    """keys/NAME planted as a FIFO (or a symlink to /dev/zero: on NFS it
+    resolves on the proxy VM) hung (or exhausted the memory of) every command
+    opening the repository. A key blob is small: anything but a regular file
+    of at most 64 KiB is skipped like a damaged blob."""
+    cfg = _repo(tmp_path, capsys)
+    planted = tmp_path / "repo" / "keys" / "0000planted"
+    if kind == "fifo":
+        os.mkfifo(planted, 0o644)
+    else:
+        with planted.open("wb") as f:
+            f.truncate(200 << 20)   # sparse: 200 MiB read as one key blob
+    proc = _export_in_a_process(cfg)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert json.loads(proc.stdout)["format"] == "oneback-key"

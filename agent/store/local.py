@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -68,6 +69,7 @@ younger ones may belong to another process still writing."""
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 SYNCED = "synced"
 QUARANTINE = "quarantine"
+KEY_MAX = 64 << 10   # a key blob is a few hundred bytes
 SYNC_MARGIN = 2.0
 """Seconds `synced` is set back from the start of the syncfs that proves it:
 file times come from a coarse clock, and a file written just after the start
@@ -771,8 +773,29 @@ class LocalStore(LocalLeases):
         return len(data)
 
     def get_key(self, name: str) -> bytes:
-        """The key blob `name`; NotFound if there is none."""
-        return self._read(self._key_path(name), f"key {name}")
+        """The key blob `name`; NotFound if there is none. RepositoryError if
+        it is not a regular file of at most KEY_MAX bytes (a FIFO or a
+        symlink to a device planted in keys/ would hang or exhaust the
+        process that opens the repository)."""
+        path = self._key_path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise NotFound(f"key {name} is not in repository {self.path}") from e
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot read key {name} from {self.path}: {e.strerror or e}") from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > KEY_MAX:
+                raise RepositoryError(f"key {name} in {self.path} is not a key file (not a "
+                                      f"regular file of at most {KEY_MAX} bytes); remove it")
+            return os.read(fd, KEY_MAX)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot read key {name} from {self.path}: {e.strerror or e}") from e
+        finally:
+            os.close(fd)
 
     def delete_key(self, name: str) -> None:
         """Remove key blob `name`, durably. Idempotent."""
