@@ -43,6 +43,7 @@ KDF_MIN_N, KDF_MAX_N = 2**10, 2**20
 KDF_MAX_MEMORY = 2**28   # 128*n*r: a key blob asking for more is refused (256 MiB, 4x ours)
 KDF_MAX_WORK = 2**30     # 128*n*r*p: so is one asking for more work (16x ours, a few s)
 SALT_SIZE = 32
+MAX_KEYS = 20   # key blobs tried with a passphrase, as restic (more: refused, no scrypt)
 EXPORT_FORMAT = "oneback-key"
 _WRAP = b"oneback key\x00"
 
@@ -241,6 +242,12 @@ def open_with(store: KeyStore, passphrase: bytes, names: Iterable[str]) -> Unloc
         raise ConfigError(
             f"repository {where} is encrypted but holds no key (keys/ is empty): open it "
             "with its exported key (storage.key_file), then `oneback key import` it")
+    if len(names) > MAX_KEYS:
+        raise RepositoryError(
+            f"repository {where} holds {len(names)} key files, more than the {MAX_KEYS}"
+            " oneback tries (each costs a scrypt): remove from keys/ the ones you did not"
+            " make (`key passwd` and `key import` print the name of the key they write), or"
+            " open it with its exported key (storage.key_file)")
     damaged: RepositoryError | None = None
     for name in names:
         try:

@@ -240,3 +240,33 @@ def test_a_key_blob_that_is_a_fifo_or_huge_is_skipped(
     proc = _export_in_a_process(cfg)
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
     assert json.loads(proc.stdout)["format"] == "oneback-key"
+
+
+def test_a_repository_with_too_many_key_blobs_is_refused_before_any_kdf(
+        tmp_path: Path, cheap_kdf: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each key blob costs a scrypt (up to 16x a real key's work): hundreds
+    planted in keys/ kept every command and the agent busy for an hour
+    before the real key was tried. As restic, oneback tries at most 20
+    key blobs; more is one line, before any scrypt."""
+    cfg = _repo(tmp_path, capsys)
+    for i in range(20):
+        _forge(tmp_path, f"0000forged{i:02d}", salt="AAAA" * 8)
+    from agent.store import encryption
+    calls: list[int] = []
+    real_scrypt = encryption.scrypt
+
+    def counted(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+        calls.append(n)
+        return real_scrypt(passphrase, salt, n, r, p)
+
+    monkeypatch.setattr(encryption, "scrypt", counted)
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 8, (r.code, r.err)
+    assert r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert "21 key" in r.err and "storage.key_file" in r.err, r.err
+    assert calls == []
+    for p in (tmp_path / "repo" / "keys").glob("0000forged1*"):
+        p.unlink()
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 0, r.err
