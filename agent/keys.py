@@ -141,9 +141,17 @@ def wrap(master: MasterKey, passphrase: bytes, n: int) -> bytes:
 def unwrap(blob: bytes, passphrase: bytes, name: str) -> MasterKey | None:
     """The master key in key blob `name`, None if `passphrase` does not open
     it. RepositoryError if the blob is damaged or asks for an unknown KDF."""
-    from agent.store.encryption import Sealer, scrypt
+    from agent.store.encryption import ALGORITHM, Sealer, scrypt
     try:
         doc = json.loads(blob)
+        version, cipher = doc.get("version"), doc.get("cipher")
+    except (ValueError, AttributeError) as e:
+        raise RepositoryError(f"key {name} is damaged ({e}); open the repository with an "
+                              "exported key (storage.key_file) and `oneback key import`") from e
+    if type(version) is not int or version != 1 or cipher != ALGORITHM:
+        raise RepositoryError(f"key {name} is of version {version!r:.20}, cipher {cipher!r:.40},"
+                              " which this oneback does not know; upgrade oneback")
+    try:
         n, r, p = _int(doc["n"]), _int(doc["r"]), _int(doc["p"])
         salt, frame = _unb64(doc["salt"]), _unb64(doc["data"])
         kdf = doc["kdf"]
@@ -325,6 +333,11 @@ def parse_export(data: bytes, source: str) -> MasterKey:
         doc = json.loads(data)
         if doc.get("format") != EXPORT_FORMAT:
             raise ValueError("it is not a oneback key")
+        from agent.store.encryption import ALGORITHM
+        version, cipher = doc.get("version"), doc.get("encryption")
+        if type(version) is not int or version != 1 or cipher != ALGORITHM:
+            raise ValueError(f"it is of version {version!r:.20}, encryption {cipher!r:.40},"
+                             " which this oneback does not know: upgrade oneback")
         master = MasterKey.from_json(doc)
         if doc.get("check") != _check(master):
             raise ValueError("its check does not match: the copy is damaged")

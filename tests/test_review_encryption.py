@@ -270,3 +270,41 @@ def test_a_repository_with_too_many_key_blobs_is_refused_before_any_kdf(
         p.unlink()
     r = run(cfg, capsys, "key", "export")
     assert r.code == 0, r.err
+
+
+@pytest.mark.parametrize("fields", [{"version": 2}, {"cipher": "chacha20-poly1305"},
+                                    {"version": "1"}])
+def test_a_key_blob_of_another_version_or_cipher_is_refused_not_misread(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str],
+        fields: dict[str, Any]) -> None:
+    """unwrap ignored the blob's "version" and "cipher": a newer oneback's
+    key blob (another layout of "data") would be misread (at best as a wrong
+    passphrase). It is refused, "upgrade oneback"."""
+    cfg = _repo(tmp_path, capsys)
+    [path] = (tmp_path / "repo" / "keys").iterdir()
+    blob = json.loads(path.read_bytes())
+    blob.update(fields)
+    path.chmod(0o600)
+    path.write_text(json.dumps(blob))
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 8, (r.code, r.err)
+    assert r.err.count("\n") == 1 and "upgrade oneback" in r.err, r.err
+
+
+@pytest.mark.parametrize("fields", [{"version": 2}, {"encryption": "chacha20-poly1305"}])
+def test_an_exported_key_of_another_version_or_cipher_is_refused(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str],
+        fields: dict[str, Any]) -> None:
+    """parse_export ignored the document's "version" and "encryption"."""
+    cfg = _repo(tmp_path, capsys)
+    r = run(cfg, capsys, "key", "export")
+    doc = json.loads(r.out)
+    doc.update(fields)
+    exported = tmp_path / "exported.key"
+    exported.write_text(json.dumps(doc))
+    exported.chmod(0o600)
+    cfg.write_text(cfg.read_text().replace(
+        f'passphrase_file = "{tmp_path / "passphrase"}"', f'key_file = "{exported}"'))
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 3, (r.code, r.err)
+    assert r.err.count("\n") == 1 and str(exported) in r.err, r.err
