@@ -275,11 +275,13 @@ def open_with(store: KeyStore, passphrase: bytes, names: Iterable[str]) -> Unloc
     return None
 
 
-def passwd(store: KeyStore, secrets: Secrets, new_passphrase: bytes) -> tuple[str, str]:
+def passwd(store: KeyStore, secrets: Secrets, new_passphrase: bytes
+           ) -> tuple[str, list[str]]:
     """Change the passphrase: a new key blob wraps the same master key under
-    `new_passphrase`, then the blob the old passphrase opened is deleted
-    (so the old passphrase no longer opens the repository; a crash between
-    the two leaves both working). Returns (new key name, old key name)."""
+    `new_passphrase`, then every blob the old passphrase opens is deleted
+    (so the old passphrase no longer opens the repository, also when `key
+    import` wrapped it twice; a crash between the two leaves both working).
+    Returns (new key name, the old key names, the one it opened first)."""
     if secrets.passphrase_file is None:
         raise ConfigError(
             "`oneback key passwd` changes the passphrase in storage.passphrase_file; set it"
@@ -290,7 +292,19 @@ def passwd(store: KeyStore, secrets: Secrets, new_passphrase: bytes) -> tuple[st
                           " it has no passphrase to change")
     name = add_key(store, opened.master, new_passphrase, secrets.kdf_n)
     store.delete_key(opened.key_name)
-    return name, opened.key_name
+    removed = [opened.key_name]
+    old_passphrase = secrets.read_passphrase()
+    for other in store.key_names():
+        if other in (name, opened.key_name):
+            continue
+        try:
+            if unwrap(store.get_key(other), old_passphrase, other) is None:
+                continue
+        except (NotFound, RepositoryError):
+            continue   # deleted meanwhile, or not a key this passphrase opens
+        store.delete_key(other)
+        removed.append(other)
+    return name, removed
 
 
 def import_key(store: KeyStore, document: bytes, source: str, secrets: Secrets) -> str:

@@ -308,3 +308,60 @@ def test_an_exported_key_of_another_version_or_cipher_is_refused(
     r = run(cfg, capsys, "key", "export")
     assert r.code == 3, (r.code, r.err)
     assert r.err.count("\n") == 1 and str(exported) in r.err, r.err
+
+
+# -- key passwd ----------------------------------------------------------------------
+
+
+def test_key_passwd_revokes_the_old_passphrase_in_every_key_blob(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """`key import` with the current passphrase leaves two key blobs it
+    opens; `key passwd` deleted only the first, so the old (perhaps leaked)
+    passphrase still opened the repository after the operator was told it
+    no longer does. Every blob the old passphrase opens is removed."""
+    cfg = _repo(tmp_path, capsys)
+    exported = tmp_path / "exported.key"
+    r = run(cfg, capsys, "key", "export", "--output", str(exported))
+    assert r.code == 0, r.err
+    r = run(cfg, capsys, "key", "import", str(exported), "--json")
+    assert r.code == 0, r.err
+    assert len(_blobs(tmp_path)) == 2
+
+    new = tmp_path / "new-passphrase"
+    new.write_text("the new passphrase, not leaked\n")
+    new.chmod(0o600)
+    r = run(cfg, capsys, "key", "passwd", "--new-passphrase-file", str(new), "--json")
+    assert r.code == 0, r.err
+    done = r.json()
+    assert [p.name for p in (tmp_path / "repo" / "keys").iterdir()] == [done["key"]]
+    assert len(done["removed_keys"]) == 2 and done["removed"] in done["removed_keys"], done
+
+    r = run(cfg, capsys, "key", "export")   # the old passphrase, still in the config
+    assert r.code == 3 and "does not open" in r.err, (r.code, r.err)
+    (tmp_path / "passphrase").write_text(new.read_text())
+    assert run(cfg, capsys, "key", "export").code == 0
+
+
+def test_key_passwd_interrupted_between_the_new_key_and_the_deletion_opens_with_both(
+        tmp_path: Path, cheap_kdf: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A crash after the new key blob is durable and before the old one is
+    deleted: both passphrases open the repository; never zero keys. (A guard:
+    this held before the review.)"""
+    from agent.store.local import LocalStore
+    cfg = _repo(tmp_path, capsys)
+    new = tmp_path / "new-passphrase"
+    new.write_text("the new passphrase\n")
+    new.chmod(0o600)
+
+    def crash(self: LocalStore, name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalStore, "delete_key", crash)
+    r = run(cfg, capsys, "key", "passwd", "--new-passphrase-file", str(new))
+    assert r.code == 130, (r.code, r.err)
+    monkeypatch.undo()
+    assert len(_blobs(tmp_path)) == 2
+    assert run(cfg, capsys, "key", "export").code == 0
+    (tmp_path / "passphrase").write_text(new.read_text())
+    assert run(cfg, capsys, "key", "export").code == 0

@@ -36,10 +36,10 @@ def key_passwd(new_file: str, config_file: str | None, as_json: bool) -> None:
     added, removed = keys.passwd(store, cfg.storage, new)
     if as_json:
         emit_json({"repository": str(cfg.storage.repository), "key": added,
-                   "removed": removed})
+                   "removed": removed[0], "removed_keys": removed})
         return
     click.echo(f"changed the passphrase of repository {cfg.storage.repository} (key {added}"
-               f" replaces {removed}); now copy {new_file} over"
+               f" replaces {', '.join(removed)}); now copy {new_file} over"
                f" {cfg.storage.passphrase_file}: the old passphrase no longer opens it")
 
 
