@@ -365,3 +365,35 @@ def test_key_passwd_interrupted_between_the_new_key_and_the_deletion_opens_with_
     assert run(cfg, capsys, "key", "export").code == 0
     (tmp_path / "passphrase").write_text(new.read_text())
     assert run(cfg, capsys, "key", "export").code == 0
+
+
+# -- key export ----------------------------------------------------------------------
+
+
+def test_key_export_that_cannot_write_the_whole_key_fails_and_leaves_no_file(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """`key export --output` ignored os.write's count: on a full filesystem
+    (here a file size limit) it wrote a truncated key, exit 0, and the
+    operator filed away a key that opens nothing. It must fail in one line
+    and leave no file (a retry is then not refused as "exists")."""
+    import resource
+    import subprocess
+    import sys
+
+    from tests.agentkit import REPO, env_without_oneback
+    cfg = _repo(tmp_path, capsys)
+    out = tmp_path / "exported.key"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    proc = subprocess.run([sys.executable, "-m", "agent", "key", "export", "--output",
+                           str(out), "--config", str(cfg)], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env=env_without_oneback(), preexec_fn=limit)
+    assert proc.returncode != 0, (proc.returncode, proc.stdout, out.read_bytes())
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(out) in proc.stderr, proc.stderr
+    assert not out.exists()
+    r = run(cfg, capsys, "key", "export", "--output", str(out))
+    assert r.code == 0, r.err
+    assert json.loads(out.read_bytes())["format"] == "oneback-key"

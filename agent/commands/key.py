@@ -103,7 +103,19 @@ def _write_private(path: Path, data: bytes) -> None:
     except OSError as e:
         raise ConfigError(f"cannot create {path}: {e.strerror}") from None
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]   # a short count: write the rest (or fail)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        path.unlink(missing_ok=True)   # never leave a truncated key to be filed away
+        raise ConfigError(f"cannot write the key to {path}: {e.strerror or e}; nothing was"
+                          " written, check free space") from None
