@@ -397,3 +397,39 @@ def test_key_export_that_cannot_write_the_whole_key_fails_and_leaves_no_file(
     r = run(cfg, capsys, "key", "export", "--output", str(out))
     assert r.code == 0, r.err
     assert json.loads(out.read_bytes())["format"] == "oneback-key"
+
+
+# -- a store opened but not unlocked ------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["local", "memory"])
+def test_an_encrypted_store_not_unlocked_refuses_to_write_plaintext(
+        tmp_path: Path, backend: str) -> None:
+    """A store opened on an encrypted repository took the plain codec until
+    `keys.unlock` replaced it: any path that forgot to unlock (a new command,
+    a copy into an encrypted target) wrote plaintext chunks named by their
+    SHA-256 and plain manifests into the encrypted repository, silently.
+    Until unlocked it now refuses every chunk and manifest operation."""
+    from agent.errors import InternalError
+    from agent.store.encryption import ALGORITHM
+    from agent.store.local import LocalStore
+    from agent.store.memory import MemoryStore
+    store: Any
+    if backend == "local":
+        LocalStore.init(tmp_path / "repo", encryption=ALGORITHM)
+        store = LocalStore.open(tmp_path / "repo")
+    else:
+        store = MemoryStore(encryption=ALGORITHM)
+    block = b"ONEBACK-PLAINTEXT-MARKER " * 1000
+    with pytest.raises(InternalError, match="not unlocked"):
+        store.put(store.chunk_id(block), block)
+    with pytest.raises(InternalError, match="not unlocked"):
+        store.put(bytes(32), block)
+    with pytest.raises(InternalError, match="not unlocked"):
+        store.put_manifest("7/20261202T000000Z-0123456789abcdef", b"plain manifest")
+    if backend == "local":
+        written = [p for p in (tmp_path / "repo").rglob("*")
+                   if p.is_file() and p.parent.name not in ("repo", "keys")]
+        assert written == [], written
+    else:
+        assert store.blobs == {} and store.manifest_blobs == {}

@@ -49,6 +49,7 @@ from agent.store import (
     DEFAULT_LEVEL,
     Codec,
     Data,
+    LockedCodec,
     check_chunk_id,
     check_key_name,
     check_manifest_name,
@@ -164,7 +165,8 @@ class LocalStore(LocalLeases):
         self._chunks = path / "chunks"
         self._manifests = path / "manifests"
         self._tmp = path / "tmp"
-        self._codec = codec if codec is not None else Codec(level)
+        self._codec = codec if codec is not None else (
+            Codec(level) if encryption == PLAIN else LockedCodec(encryption))
         self.sync_each_put = sync_each_put or not HAVE_SYNCFS
         self._synced = 0.0     # chunk files older than this are durable
         self._boot = boot_time()
