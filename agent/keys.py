@@ -176,9 +176,11 @@ def new_key_name() -> str:
     return os.urandom(16).hex()
 
 
-def add_key(store: KeyStore, master: MasterKey, passphrase: bytes, n: int) -> str:
-    """Write a new key blob wrapping `master`; its name."""
-    name = new_key_name()
+def add_key(store: KeyStore, master: MasterKey, passphrase: bytes, n: int,
+            name: str | None = None) -> str:
+    """Write a new key blob wrapping `master` (named `name`, else a random
+    name; RepositoryError if that name exists); its name."""
+    name = name or new_key_name()
     store.put_key(name, wrap(master, passphrase, n))
     return name
 
@@ -186,13 +188,18 @@ def add_key(store: KeyStore, master: MasterKey, passphrase: bytes, n: int) -> st
 # -- opening ---------------------------------------------------------------------
 
 
-def create(store: KeyStore, secrets: Secrets) -> Unlocked:
+FIRST_KEY = "initial"
+"""The name of the key blob that finishes an interrupted init: written once,
+so of two processes finishing it concurrently exactly one succeeds."""
+
+
+def create(store: KeyStore, secrets: Secrets, name: str | None = None) -> Unlocked:
     """A new master key for a newly created encrypted `store`, wrapped under
-    the passphrase of `secrets` (its first key blob), and the store
-    unlocked with it."""
+    the passphrase of `secrets` (its first key blob, named `name`), and the
+    store unlocked with it."""
     passphrase = secrets.read_passphrase()
     master = MasterKey.new(store.id)
-    name = add_key(store, master, passphrase, secrets.kdf_n)
+    name = add_key(store, master, passphrase, secrets.kdf_n, name)
     store.use_codec(master.codec())
     return Unlocked(master, name)
 

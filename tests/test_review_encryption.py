@@ -433,3 +433,36 @@ def test_an_encrypted_store_not_unlocked_refuses_to_write_plaintext(
         assert written == [], written
     else:
         assert store.blobs == {} and store.manifest_blobs == {}
+
+
+# -- init ---------------------------------------------------------------------------
+
+
+def test_init_interrupted_before_the_first_key_is_finished_by_running_it_again(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """`init --encryption` writes the repository's config, then its first key
+    blob: killed between the two, it left an encrypted repository with zero
+    keys that no passphrase or key could ever open, and running init again
+    said "open it with its exported key" (there is none). An empty
+    repository without a key is finished by init (a repository holding any
+    chunk or manifest is not: its key is elsewhere)."""
+    cfg = _repo(tmp_path, capsys)
+    for p in (tmp_path / "repo" / "keys").iterdir():
+        p.unlink()                                 # the state the crash left
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp_path / 'catalog.sqlite'}{suffix}").unlink(missing_ok=True)
+    r = run(cfg, capsys, "init", "--encryption", "--json")
+    assert r.code == 0, (r.code, r.err)
+    assert len(_blobs(tmp_path)) == 1
+    assert run(cfg, capsys, "key", "export").code == 0
+
+    # A repository holding data whose keys are gone is never given a new key.
+    chunk = tmp_path / "repo" / "chunks" / "ab" / ("ab" * 32)
+    chunk.write_bytes(b"\x01" + bytes(40))
+    for p in (tmp_path / "repo" / "keys").iterdir():
+        p.unlink()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp_path / 'catalog.sqlite'}{suffix}").unlink(missing_ok=True)
+    r = run(cfg, capsys, "init", "--encryption")
+    assert r.code == 3 and "holds no key" in r.err, (r.code, r.err)
+    assert list((tmp_path / "repo" / "keys").iterdir()) == []
