@@ -329,6 +329,12 @@ def import_key(store: KeyStore, document: bytes, source: str, secrets: Secrets) 
     if secrets.passphrase_file is None:
         raise ConfigError("`oneback key import` wraps the key under the passphrase in "
                           "storage.passphrase_file: set it (and remove storage.key_file)")
+    present = len(store.key_names())
+    if present >= MAX_KEYS:
+        raise RepositoryError(
+            f"repository {_where(store)} holds {present} key files, the most a passphrase is"
+            f" tried on ({MAX_KEYS}): remove from keys/ the ones no passphrase you use opens"
+            " (`key passwd` removes its old key), then import again")
     return add_key(store, master, secrets.read_passphrase(), secrets.kdf_n)
 
 

@@ -466,3 +466,19 @@ def test_init_interrupted_before_the_first_key_is_finished_by_running_it_again(
     r = run(cfg, capsys, "init", "--encryption")
     assert r.code == 3 and "holds no key" in r.err, (r.code, r.err)
     assert list((tmp_path / "repo" / "keys").iterdir()) == []
+
+
+def test_key_import_never_makes_more_key_blobs_than_a_passphrase_is_tried_on(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """With MAX_KEYS key blobs already there, `key import` would write one
+    more and lock every passphrase out: it is refused, nothing written."""
+    cfg = _repo(tmp_path, capsys)
+    exported = tmp_path / "exported.key"
+    assert run(cfg, capsys, "key", "export", "--output", str(exported)).code == 0
+    for i in range(keys.MAX_KEYS - 1):
+        _forge(tmp_path, f"0000forged{i:02d}", salt="AAAA" * 8)
+    r = run(cfg, capsys, "key", "import", str(exported))
+    assert r.code == 8, (r.code, r.err)
+    assert r.err.count("\n") == 1 and str(keys.MAX_KEYS) in r.err, r.err
+    assert len(list((tmp_path / "repo" / "keys").iterdir())) == keys.MAX_KEYS
+    assert run(cfg, capsys, "key", "export").code == 0
