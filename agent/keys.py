@@ -218,9 +218,10 @@ def unlock(store: KeyStore, secrets: Secrets | None) -> Unlocked | None:
         if passphrase_file is not None or key_file is not None:
             setting = "passphrase_file" if passphrase_file is not None else "key_file"
             raise ConfigError(
-                f"repository {where} is not encrypted, but storage.{setting} is set: remove "
-                "it from the configuration (or back up into a new repository made by "
-                "`oneback init --encryption`)")
+                f"repository {where} is not encrypted, but storage.{setting} is set: if it"
+                " is meant to be plain, remove the setting (or back up into a new repository"
+                " made by `oneback init --encryption`); if it was made encrypted, its config"
+                " was changed: keep the setting and restore the repository")
         return None
     from agent.store.encryption import ALGORITHM
     if store.encryption != ALGORITHM:

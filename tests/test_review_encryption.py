@@ -482,3 +482,40 @@ def test_key_import_never_makes_more_key_blobs_than_a_passphrase_is_tried_on(
     assert r.err.count("\n") == 1 and str(keys.MAX_KEYS) in r.err, r.err
     assert len(list((tmp_path / "repo" / "keys").iterdir())) == keys.MAX_KEYS
     assert run(cfg, capsys, "key", "export").code == 0
+
+
+# -- a downgraded repository config ----------------------------------------------------
+
+
+@pytest.mark.parametrize("downgrade", [
+    {"encryption": None},                                         # the key removed
+    {"encryption": "", "format": 1, "hash": "sha256"},            # made to look plain
+    {"encryption": "none", "format": 1, "hash": "sha256"},
+])
+def test_an_encrypted_repository_whose_config_says_plain_is_refused(
+        tmp_path: Path, cheap_kdf: None, capsys: pytest.CaptureFixture[str],
+        downgrade: dict[str, Any]) -> None:
+    """REPO/config is not authenticated: whoever can write to the repository
+    could drop its "encryption". oneback then said "not encrypted, but
+    storage.passphrase_file is set: remove it", and once the operator did,
+    every new backup went into the attacker's storage in plaintext. A config
+    saying plain beside a keys/ directory is refused as changed, whatever
+    the configuration says."""
+    cfg = _repo(tmp_path, capsys)
+    conf = tmp_path / "repo" / "config"
+    doc = json.loads(conf.read_bytes())
+    for k, v in downgrade.items():
+        if v is None:
+            doc.pop(k)
+        else:
+            doc[k] = v
+    conf.chmod(0o644)
+    conf.write_text(json.dumps(doc))
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 8, (r.code, r.err)
+    assert r.err.count("\n") == 1 and "was changed" in r.err, r.err
+    assert "remove it from the configuration" not in r.err
+    cfg.write_text("\n".join(x for x in cfg.read_text().splitlines()
+                             if not x.startswith("passphrase_file")) + "\n")
+    r = run(cfg, capsys, "key", "export")
+    assert r.code == 8 and "was changed" in r.err, (r.code, r.err)

@@ -281,6 +281,16 @@ class LocalStore(LocalLeases):
                 f"repository {root} has format {fmt}, newer than this oneback "
                 f"understands ({FORMAT}); upgrade oneback"
             )
+        if encryption == PLAIN and (config.get("hash") == "hmac-sha256"
+                                    or (root / "keys").exists()):
+            # The config is not authenticated: an encrypted repository's, made to
+            # look plain, would take plaintext backups (and a passphrase_file
+            # would be refused as "not encrypted, remove it").
+            raise RepositoryError(
+                f"repository config {root / CONFIG} says the repository is not encrypted,"
+                " but it has the keys (keys/) or chunk ids (hmac-sha256) of an encrypted"
+                " one: its config was changed; restore it from a copy (or `oneback init"
+                " --encryption` a new repository), and find out who changed it")
         return str(repo_id), encryption
 
     def use_codec(self, codec: Codec) -> None:
