@@ -81,10 +81,11 @@ class ProxyConfig:
 MAX_READ_DEPTH = 256
 KDF_N = 2**16
 """scrypt's cost (N, with r=8, p=1: 64 MiB and ~0.15 s) for a new key blob."""
-KDF_ENV = "ONEBACK_TEST_KDF_N"
-"""For tests only: a smaller scrypt N for new key blobs (a power of two from
-1024), so that an encrypted repository's tests run fast. Never set it in
-production: it weakens the passphrase's protection of the key."""
+TEST_KDF_N: int | None = None
+"""For tests only, set in the test's own process (never from the
+environment, a file or an option: nothing a production process inherits can
+weaken a new key): a smaller scrypt N for the key blobs `load`'s
+configurations write, so that an encrypted repository's tests run fast."""
 
 
 @dataclass(frozen=True)
@@ -179,20 +180,48 @@ class StorageConfig:
         return read_private_file(self.key_file, "storage.key_file")
 
 
+SECRET_FILE_MAX = 1 << 20
+"""A secret file (passphrase, exported key) larger than this is refused."""
+
+
 def read_private_file(path: Path, what: str) -> bytes:
     """The bytes of a secret file (`what` names it: a config key or an
-    option). Refuses a missing file, one others can read, and an empty one."""
+    option). Refuses a missing file, one that is not a regular file (a FIFO
+    would hang the read, a device never end), one owned by another user
+    than this process's or root (who can read or replace it), one others
+    can read, and an empty or oversized one. The checks are made on the
+    opened file (fstat), not on the name (which may change between)."""
     try:
-        st = path.stat()
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist: create it (mode 0600), or fix"
                           f" the path") from None
     except OSError as e:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ConfigError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: run"
-                          f" 'chmod 600 {path}'")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file: put the secret in a"
+                              " file (mode 0600)")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise ConfigError(f"{what} {path} is owned by uid {st.st_uid}, who can read or"
+                              f" change it: run 'chown {os.geteuid()} {path}'")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: run"
+                              f" 'chmod 600 {path}'")
+        if st.st_size > SECRET_FILE_MAX:
+            raise ConfigError(f"{what} {path} is {st.st_size} bytes, too large for a"
+                              " passphrase or a key: check the path")
+        data = b""
+        while len(data) <= SECRET_FILE_MAX and (piece := os.read(fd, SECRET_FILE_MAX + 1)):
+            data += piece
+        if len(data) > SECRET_FILE_MAX:
+            raise ConfigError(f"{what} {path} is too large for a passphrase or a key:"
+                              " check the path")
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if not data.strip():
         raise ConfigError(f"{what} {path} is empty")
     return data
@@ -306,13 +335,8 @@ def load(explicit: str | Path | None = None, environ: Mapping[str, str] | None =
     except OSError as e:
         raise ConfigError(f"configuration file {path}: {e.strerror}") from None
     cfg = parse(data, path)
-    env = os.environ if environ is None else environ
-    if env.get(KDF_ENV):
-        n = env[KDF_ENV]
-        if not n.isdigit() or not 1024 <= int(n) <= KDF_N or int(n) & (int(n) - 1):
-            raise ConfigError(f"${KDF_ENV} must be a power of two from 1024 to {KDF_N}"
-                              f" (tests only); got {n!r}")
-        cfg = replace(cfg, storage=replace(cfg.storage, kdf_n=int(n)))
+    if TEST_KDF_N is not None:
+        cfg = replace(cfg, storage=replace(cfg.storage, kdf_n=TEST_KDF_N))
     return cfg
 
 

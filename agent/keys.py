@@ -30,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -39,8 +39,11 @@ from agent.store import Codec
 
 KDF = "scrypt"
 KDF_R, KDF_P = 8, 1
-KDF_MIN_N, KDF_MAX_N = 2**10, 2**20   # a key blob asking for more is refused (1 GiB)
+KDF_MIN_N, KDF_MAX_N = 2**10, 2**20
+KDF_MAX_MEMORY = 2**28   # 128*n*r: a key blob asking for more is refused (256 MiB, 4x ours)
+KDF_MAX_WORK = 2**30     # 128*n*r*p: so is one asking for more work (16x ours, a few s)
 SALT_SIZE = 32
+MAX_KEYS = 20   # key blobs tried with a passphrase, as restic (more: refused, no scrypt)
 EXPORT_FORMAT = "oneback-key"
 _WRAP = b"oneback key\x00"
 
@@ -87,8 +90,8 @@ class KeyStore(Protocol):
 @dataclass(frozen=True)
 class MasterKey:
     repository: str     # the id of the repository it encrypts
-    encrypt: bytes      # AES-256-GCM key of chunks and manifests
-    mac: bytes          # HMAC-SHA256 key of chunk ids
+    encrypt: bytes = field(repr=False)   # AES-256-GCM key of chunks and manifests
+    mac: bytes = field(repr=False)       # HMAC-SHA256 key of chunk ids (never in a repr)
 
     @classmethod
     def new(cls, repository: str) -> MasterKey:
@@ -138,17 +141,26 @@ def wrap(master: MasterKey, passphrase: bytes, n: int) -> bytes:
 def unwrap(blob: bytes, passphrase: bytes, name: str) -> MasterKey | None:
     """The master key in key blob `name`, None if `passphrase` does not open
     it. RepositoryError if the blob is damaged or asks for an unknown KDF."""
-    from agent.store.encryption import Sealer, scrypt
+    from agent.store.encryption import ALGORITHM, Sealer, scrypt
     try:
         doc = json.loads(blob)
-        n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
+        version, cipher = doc.get("version"), doc.get("cipher")
+    except (ValueError, AttributeError) as e:
+        raise RepositoryError(f"key {name} is damaged ({e}); open the repository with an "
+                              "exported key (storage.key_file) and `oneback key import`") from e
+    if type(version) is not int or version != 1 or cipher != ALGORITHM:
+        raise RepositoryError(f"key {name} is of version {version!r:.20}, cipher {cipher!r:.40},"
+                              " which this oneback does not know; upgrade oneback")
+    try:
+        n, r, p = _int(doc["n"]), _int(doc["r"]), _int(doc["p"])
         salt, frame = _unb64(doc["salt"]), _unb64(doc["data"])
         kdf = doc["kdf"]
     except (ValueError, KeyError, TypeError) as e:
         raise RepositoryError(f"key {name} is damaged ({e}); open the repository with an "
                               "exported key (storage.key_file) and `oneback key import`") from e
     if kdf != KDF or not KDF_MIN_N <= n <= KDF_MAX_N or n & (n - 1) or not (
-            1 <= r <= 32 and 1 <= p <= 16 and 128 * r * n <= 2**30):
+            1 <= r <= 32 and 1 <= p <= 16 and 128 * r * n <= KDF_MAX_MEMORY
+            and 128 * r * n * p <= KDF_MAX_WORK):
         raise RepositoryError(f"key {name} asks for a KDF this oneback does not use ({kdf},"
                               f" n={n}, r={r}, p={p}); upgrade oneback")
     plain = Sealer(scrypt(passphrase, salt, n, r, p)).open(frame, _WRAP)
@@ -164,9 +176,11 @@ def new_key_name() -> str:
     return os.urandom(16).hex()
 
 
-def add_key(store: KeyStore, master: MasterKey, passphrase: bytes, n: int) -> str:
-    """Write a new key blob wrapping `master`; its name."""
-    name = new_key_name()
+def add_key(store: KeyStore, master: MasterKey, passphrase: bytes, n: int,
+            name: str | None = None) -> str:
+    """Write a new key blob wrapping `master` (named `name`, else a random
+    name; RepositoryError if that name exists); its name."""
+    name = name or new_key_name()
     store.put_key(name, wrap(master, passphrase, n))
     return name
 
@@ -174,13 +188,18 @@ def add_key(store: KeyStore, master: MasterKey, passphrase: bytes, n: int) -> st
 # -- opening ---------------------------------------------------------------------
 
 
-def create(store: KeyStore, secrets: Secrets) -> Unlocked:
+FIRST_KEY = "initial"
+"""The name of the key blob that finishes an interrupted init: written once,
+so of two processes finishing it concurrently exactly one succeeds."""
+
+
+def create(store: KeyStore, secrets: Secrets, name: str | None = None) -> Unlocked:
     """A new master key for a newly created encrypted `store`, wrapped under
-    the passphrase of `secrets` (its first key blob), and the store
-    unlocked with it."""
+    the passphrase of `secrets` (its first key blob, named `name`), and the
+    store unlocked with it."""
     passphrase = secrets.read_passphrase()
     master = MasterKey.new(store.id)
-    name = add_key(store, master, passphrase, secrets.kdf_n)
+    name = add_key(store, master, passphrase, secrets.kdf_n, name)
     store.use_codec(master.codec())
     return Unlocked(master, name)
 
@@ -199,9 +218,10 @@ def unlock(store: KeyStore, secrets: Secrets | None) -> Unlocked | None:
         if passphrase_file is not None or key_file is not None:
             setting = "passphrase_file" if passphrase_file is not None else "key_file"
             raise ConfigError(
-                f"repository {where} is not encrypted, but storage.{setting} is set: remove "
-                "it from the configuration (or back up into a new repository made by "
-                "`oneback init --encryption`)")
+                f"repository {where} is not encrypted, but storage.{setting} is set: if it"
+                " is meant to be plain, remove the setting (or back up into a new repository"
+                " made by `oneback init --encryption`); if it was made encrypted, its config"
+                " was changed: keep the setting and restore the repository")
         return None
     from agent.store.encryption import ALGORITHM
     if store.encryption != ALGORITHM:
@@ -238,6 +258,12 @@ def open_with(store: KeyStore, passphrase: bytes, names: Iterable[str]) -> Unloc
         raise ConfigError(
             f"repository {where} is encrypted but holds no key (keys/ is empty): open it "
             "with its exported key (storage.key_file), then `oneback key import` it")
+    if len(names) > MAX_KEYS:
+        raise RepositoryError(
+            f"repository {where} holds {len(names)} key files, more than the {MAX_KEYS}"
+            " oneback tries (each costs a scrypt): remove from keys/ the ones you did not"
+            " make (`key passwd` and `key import` print the name of the key they write), or"
+            " open it with its exported key (storage.key_file)")
     damaged: RepositoryError | None = None
     for name in names:
         try:
@@ -257,11 +283,13 @@ def open_with(store: KeyStore, passphrase: bytes, names: Iterable[str]) -> Unloc
     return None
 
 
-def passwd(store: KeyStore, secrets: Secrets, new_passphrase: bytes) -> tuple[str, str]:
+def passwd(store: KeyStore, secrets: Secrets, new_passphrase: bytes
+           ) -> tuple[str, list[str]]:
     """Change the passphrase: a new key blob wraps the same master key under
-    `new_passphrase`, then the blob the old passphrase opened is deleted
-    (so the old passphrase no longer opens the repository; a crash between
-    the two leaves both working). Returns (new key name, old key name)."""
+    `new_passphrase`, then every blob the old passphrase opens is deleted
+    (so the old passphrase no longer opens the repository, also when `key
+    import` wrapped it twice; a crash between the two leaves both working).
+    Returns (new key name, the old key names, the one it opened first)."""
     if secrets.passphrase_file is None:
         raise ConfigError(
             "`oneback key passwd` changes the passphrase in storage.passphrase_file; set it"
@@ -272,7 +300,19 @@ def passwd(store: KeyStore, secrets: Secrets, new_passphrase: bytes) -> tuple[st
                           " it has no passphrase to change")
     name = add_key(store, opened.master, new_passphrase, secrets.kdf_n)
     store.delete_key(opened.key_name)
-    return name, opened.key_name
+    removed = [opened.key_name]
+    old_passphrase = secrets.read_passphrase()
+    for other in store.key_names():
+        if other in (name, opened.key_name):
+            continue
+        try:
+            if unwrap(store.get_key(other), old_passphrase, other) is None:
+                continue
+        except (NotFound, RepositoryError):
+            continue   # deleted meanwhile, or not a key this passphrase opens
+        store.delete_key(other)
+        removed.append(other)
+    return name, removed
 
 
 def import_key(store: KeyStore, document: bytes, source: str, secrets: Secrets) -> str:
@@ -290,6 +330,12 @@ def import_key(store: KeyStore, document: bytes, source: str, secrets: Secrets) 
     if secrets.passphrase_file is None:
         raise ConfigError("`oneback key import` wraps the key under the passphrase in "
                           "storage.passphrase_file: set it (and remove storage.key_file)")
+    present = len(store.key_names())
+    if present >= MAX_KEYS:
+        raise RepositoryError(
+            f"repository {_where(store)} holds {present} key files, the most a passphrase is"
+            f" tried on ({MAX_KEYS}): remove from keys/ the ones no passphrase you use opens"
+            " (`key passwd` removes its old key), then import again")
     return add_key(store, master, secrets.read_passphrase(), secrets.kdf_n)
 
 
@@ -315,6 +361,11 @@ def parse_export(data: bytes, source: str) -> MasterKey:
         doc = json.loads(data)
         if doc.get("format") != EXPORT_FORMAT:
             raise ValueError("it is not a oneback key")
+        from agent.store.encryption import ALGORITHM
+        version, cipher = doc.get("version"), doc.get("encryption")
+        if type(version) is not int or version != 1 or cipher != ALGORITHM:
+            raise ValueError(f"it is of version {version!r:.20}, encryption {cipher!r:.40},"
+                             " which this oneback does not know: upgrade oneback")
         master = MasterKey.from_json(doc)
         if doc.get("check") != _check(master):
             raise ValueError("its check does not match: the copy is damaged")
@@ -337,6 +388,13 @@ def _where(store: KeyStore) -> str:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _int(value: object) -> int:
+    """A JSON integer (not a float: json reads Infinity and NaN, not a bool)."""
+    if type(value) is not int:
+        raise ValueError(f"expected an integer, not {type(value).__name__}")
+    return value
 
 
 def _unb64(text: object) -> bytes:

@@ -143,7 +143,7 @@ def init(where: Path | StorageConfig, catalog_path: Path, *, encrypt: bool = Fal
     store = open_store(where) if joined else _create(where, encrypt, secrets)
     if joined:
         _check_joined(store, encrypt)
-        keys.unlock(store, secrets)
+        _unlock_or_finish(store, secrets)
     manifests = sum(1 for _ in store.manifests()) if joined else 0
     with Catalog.open(catalog_path) as catalog:
         backfilled = backfill(catalog, store)
@@ -174,6 +174,22 @@ def _create(where: Path | StorageConfig, encrypt: bool, secrets: keys.Secrets | 
     store = init_store(where, encryption=ALGORITHM)
     keys.create(store, secrets)
     return store
+
+
+def _unlock_or_finish(store: Backend, secrets: keys.Secrets | None) -> None:
+    """Unlock the joined repository; or, when it is encrypted and holds no key
+    blob, no manifest and no chunk (an `init --encryption` killed between
+    its config and its first key), give it its first key, as that init
+    would have. A repository holding data is never given a new key."""
+    if (store.encryption == "none" or secrets is None or secrets.passphrase_file is None
+            or store.key_names() or next(store.manifests(), None) is not None
+            or next(store.chunk_files(), None) is not None):
+        keys.unlock(store, secrets)
+        return
+    try:
+        keys.create(store, secrets, keys.FIRST_KEY)
+    except RepositoryError:   # another process finished it first: use its key
+        keys.unlock(store, secrets)
 
 
 def _check_joined(store: Backend, encrypt: bool) -> None:

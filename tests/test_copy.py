@@ -569,8 +569,8 @@ def test_a_copy_into_an_encrypted_target_translates_ids_and_restores(
     CLI: the manifests are rewritten with the target's keyed ids, no source id
     (a plain SHA-256) names a target chunk, the target verifies and exports
     byte for byte, and a second copy sends nothing."""
-    from agent.config import KDF_ENV
-    monkeypatch.setenv(KDF_ENV, "1024")
+    from agent import config
+    monkeypatch.setattr(config, "TEST_KDF_N", 1024)
     c, src = cloud, cloud.config
     where = c.tmp / "sealed"
     where.mkdir()

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from agent.config import KDF_ENV
+from agent import config as config_mod
 from tests.agentkit import BLOCK, Cloud, make_cloud, pattern
 
 PASSPHRASE = "correct horse battery staple\n"
@@ -51,7 +51,7 @@ def crypt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
           capsys: pytest.CaptureFixture[str]) -> Iterator[Cloud]:
     """A simulated cloud whose oneback repository is encrypted (`oneback init
     --encryption`), with a cheap KDF (tests only)."""
-    monkeypatch.setenv(KDF_ENV, "1024")
+    monkeypatch.setattr(config_mod, "TEST_KDF_N", 1024)
     with make_cloud(tmp_path) as c:
         shutil.rmtree(c.tmp / "repo")   # make_cloud made a plain one
         for suffix in ("", "-wal", "-shm"):

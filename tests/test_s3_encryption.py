@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import KDF_ENV
+from agent import config
 from tests.agentkit import BLOCK, Cloud, Result, make_cloud, pattern
 from tests.s3server import S3RepoView
 
@@ -23,7 +23,7 @@ MARK = b"wombat-ledger-plaintext-"
 
 @pytest.fixture
 def s3_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cloud]:
-    monkeypatch.setenv(KDF_ENV, "1024")
+    monkeypatch.setattr(config, "TEST_KDF_N", 1024)
     with make_cloud(tmp_path, backend="s3") as c:
         yield c
 

@@ -35,10 +35,10 @@ def key_passwd(new_file: str, config_file: str | None, as_json: bool) -> None:
     added, removed = keys.passwd(store, cfg.storage, new)
     if as_json:
         emit_json({"repository": str(cfg.storage.repository), "key": added,
-                   "removed": removed})
+                   "removed": removed[0], "removed_keys": removed})
         return
     click.echo(f"changed the passphrase of repository {cfg.storage.repository} (key {added}"
-               f" replaces {removed}); now copy {new_file} over"
+               f" replaces {', '.join(removed)}); now copy {new_file} over"
                f" {cfg.storage.passphrase_file}: the old passphrase no longer opens it")
 
 
@@ -100,7 +100,19 @@ def _write_private(path: Path, data: bytes) -> None:
     except OSError as e:
         raise ConfigError(f"cannot create {path}: {e.strerror}") from None
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]   # a short count: write the rest (or fail)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        path.unlink(missing_ok=True)   # never leave a truncated key to be filed away
+        raise ConfigError(f"cannot write the key to {path}: {e.strerror or e}; nothing was"
+                          " written, check free space") from None

@@ -362,3 +362,33 @@ class Codec:
                 "run a repository check and back the affected VMs up again"
             )
         return data
+
+
+class LockedCodec(Codec):
+    """The codec of an encrypted repository until `agent.keys` unlocks it
+    (`use_codec`): every chunk and manifest operation is refused (a caller
+    bug), so a path that forgot to unlock fails instead of writing
+    plaintext (chunks named by their SHA-256, plain manifests) into it."""
+
+    def __init__(self, encryption: str) -> None:
+        super().__init__()
+        self.encryption = encryption
+
+    def _refuse(self) -> InternalError:
+        return InternalError(f"the repository is encrypted ({self.encryption}) and not"
+                             " unlocked: agent.keys.unlock must open it first")
+
+    def chunk_id(self, data: Data) -> bytes:
+        raise self._refuse()
+
+    def encode(self, data: Data, chunk_id: bytes | None = None) -> bytes:
+        raise self._refuse()
+
+    def decode(self, chunk_id: bytes, stored: bytes, where: str) -> bytes:
+        raise self._refuse()
+
+    def seal(self, data: bytes, name: str | None = None) -> bytes:
+        raise self._refuse()
+
+    def unseal(self, stored: bytes, what: str, name: str | None = None) -> bytes:
+        raise self._refuse()

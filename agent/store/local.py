@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ from agent.store import (
     DEFAULT_LEVEL,
     Codec,
     Data,
+    LockedCodec,
     Retired,
     check_chunk_id,
     check_key_name,
@@ -69,6 +71,7 @@ younger ones may belong to another process still writing."""
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 SYNCED = "synced"
 QUARANTINE = "quarantine"
+KEY_MAX = 64 << 10   # a key blob is a few hundred bytes
 SYNC_MARGIN = 2.0
 """Seconds `synced` is set back from the start of the syncfs that proves it:
 file times come from a coarse clock, and a file written just after the start
@@ -163,7 +166,8 @@ class LocalStore(LocalLeases):
         self._chunks = path / "chunks"
         self._manifests = path / "manifests"
         self._tmp = path / "tmp"
-        self._codec = codec if codec is not None else Codec(level)
+        self._codec = codec if codec is not None else (
+            Codec(level) if encryption == PLAIN else LockedCodec(encryption))
         self.sync_each_put = sync_each_put or not HAVE_SYNCFS
         self._synced = 0.0     # chunk files older than this are durable
         self._boot = boot_time()
@@ -278,6 +282,16 @@ class LocalStore(LocalLeases):
                 f"repository {root} has format {fmt}, newer than this oneback "
                 f"understands ({FORMAT}); upgrade oneback"
             )
+        if encryption == PLAIN and (config.get("hash") == "hmac-sha256"
+                                    or (root / "keys").exists()):
+            # The config is not authenticated: an encrypted repository's, made to
+            # look plain, would take plaintext backups (and a passphrase_file
+            # would be refused as "not encrypted, remove it").
+            raise RepositoryError(
+                f"repository config {root / CONFIG} says the repository is not encrypted,"
+                " but it has the keys (keys/) or chunk ids (hmac-sha256) of an encrypted"
+                " one: its config was changed; restore it from a copy (or `oneback init"
+                " --encryption` a new repository), and find out who changed it")
         return str(repo_id), encryption
 
     def use_codec(self, codec: Codec) -> None:
@@ -776,8 +790,29 @@ class LocalStore(LocalLeases):
         return len(data)
 
     def get_key(self, name: str) -> bytes:
-        """The key blob `name`; NotFound if there is none."""
-        return self._read(self._key_path(name), f"key {name}")
+        """The key blob `name`; NotFound if there is none. RepositoryError if
+        it is not a regular file of at most KEY_MAX bytes (a FIFO or a
+        symlink to a device planted in keys/ would hang or exhaust the
+        process that opens the repository)."""
+        path = self._key_path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise NotFound(f"key {name} is not in repository {self.path}") from e
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot read key {name} from {self.path}: {e.strerror or e}") from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > KEY_MAX:
+                raise RepositoryError(f"key {name} in {self.path} is not a key file (not a "
+                                      f"regular file of at most {KEY_MAX} bytes); remove it")
+            return os.read(fd, KEY_MAX)
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot read key {name} from {self.path}: {e.strerror or e}") from e
+        finally:
+            os.close(fd)
 
     def delete_key(self, name: str) -> None:
         """Remove key blob `name`, durably. Idempotent."""

@@ -15,6 +15,7 @@ from agent.store import (
     DEFAULT_LEVEL,
     Codec,
     Data,
+    LockedCodec,
     check_chunk_id,
     check_key_name,
     check_manifest_name,
@@ -32,7 +33,8 @@ class MemoryStore:
         self.manifest_blobs: dict[str, bytes] = {}
         self.key_blobs: dict[str, bytes] = {}
         self.quarantined: list[tuple[bytes, bytes]] = []   # (chunk id, its damaged bytes)
-        self._codec = codec if codec is not None else Codec(level)
+        self._codec = codec if codec is not None else (
+            Codec(level) if encryption == "none" else LockedCodec(encryption))
         self._lock = threading.Lock()
 
     def chunk_id(self, data: Data) -> bytes:
