@@ -49,6 +49,7 @@ from agent.store import (
     DEFAULT_LEVEL,
     Codec,
     Data,
+    LockedCodec,
     Retired,
     check_chunk_id,
     check_manifest_name,
@@ -265,6 +266,16 @@ class S3Store:
                 f"repository {location} has format {fmt}, newer than this oneback "
                 f"understands ({FORMAT}); upgrade oneback")
         store.id = str(repo_id)
+        if store.encryption == "none" and (config.get("hash") == "hmac-sha256"
+                                           or store.key_names()):
+            # As agent.store.local._read_config: the config is not authenticated.
+            raise RepositoryError(
+                f"repository config in {location} says the repository is not encrypted, but"
+                " it has the keys (keys/) or chunk ids (hmac-sha256) of an encrypted one: its"
+                " config was changed; restore it from a copy (or `oneback init --encryption`"
+                " a new repository), and find out who changed it")
+        if codec is None and store.encryption != "none":
+            store._codec = LockedCodec(store.encryption)   # until agent.keys unlocks it
         if settings.lock_days and not store._lock_enabled():
             raise RepositoryError(
                 f"bucket {location.bucket} has no Object Lock, so storage.s3.lock_days cannot"
@@ -553,7 +564,27 @@ class S3Store:
         self._put_once(self._key_key(name), bytes(data), f"key {name}")
 
     def get_key(self, name: str) -> bytes:
-        return self._get(self._key_key(name), f"key {name}")
+        """The key blob `name`: NotFound if there is none; RepositoryError if it
+        is larger than local.KEY_MAX (a planted object must not exhaust memory)."""
+        from agent.store.local import KEY_MAX
+        key, what = self._key_key(name), f"key {name}"
+        try:
+            answer = self._s3.get_object(Bucket=self._bucket, Key=key)
+            if int(answer.get("ContentLength", 0)) > KEY_MAX:
+                answer["Body"].close()
+                raise RepositoryError(f"key {name} in {self.location} is not a key file (more"
+                                      f" than {KEY_MAX} bytes); remove it")
+            data: bytes = answer["Body"].read(KEY_MAX + 1)
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _MISSING:
+                raise NotFound(f"{what} is not in repository {self.location}") from e
+            raise self._fail(f"read {what}", e) from e
+        except botocore.exceptions.BotoCoreError as e:
+            raise self._fail(f"read {what}", e) from e
+        if len(data) > KEY_MAX:
+            raise RepositoryError(f"key {name} in {self.location} is not a key file (more"
+                                  f" than {KEY_MAX} bytes); remove it")
+        return data
 
     def delete_key(self, name: str) -> None:
         self._delete(self._key_key(name), f"key {name}")
