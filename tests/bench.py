@@ -5,7 +5,11 @@ plain sequential read and write of the disk (`dd bs=4M`, the physical limits),
 a full backup, an incremental after 1% of the 4 MiB blocks changed, and a
 restore of the latest backup, for restic (`backup --stdin`), borg (fixed 4 MiB
 chunker, zstd) and oneback (through its real path: onesim, snapshot, saveas,
-attach to the proxy VM, read the device). Each tool runs as a child process
+attach to the proxy VM, read the device); then oneback again into an
+encrypted repository, into an S3 repository and an encrypted one on moto's
+S3 server (started here as the tests start it), and restic with its s3
+backend on the same server (tests/bench_support/s3.py; borg has no S3
+backend). Each tool runs as a child process
 with a cold page cache; its wall time, peak RSS and repository size (allocated
 bytes) are recorded. Prints a table of results and of the issue's targets,
 PASS or FAIL, and writes the same as Markdown to `--output`.
