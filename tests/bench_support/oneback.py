@@ -194,8 +194,9 @@ class Oneback:
     def list_args(self) -> list[str]:
         return ["list", "--config", str(self.config)]
 
-    def fullstore_cmd(self, repo: Path, mode: str) -> list[str]:
-        """A full read-and-store of the VM's disk into `repo` (tests/bench_support/fullstore.py)."""
+    def fullstore_cmd(self, repo: Path | str, mode: str) -> list[str]:
+        """A full read-and-store of the VM's disk into `repo`, a directory or
+        s3://BUCKET/PREFIX (tests/bench_support/fullstore.py)."""
         return [sys.executable, "-m", "tests.bench_support.fullstore", str(self.guest_disk),
                 str(4 * 1024 * 1024), str(repo), mode]
 

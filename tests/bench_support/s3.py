@@ -61,11 +61,26 @@ class Bucket:
         """Bytes of the objects under `prefix/` (what a provider bills: S3 has
         no allocated size)."""
         total = 0
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.name, Prefix=f"{prefix}/")
-        for page in pages:
-            total += sum(int(o["Size"]) for o in page.get("Contents", []))
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.name, Prefix=f"{prefix}/")
+            for page in pages:
+                total += sum(int(o["Size"]) for o in page.get("Contents", []))
+        except Exception as e:   # the server died: the step's own row says what failed
+            print(f"bench: cannot list s3://{self.name}/{prefix}/: {e!r}")
         return total
+
+    def delete(self, prefix: str) -> None:
+        """Delete every object under `prefix/` (a finished scratch repository)."""
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.name, Prefix=f"{prefix}/")
+            for page in pages:
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    self.client.delete_objects(Bucket=self.name, Delete={"Objects": keys})
+        except Exception as e:
+            print(f"bench: cannot empty s3://{self.name}/{prefix}/: {e!r}")
 
     def credentials_file(self, work: Path) -> Path:
         """The keys in the AWS shared-credentials format, mode 0600, for oneback."""
