@@ -5,7 +5,11 @@ plain sequential read and write of the disk (`dd bs=4M`, the physical limits),
 a full backup, an incremental after 1% of the 4 MiB blocks changed, and a
 restore of the latest backup, for restic (`backup --stdin`), borg (fixed 4 MiB
 chunker, zstd) and oneback (through its real path: onesim, snapshot, saveas,
-attach to the proxy VM, read the device). Each tool runs as a child process
+attach to the proxy VM, read the device); then oneback again into an
+encrypted repository, into an S3 repository and an encrypted one on moto's
+S3 server (started here as the tests start it), and restic with its s3
+backend on the same server (tests/bench_support/s3.py; borg has no S3
+backend). Each tool runs as a child process
 with a cold page cache; its wall time, peak RSS and repository size (allocated
 bytes) are recorded. Prints a table of results and of the issue's targets,
 PASS or FAIL, and writes the same as Markdown to `--output`.
@@ -29,6 +33,7 @@ from pathlib import Path
 from tests.bench_support import mountread, netdisk
 from tests.bench_support.image import BLOCK, change_blocks, changed_blocks, make_image
 from tests.bench_support.oneback import Oneback, OnebackUnavailable
+from tests.bench_support.s3 import Bucket, ResticS3, S3Unavailable
 from tests.bench_support.tools import (
     Borg,
     Measured,
@@ -67,6 +72,9 @@ class Bench:
     tools: list[Restic | Borg] = field(default_factory=list)
     ob: Oneback | None = None
     enc: Oneback | None = None   # the same VM into an encrypted repository
+    bucket: Bucket | None = None  # the S3 server (moto) and its bucket
+    s3_tools: list[ResticS3] = field(default_factory=list)  # restic's s3 backend there
+    s3: list[Oneback] = field(default_factory=list)  # the same VM into s3://, plain, encrypted
 
     def run_all(self) -> None:
         """Every measurement, in order: reads, fulls, the guest's change, incrementals,
@@ -83,9 +91,14 @@ class Bench:
                 self.oneback_backup(self.ob, phase)
             if self.enc:
                 self.oneback_backup(self.enc, phase)
+            for s3tool in self.s3_tools:
+                self.backup(s3tool, phase)
+            for ob in self.s3:
+                self.oneback_backup(ob, phase)
         if self.ob:
             self.oneback_scan(self.ob)
             self.oneback_syncs(self.ob)
+            self.oneback_s3_store(self.ob)
         self.plain_write()
         for tool in self.tools:
             self.restore(tool)
@@ -95,6 +108,10 @@ class Bench:
             self.oneback_mount(self.ob)
         if self.enc:
             self.oneback_export(self.enc)
+        for s3tool in self.s3_tools:
+            self.restore(s3tool)
+        for ob in self.s3:
+            self.oneback_export(ob)
         if self.ob:
             self.oneback_verify(self.ob)
             self.oneback_manifests(self.ob)
@@ -107,11 +124,14 @@ class Bench:
         print(f"bench: {row.tool} {row.phase}: {took} {row.note}".rstrip(), flush=True)
 
     def measured(self, tool: str, phase: str, m: Measured, key: str, *, note: str = "",
-                 repo: Path | None = None, before: int = 0) -> None:
+                 repo: Path | None = None, before: int = 0,
+                 stored: Callable[[], int] | None = None) -> None:
+        """A row for `m`; the repository's size after it from `stored` or the
+        allocated bytes under `repo`."""
         if m.rc != 0:
             self.add(Row(tool, phase, note=m.last_error(), key=key))
             return
-        after = du(repo) if repo else None
+        after = stored() if stored else du(repo) if repo else None
         self.add(Row(tool, phase, m.wall, self.size, after,
                      after - before if after is not None else None, m.rss_kib, note, key))
 
@@ -141,24 +161,24 @@ class Bench:
         target.unlink(missing_ok=True)
         self.measured("dd", "write (fsync)", m, "dd.write", note="the restore target's limit")
 
-    def backup(self, tool: Restic | Borg, phase: str) -> None:
-        before = du(tool.repo)
+    def backup(self, tool: Restic | Borg | ResticS3, phase: str) -> None:
+        before = tool.stored()
         m = tool.backup(self.image, phase)
-        self.measured(tool.name, f"backup {phase}", m, f"{tool.name}.{phase}", repo=tool.repo,
-                      before=before)
+        self.measured(tool.name, f"backup {phase}{tool.label}", m, f"{tool.key}.{phase}",
+                      stored=tool.stored, before=before, note=tool.note)
 
-    def restore(self, tool: Restic | Borg) -> None:
-        target = self.work / f"{tool.name}-restore"
+    def restore(self, tool: Restic | Borg | ResticS3) -> None:
+        target = self.work / f"{tool.key}-restore"
         m, path = tool.restore(target)
         same = m.rc == 0 and path.exists() and sha256(path) == sha256(self.image)
-        self.measured(tool.name, "restore", m, f"{tool.name}.restore",
-                      note="" if same else "restored data DIFFERS from the image")
+        self.measured(tool.name, f"restore{tool.label}", m, f"{tool.key}.restore",
+                      note=tool.note + ("" if same else "; restored data DIFFERS from the image"))
         shutil.rmtree(target, ignore_errors=True)
 
     def oneback_backup(self, ob: Oneback, phase: str) -> None:
-        """A backup through the whole path; into the encrypted repository when
-        `ob` is the encrypted variant (rows `..., encrypted`, keys `oneback.encrypted.*`)."""
-        label, key = (", encrypted", "oneback.encrypted") if ob.passphrase else ("", "oneback")
+        """A backup through the whole path; into the encrypted or S3 repository when
+        `ob` is such a variant (rows `..., S3 encrypted`, keys `oneback.s3.encrypted.*`)."""
+        label, key = ob.label, ob.key
         before = ob.stored()
         m = run(ob.backup_cmd())
         doc = ob.parse(m)
@@ -172,7 +192,9 @@ class Bench:
                      f"{doc.get('kind')}, changed {changed / MiB:.0f} MiB", f"{key}.{phase}"))
         scan, ops = float(doc.get("scan_seconds", 0.0)), float(doc.get("cloud_seconds", 0.0))
         self.add(Row("oneback", "(read+scan)", scan, self.size,
-                     note="reading, hashing, storing" + (", encrypting" if label else ""),
+                     note="reading, hashing, storing"
+                     + (", encrypting" if ob.passphrase else "")
+                     + (" into S3" if ob.bucket else ""),
                      key=f"{key}.scan.{phase}"))
         self.add(Row("oneback", "(OpenNebula ops)", ops, note=OPS_NOTE,
                      key=f"{key}.ops.{phase}"))
@@ -182,7 +204,7 @@ class Bench:
             copied = int(doc["cloud_bytes_copied"])
             self.add(Row("oneback", "(OpenNebula copied)", note=f"{copied / MiB:.0f} MiB"
                          f" copied by the datastore drivers: {copied / self.size:.2f}x the disk",
-                         key=f"oneback.copied.{phase}", value=copied / self.size))
+                         key=f"{key}.copied.{phase}", value=copied / self.size))
 
     def oneback_startup(self, ob: Oneback, runs: int = 7) -> None:
         """Start-up of commands that do not talk to the cloud, on the still empty
@@ -260,6 +282,29 @@ class Bench:
                          m.rss_kib, f"{note}: {doc['chunks']} chunks, flush"
                          f" {float(doc['flush_seconds']):.2f} s", f"oneback.syncs.{mode}"))
 
+    def oneback_s3_store(self, ob: Oneback) -> None:
+        """The same full read-and-store, alone, into a fresh S3 repository on the
+        bench's server, plain and encrypted: encryption's cost on S3 without
+        OpenNebula, start-up or the passphrase's key derivation in the way."""
+        if not self.bucket:
+            return
+        for mode, phase, note in (
+                ("s3", "full store, S3", "the same into an S3 repository"),
+                ("s3-encrypted", "full store, S3 encrypted",
+                 "the same into an encrypted S3 repository (AES-256-GCM, HMAC-SHA256 ids)")):
+            prefix = f"fullstore-{mode}"
+            m = run(ob.fullstore_cmd(f"s3://{self.bucket.name}/{prefix}", mode),
+                    env={"BENCH_S3_ENDPOINT": self.bucket.endpoint})
+            self.bucket.delete(prefix)
+            try:
+                doc = json.loads(m.out)
+            except ValueError:
+                self.add(Row("oneback", phase, note=m.last_error()))
+                continue
+            self.add(Row("oneback", phase, float(doc["seconds"]), self.size, None, None,
+                         m.rss_kib, f"{note}: {doc['chunks']} chunks",
+                         f"oneback.syncs.{mode}"))
+
     def oneback_restore(self, ob: Oneback) -> None:
         cmd = ob.restore_cmd()
         if cmd is None:
@@ -273,7 +318,7 @@ class Bench:
         self.measured("oneback", "restore VM", m, "oneback.restore", note=note)
 
     def oneback_export(self, ob: Oneback) -> None:
-        label, key = (", encrypted", "oneback.encrypted") if ob.passphrase else ("", "oneback")
+        label, key = ob.label, ob.key
         target = self.work / "oneback-export.img"
         cmd = ob.export_cmd(target)
         if cmd is None:
@@ -283,7 +328,7 @@ class Bench:
         same = m.rc == 0 and target.exists() and sha256(target) == sha256(self.image)
         self.measured("oneback", f"export{label}", m, f"{key}.export",
                       note="the restore's data path alone, to a sparse file"
-                      + (", from the encrypted repository" if label else "")
+                      + (f", from the {label[2:]} repository" if label else "")
                       + ("" if same else "; DIFFERS from the image"))
         target.unlink(missing_ok=True)
 
@@ -447,6 +492,14 @@ def targets(rows: list[Row]) -> list[Target]:
     export = wall("oneback.export")
     copied = by_key.get("oneback.copied.incremental")
     rss = [r for r in rows if r.rss_kib is not None and r.tool == "oneback"]
+
+    def without_ops(key: str) -> float | None:
+        """A oneback backup's wall time less its OpenNebula operations
+        (`oneback.s3.full`: less `oneback.s3.ops.full`)."""
+        variant, phase = key.rsplit(".", 1)
+        total = wall(key)
+        return total - (wall(f"{variant}.ops.{phase}") or 0.0) if total else None
+
     top = max(rss, key=lambda r: r.rss_kib or 0) if rss else None
     return [
         # -- issue 13's goals
@@ -502,6 +555,36 @@ def targets(rows: list[Row]) -> list[Target]:
          None),
         ("encrypted / plain export rate (restore's data path)",
          ratio(export, wall("oneback.encrypted.export")), "info", None),
+        ("restic restore / oneback encrypted export (both encrypted)",
+         ratio(wall("restic.restore"), wall("oneback.encrypted.export")), "info", None),
+        ("restic incremental / oneback encrypted incremental without OpenNebula ops"
+         " (both encrypted)",
+         ratio(wall("restic.incremental"), without_ops("oneback.encrypted.incremental")),
+         "info", None),
+        # -- an S3 repository on the local moto server (issue 12)
+        ("S3: encrypted / plain full store rate (encryption's cost on backup throughput)",
+         ratio(wall("oneback.syncs.s3"), wall("oneback.syncs.s3-encrypted")), ">= 0.90",
+         at_least(0.90)),
+        ("S3: encrypted / plain read+scan rate inside the full backup",
+         ratio(wall("oneback.s3.scan.full"), wall("oneback.s3.encrypted.scan.full")), "info",
+         None),
+        ("S3: encrypted / plain full backup rate (whole command)",
+         ratio(wall("oneback.s3.full"), wall("oneback.s3.encrypted.full")), "info", None),
+        ("S3: encrypted / plain export rate",
+         ratio(wall("oneback.s3.export"), wall("oneback.s3.encrypted.export")), "info", None),
+        ("restic S3 full backup / oneback S3 full backup (whole command)",
+         ratio(wall("restic.s3.full"), wall("oneback.s3.full")), "info", None),
+        ("restic S3 full backup / oneback S3 encrypted full backup without OpenNebula ops"
+         " (both encrypted)",
+         ratio(wall("restic.s3.full"), without_ops("oneback.s3.encrypted.full")), "info",
+         None),
+        ("restic S3 incremental / oneback S3 incremental without OpenNebula ops",
+         ratio(wall("restic.s3.incremental"), without_ops("oneback.s3.incremental")), "info",
+         None),
+        ("restic S3 restore / oneback S3 export",
+         ratio(wall("restic.s3.restore"), wall("oneback.s3.export")), "info", None),
+        ("restic S3 restore / oneback S3 encrypted export (both encrypted)",
+         ratio(wall("restic.s3.restore"), wall("oneback.s3.encrypted.export")), "info", None),
         ("oneback mount: time to first byte, seconds", wall("oneback.mount.ttfb"), "info",
          None),
         ("network disk: oneback scan rate (read_depth 16) / dd's read of the same path",
@@ -566,6 +649,36 @@ def prepare(bench: Bench, skipped: dict[str, str]) -> None:
             bench.add(Row(cls.name, "all", note=f"skipped: {skipped[cls.name]}"))
         else:
             bench.tools.append(cls(bench.work))
+    prepare_s3(bench, skipped)
+
+
+def prepare_s3(bench: Bench, skipped: dict[str, str]) -> None:
+    """The S3 rows' server, bucket and repositories: oneback plain and encrypted,
+    restic's s3 backend; each that cannot be had is a skipped row with the reason."""
+    bench.add(Row("borg", "S3", note="skipped: borg has no S3 backend (local and ssh://"
+                  " repositories only)"))
+    if not bench.ob and "restic" in skipped:
+        return
+    try:
+        bench.bucket = Bucket.start(bench.work)
+    except S3Unavailable as e:
+        bench.add(Row("S3", "all", note=f"skipped: {e}"))
+        return
+    print(f"bench: S3 server (moto) at {bench.bucket.endpoint}, bucket {bench.bucket.name}")
+    if "restic" in skipped:
+        bench.add(Row("restic", "S3", note=f"skipped: {skipped['restic']}"))
+    else:
+        try:
+            bench.s3_tools.append(ResticS3(bench.work, bench.bucket))
+        except S3Unavailable as e:
+            bench.add(Row("restic", "S3", note=f"skipped: {e}"))
+    if bench.ob:
+        for encrypted in (False, True):
+            try:
+                bench.s3.append(bench.ob.variant(encrypted=encrypted, bucket=bench.bucket))
+            except OnebackUnavailable as e:
+                bench.add(Row("oneback", "S3" + (" encrypted" if encrypted else ""),
+                              note=f"skipped: {e}"))
 
 
 def report(rows: list[Row], args: argparse.Namespace, cold: bool) -> None:
@@ -593,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bench.ob:
             bench.ob.stop()
+        if bench.bucket:
+            bench.bucket.stop()
         if args.keep:
             print(f"bench: kept {work}")
         else:

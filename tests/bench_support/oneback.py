@@ -18,9 +18,12 @@ import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tests.bench_support.tools import du
+
+if TYPE_CHECKING:
+    from tests.bench_support.s3 import Bucket
 
 STARTUP_TIMEOUT = 60.0
 SETUP_TIMEOUT = 600.0
@@ -59,6 +62,9 @@ class Oneback:
         self.repository = work / f"{name}-repo"
         self.catalog = work / f"{name}-catalog.sqlite"
         self.passphrase: Path | None = None   # set: the repository is encrypted
+        self.bucket: Bucket | None = None     # set: the repository is under s3://BUCKET/NAME
+        self.label = ""                       # the variant in row names: ", S3 encrypted"
+        self.key = "oneback"                  # the variant in row keys: "oneback.s3.encrypted"
         self.vm_id = -1
         self.proxy_id = -1
         self.guest_disk = Path()
@@ -132,11 +138,23 @@ class Oneback:
     def encrypted(self) -> Oneback:
         """The same cloud, VM and proxy VM, backed up into a second repository,
         encrypted (`oneback init --encryption`), with its own catalog."""
-        other = Oneback(self.work, self.sim, self.info, name="oneback-encrypted")
+        return self.variant(encrypted=True)
+
+    def variant(self, *, encrypted: bool = False, bucket: Bucket | None = None) -> Oneback:
+        """The same cloud, VM and proxy VM, backed up into another repository
+        with its own catalog: encrypted (`oneback init --encryption`), and/or
+        under `s3://BUCKET/NAME` on the bench's S3 server."""
+        name = "oneback" + ("-s3" if bucket else "") + ("-encrypted" if encrypted else "")
+        other = Oneback(self.work, self.sim, self.info, name=name)
         other.vm_id, other.proxy_id, other.guest_disk = self.vm_id, self.proxy_id, self.guest_disk
-        other.passphrase = self.work / "passphrase"
-        other.passphrase.write_text("bench passphrase, not a secret\n")
-        other.passphrase.chmod(0o600)
+        other.bucket = bucket
+        other.label = ", " + " ".join(
+            w for w, on in (("S3", bucket), ("encrypted", encrypted)) if on)
+        other.key = "oneback" + (".s3" if bucket else "") + (".encrypted" if encrypted else "")
+        if encrypted:
+            other.passphrase = self.work / "passphrase"
+            other.passphrase.write_text("bench passphrase, not a secret\n")
+            other.passphrase.chmod(0o600)
         other.write_config()
         return other
 
@@ -153,10 +171,11 @@ class Oneback:
             f"vm_id = {self.proxy_id}\n"
             f'dev_root = "{self.root / "vms" / str(self.proxy_id) / "dev"}"\n'
             "[storage]\n"
-            f'repository = "{self.repository}"\n'
             f'catalog = "{self.catalog}"\n'
             f"block_size = {4 * 1024 * 1024}\n"
-            + (f'passphrase_file = "{self.passphrase}"\n' if self.passphrase else ""))
+            + (f'passphrase_file = "{self.passphrase}"\n' if self.passphrase else "")
+            + (self.bucket.storage_lines(self.work, self.repository.name) if self.bucket
+               else f'repository = "{self.repository}"\n'))
         init = subprocess.run([self.exe, "init", "--config", str(self.config),
                                *(["--encryption"] if self.passphrase else [])],
                               capture_output=True, text=True)
@@ -175,8 +194,9 @@ class Oneback:
     def list_args(self) -> list[str]:
         return ["list", "--config", str(self.config)]
 
-    def fullstore_cmd(self, repo: Path, mode: str) -> list[str]:
-        """A full read-and-store of the VM's disk into `repo` (tests/bench_support/fullstore.py)."""
+    def fullstore_cmd(self, repo: Path | str, mode: str) -> list[str]:
+        """A full read-and-store of the VM's disk into `repo`, a directory or
+        s3://BUCKET/PREFIX (tests/bench_support/fullstore.py)."""
         return [sys.executable, "-m", "tests.bench_support.fullstore", str(self.guest_disk),
                 str(4 * 1024 * 1024), str(repo), mode]
 
@@ -221,8 +241,12 @@ class Oneback:
             return None
 
     def stored(self) -> int:
-        """Allocated bytes of the repository and the catalog (with its -wal and -shm)."""
-        return du(self.repository, *self.catalog.parent.glob(self.catalog.name + "*"))
+        """Allocated bytes of the repository and the catalog (with its -wal and
+        -shm); in S3, the bytes of the repository's objects and the catalog's."""
+        catalog = self.catalog.parent.glob(self.catalog.name + "*")
+        if self.bucket:
+            return self.bucket.stored(self.repository.name) + du(*catalog)
+        return du(self.repository, *catalog)
 
     def stop(self) -> None:
         if self.sim.poll() is None:

@@ -120,6 +120,8 @@ class Restic:
     """restic, repository format 2 (compressed, `auto`), always encrypted."""
 
     name = "restic"
+    key, label = "restic", ""
+    note = "always encrypted (AES-256-CTR, Poly1305-AES), zstd auto"
 
     def __init__(self, work: Path) -> None:
         self.repo = work / "restic-repo"
@@ -127,6 +129,9 @@ class Restic:
                     "RESTIC_REPOSITORY": str(self.repo)}
         subprocess.run(["restic", "init", "--repository-version", "2", "-q"], check=True,
                        env={**os.environ, **self.env}, stdout=subprocess.DEVNULL)
+
+    def stored(self) -> int:
+        return du(self.repo)
 
     def backup(self, image: Path, label: str) -> Measured:
         return run(["restic", "backup", "-q", "--stdin", "--stdin-filename", "disk.img",
@@ -142,6 +147,8 @@ class Borg:
     """borg 1.x, fixed 4 MiB chunker, zstd, no encryption (its fastest setting)."""
 
     name = "borg"
+    key, label = "borg", ""
+    note = "not encrypted, zstd"
 
     def __init__(self, work: Path) -> None:
         self.repo = work / "borg-repo"
@@ -150,6 +157,9 @@ class Borg:
         subprocess.run(["borg", "init", "--encryption", "none", str(self.repo)], check=True,
                        env={**os.environ, **self.env})
         self.last = ""
+
+    def stored(self) -> int:
+        return du(self.repo)
 
     def backup(self, image: Path, label: str) -> Measured:
         self.last = label
