@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,10 +134,14 @@ class Held:
     """A lease this process holds. `renew` and `release` are thread-safe."""
 
     def __init__(self, store: LeaseStore, vm_id: int, owner: str, agent: str, ttl: float,
-                 token: str, version: str, until: float, process: str = "") -> None:
+                 token: str, version: str, until: float, process: str = "",
+                 renewed_at: float | None = None) -> None:
         self.store, self.vm_id, self.owner, self.agent, self.ttl = store, vm_id, owner, agent, ttl
         self.token, self.version, self.until, self.process = token, version, until, process
         self.lost = ""        # who took it, once lost
+        # this host's monotonic clock just before the last confirmed write:
+        # the lease runs at least until renewed_at + ttl (as long as the clocks' rates agree)
+        self.renewed_at = time.monotonic() if renewed_at is None else renewed_at
         self._lock = threading.Lock()
 
     def _mine(self, state: LeaseState | None) -> bool:
@@ -148,6 +153,7 @@ class Held:
         with self._lock:
             if self.lost:
                 raise LeaseLost(self.lost_message())
+            began = time.monotonic()
             state, _ = read(self.store, self.vm_id, self.ttl)
             if not self._mine(state):
                 self.lost = _who(state)
@@ -161,7 +167,14 @@ class Held:
             if written is None or not self._mine(state) or state is None:
                 self.lost = _who(state)
                 raise LeaseLost(self.lost_message())
-            self.version, self.until = state.version, state.until
+            self.version, self.until, self.renewed_at = state.version, state.until, began
+
+    def give_up(self, why: str) -> None:
+        """Count the lease as lost: its renewals failed (`why`) and it may
+        expire before the next one, after which another agent may take it."""
+        with self._lock:
+            if not self.lost:
+                self.lost = f"whoever takes it once it expires (its renewals failed: {why})"
 
     def release(self) -> None:
         """Give the lease up (a released record, so the next taker does not
@@ -203,6 +216,7 @@ def acquire(store: LeaseStore, vm_id: int, owner: str, ttl: float, agent: str = 
     cloud objects are named with (`oneback cleanup` elsewhere spares them)."""
     token = secrets.token_hex(8)
     data = _record(vm_id, owner, agent, token, ttl, process)
+    began = time.monotonic()
     state, now = read(store, vm_id, ttl)
     if state is not None and state.held_at(now) and state.owner != owner:
         raise LeaseBusy(_busy(vm_id, state, now))
@@ -212,7 +226,7 @@ def acquire(store: LeaseStore, vm_id: int, owner: str, ttl: float, agent: str = 
         raise LeaseBusy(_busy(vm_id, confirmed, now) if confirmed is not None
                         else f"VM {vm_id}'s lease was taken by another agent at the same time")
     return Held(store, vm_id, owner, agent, ttl, token, confirmed.version, confirmed.until,
-                process)
+                process, renewed_at=began)
 
 
 def _busy(vm_id: int, state: LeaseState | None, now: float) -> str:
@@ -228,7 +242,11 @@ class Heartbeat:
     """Renew `held` every `ttl / 3` on a thread until `stop`; when a
     renewal finds the lease gone, set `cancel` (the job stops and cleans
     up). A renewal that fails for another reason (the repository is
-    unreachable) is retried at the next beat: the lease may still expire."""
+    unreachable) is retried at the next beat, unless the lease may expire
+    before it: then the lease counts as lost and `cancel` is set, so this
+    agent has stopped before another can take the VM over. Entering renews
+    the lease once (LeaseLost, `cancel` set, when it ran out and was taken
+    since it was acquired): the work starts under a fresh lease."""
 
     def __init__(self, held: Held, cancel: threading.Event,
                  also: threading.Event | None = None) -> None:
@@ -239,6 +257,11 @@ class Heartbeat:
                                         daemon=True)
 
     def __enter__(self) -> Heartbeat:
+        try:
+            self.held.renew()
+        except LeaseLost:
+            self.cancel.set()
+            raise
         self._thread.start()
         return self
 
@@ -264,6 +287,10 @@ class Heartbeat:
                 return
             except OnebackError as e:
                 self.errors.append(e.message)
+                if time.monotonic() - self.held.renewed_at + interval >= self.held.ttl:
+                    self.held.give_up(e.message)
+                    self.cancel.set()
+                    return
 
 
 @contextmanager

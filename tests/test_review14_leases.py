@@ -1,0 +1,71 @@
+"""Hostile review of issue 14's VM leases (agent.vmlease over a real
+LocalStore directory): a holder must never work on a VM while another
+agent may hold its lease."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import vmlease
+from agent.errors import LeaseBusy, LeaseLost, RepositoryError
+from agent.store.local import LocalStore
+
+
+def _two_agents(tmp_path: Path) -> tuple[LocalStore, LocalStore]:
+    path = tmp_path / "repo"
+    LocalStore.init(path)
+    return LocalStore.open(path), LocalStore.open(path)
+
+
+def _take_when_free(store: LocalStore, vm_id: int, owner: str, ttl: float,
+                    within: float) -> vmlease.Held:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return vmlease.acquire(store, vm_id, owner, ttl)
+        except LeaseBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def test_a_holder_whose_renewals_fail_stops_before_its_lease_can_be_taken(
+        tmp_path: Path) -> None:
+    """The repository is unreachable for the holder (an NFS hiccup): its
+    renewals fail, its lease runs out, and another agent takes the VM. The
+    holder must have stopped by then, not go on backing the VM up beside it."""
+    mine, other = _two_agents(tmp_path)
+    ttl = 1.5
+    held = vmlease.acquire(mine, 7, "agent-a", ttl)
+    cancel = threading.Event()
+
+    def unreachable() -> float:
+        raise RepositoryError("cannot write in the repository: Input/output error")
+
+    with vmlease.Heartbeat(held, cancel):
+        mine.lease_now = unreachable  # type: ignore[method-assign]
+        taken = _take_when_free(other, 7, "agent-b", ttl, within=10 * ttl)
+        assert cancel.is_set(), ("agent-b took VM 7's lease while agent-a, whose renewals"
+                                 " failed, was still working on the VM")
+    assert taken.owner == "agent-b"
+    assert held.lost and "renewals failed" in held.lost_message()
+
+
+def test_work_does_not_start_under_a_lease_that_ran_out_before_the_heartbeat(
+        tmp_path: Path) -> None:
+    """The agent takes the lease, then syncs the VM's manifests and updates
+    its status in oned before the backup (and its heartbeat) starts; if that
+    took longer than the lease, another agent may have the VM by now."""
+    mine, other = _two_agents(tmp_path)
+    held = vmlease.acquire(mine, 8, "agent-a", 1.0)
+    time.sleep(1.2)                                 # a slow sync / oned call
+    vmlease.acquire(other, 8, "agent-b", 1.0)       # expired: taken over
+    cancel = threading.Event()
+    with pytest.raises(LeaseLost, match=r"passed to agent .*agent-b"):
+        with vmlease.Heartbeat(held, cancel):
+            pytest.fail("agent-a started backing up VM 8 under agent-b's lease")
+    assert cancel.is_set()
