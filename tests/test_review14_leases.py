@@ -69,3 +69,21 @@ def test_work_does_not_start_under_a_lease_that_ran_out_before_the_heartbeat(
         with vmlease.Heartbeat(held, cancel):
             pytest.fail("agent-a started backing up VM 8 under agent-b's lease")
     assert cancel.is_set()
+
+
+def test_a_garbled_last_generation_does_not_block_the_vm_for_ever(tmp_path: Path) -> None:
+    """A damaged or forged lease file named with the highest 12-digit
+    generation: the next generation has 13 digits. It must still be taken
+    over once the garbled record's lease time has passed."""
+    store, _ = _two_agents(tmp_path)
+    directory = store.path / "leases" / "vm-5"
+    directory.mkdir(parents=True)
+    (directory / "999999999999").write_bytes(b"\x00garbage{")
+    with pytest.raises(LeaseBusy, match="unreadable lease record"):
+        vmlease.acquire(store, 5, "agent-a", 1.0)
+    held = _take_when_free(store, 5, "agent-a", 1.0, within=5.0)
+    state, now = vmlease.read(store, 5, 1.0)
+    assert state is not None and state.owner == "agent-a" and state.token == held.token
+    held.renew()
+    held.release()
+    assert vmlease.acquire(store, 5, "agent-b", 1.0).owner == "agent-b"
