@@ -241,8 +241,16 @@ print(p["purelib"]); print(p["platlib"]) if p["platlib"] != p["purelib"] else No
     cat >"$tmp/wrapper" <<WRAP
 #!/bin/sh
 # oneback, installed by install/install.sh: as root, run as the $user user
-# (the agent's), with its groups; as anyone else, run as is.
-if [ "\$(id -u)" = 0 ] && [ -z "\${ONEBACK_AS_ROOT:-}" ] && id $user >/dev/null 2>&1; then
+# (the agent's), with its groups; as anyone else, run as is. Root's mount and
+# umount stay root: a FUSE file (no allow_other) is readable by the user who
+# mounted it alone, and root's losetup reads it.
+cmd=; skip=
+for a in "\$@"; do
+    if [ -n "\$skip" ]; then skip=; continue; fi
+    case "\$a" in --config) skip=1 ;; -*) ;; *) cmd=\$a; break ;; esac
+done
+if [ "\$(id -u)" = 0 ] && [ -z "\${ONEBACK_AS_ROOT:-}" ] && [ "\$cmd" != mount ] \\
+        && [ "\$cmd" != umount ] && id $user >/dev/null 2>&1; then
     exec setpriv --reuid=$user --regid=$user --init-groups -- "$venv/bin/oneback" "\$@"
 fi
 exec "$venv/bin/oneback" "\$@"
