@@ -176,6 +176,15 @@ def _proxy(cfg: Config, cloud: Cloud) -> tuple[Check, int]:
         cid, cname, _, host = where
         place = (f"on host {host or '?'} in cluster {cid} ({cname or '?'}): it attaches images"
                  f" from the datastores of that cluster")
+        # oned checks an image's datastore against the proxy VM's own cluster
+        # (VirtualMachineDisks::set_up_attach): any other listed one is wrong
+        other = sorted(set(cfg.agent.clusters or ()) - {cid})
+        if other:
+            return Check("proxy VM", WARN, f"proxy VM {vm_id} ({vm.name}) runs in cluster {cid}"
+                         f" but agent.clusters also lists {', '.join(map(str, other))}: oned"
+                         f" attaches to it only images of datastores in cluster {cid}, so its"
+                         f" backups of VMs there fail; set agent.clusters = [{cid}] or leave"
+                         f" it out"), vm_id
     return Check("proxy VM", OK, f"proxy VM {vm_id} ({vm.name}) is RUNNING {place}"), vm_id
 
 
