@@ -17,8 +17,9 @@ A holder renews every `ttl / 3`; a lease is taken over only when it
 expired (or was released), so an agent that is alive and can reach the
 repository keeps its VMs. A record that cannot be read (garbled, forged,
 from a newer oneback) is held for one `ttl` of the reader from its write,
-then taken over; one written in the future (a forged mtime) counts as
-expired; a `ttl` above MAX_TTL is cut to it.
+then taken over; one written less than its `ttl` in the future (the
+repository's clock stepped back) is held as if written now, one further
+ahead (a forged mtime) counts as expired; a `ttl` above MAX_TTL is cut to it.
 
 The storage side is the small `LeaseStore` Protocol a repository
 implements, three calls that map onto S3's conditional writes:
@@ -57,7 +58,9 @@ from agent.model import StoredLease
 MAX_TTL = 3600.0
 """The longest lease a record may claim (seconds): a forged one cannot block a VM for long."""
 FUTURE = 5.0
-"""A lease written more than this many seconds ahead of the repository's clock is forged."""
+"""A lease written up to this many seconds ahead of the repository's clock is
+taken as it is (file times are coarse); further ahead but within its ttl, as
+written now; further still, as forged."""
 VERSION = 1
 
 
@@ -109,10 +112,17 @@ def parse(vm_id: int, stored: StoredLease, now: float, default_ttl: float) -> Le
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         return LeaseState(vm_id, "?", "", "", stored.written + default_ttl, stored.version,
                           problem=f"unreadable lease record ({e})")
-    if stored.written > now + FUTURE:
+    ttl = min(max(ttl, 0.0), MAX_TTL)
+    if stored.written > now + max(FUTURE, ttl):
         return LeaseState(vm_id, owner, agent, token, now, stored.version,
                           problem="written in the future (forged, or a clock far ahead)")
-    until = stored.written + min(max(ttl, 0.0), MAX_TTL)
+    if stored.written > now + FUTURE:
+        # the repository's clock was stepped back after the write (NTP on
+        # the file server): the lease is live, as if written now; a forged
+        # one within the bound holds for two lease times at most
+        return LeaseState(vm_id, owner, agent, token, now + ttl, stored.version,
+                          process=process)
+    until = stored.written + ttl
     return LeaseState(vm_id, owner, agent, token, until, stored.version, process=process)
 
 

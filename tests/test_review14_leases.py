@@ -4,6 +4,7 @@ agent may hold its lease."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -87,3 +88,25 @@ def test_a_garbled_last_generation_does_not_block_the_vm_for_ever(tmp_path: Path
     held.renew()
     held.release()
     assert vmlease.acquire(store, 5, "agent-b", 1.0).owner == "agent-b"
+
+
+def test_a_repository_clock_stepped_back_does_not_free_every_live_lease(
+        tmp_path: Path) -> None:
+    """The repository's clock (an NFS server's, stepped back 60 s by NTP)
+    now reads earlier than the mtime of a lease its live holder just wrote.
+    That lease is still held: another agent must not take the VM over
+    (a record far in the future, a forged one, still holds no one up)."""
+    mine, other = _two_agents(tmp_path)
+    held = vmlease.acquire(mine, 3, "agent-a", 300.0)
+    lease = mine.path / "leases" / "vm-3" / f"{int(held.version):012d}"
+    ahead = time.time() + 60
+    os.utime(lease, (ahead, ahead))
+    with pytest.raises(LeaseBusy, match="being backed up by"):
+        vmlease.acquire(other, 3, "agent-b", 300.0)
+    held.renew()                                # the holder keeps it, on the new clock
+    state, now = vmlease.read(other, 3, 300.0)
+    assert state is not None and state.owner == "agent-a" and state.held_at(now)
+    # forged: an hour and more ahead of a 300 s lease is not believed
+    lease = mine.path / "leases" / "vm-3" / f"{int(held.version):012d}"
+    os.utime(lease, (time.time() + 7200, time.time() + 7200))
+    assert vmlease.acquire(other, 3, "agent-b", 300.0).owner == "agent-b"
