@@ -288,8 +288,15 @@ def _repository(cfg: Config) -> tuple[Check, None]:
                                   f" owner or mode, or run oneback as its owner")
         fs = os.statvfs(repo)
         free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+        owner, me = os.stat(repo).st_uid, os.geteuid()
     finally:
         catalog.close()
+    if owner != me:
+        return Check("repository", WARN, f"{repo} is owned by uid {owner} but oneback runs"
+                     f" here as uid {me}: what one writes (umask 077: chunks 0400) the other"
+                     f" cannot read or touch; run oneback as the repository's owner, and give"
+                     f" the oneback user the same uid on every proxy sharing the repository"
+                     f" (useradd --uid)"), None
     gib = free / 1024 ** 3
     if free < LOW_SPACE or (total and free / total < LOW_SHARE):
         return Check("repository", WARN, f"{repo} (id {store.id}) has only {gib:.1f} GiB free"
