@@ -221,7 +221,8 @@ def acquire(store: LeaseStore, vm_id: int, owner: str, ttl: float, agent: str = 
     """Take VM `vm_id`'s lease for `ttl` seconds: create it, or replace one
     that expired or was released. LeaseBusy when another agent holds it
     (or won the race for it). `owner` is the agent (its catalog id: a
-    restarted agent takes its own lease back at once; the processes of one
+    restarted agent takes its own lease back at once, unless the lease names
+    another `agent`, i.e. proxy: same catalog id, a clone; the processes of one
     catalog exclude each other with `lease.vm_lock`), `process` the id its
     cloud objects are named with (`oneback cleanup` elsewhere spares them)."""
     token = secrets.token_hex(8)
@@ -230,6 +231,12 @@ def acquire(store: LeaseStore, vm_id: int, owner: str, ttl: float, agent: str = 
     state, now = read(store, vm_id, ttl)
     if state is not None and state.held_at(now) and state.owner != owner:
         raise LeaseBusy(_busy(vm_id, state, now))
+    if (state is not None and state.held_at(now) and state.agent and agent
+            and state.agent != agent):
+        # the same catalog id on another proxy: a cloned proxy VM or catalog
+        raise LeaseBusy(f"{_busy(vm_id, state, now)}; that agent has this catalog's id"
+                        f" ({owner}: a cloned proxy VM or catalog?): give each proxy its"
+                        f" own catalog (`oneback init` on an empty one)")
     written = store.lease_put(lease_name(vm_id), data, None if state is None else state.version)
     confirmed, now = read(store, vm_id, ttl)
     if written is None or confirmed is None or confirmed.token != token:

@@ -110,3 +110,18 @@ def test_a_repository_clock_stepped_back_does_not_free_every_live_lease(
     lease = mine.path / "leases" / "vm-3" / f"{int(held.version):012d}"
     os.utime(lease, (time.time() + 7200, time.time() + 7200))
     assert vmlease.acquire(other, 3, "agent-b", 300.0).owner == "agent-b"
+
+
+def test_a_cloned_catalog_on_another_proxy_does_not_take_a_held_lease(
+        tmp_path: Path) -> None:
+    """An operator clones the proxy VM to add a second proxy: both catalogs
+    have one catalog id. The lease's owner is that id (so that a restarted
+    agent takes its own lease back at once); the clone on another proxy VM
+    must not take a lease the original holds, or both back the VM up."""
+    mine, other = _two_agents(tmp_path)
+    held = vmlease.acquire(mine, 4, "cat-1", 30.0, agent="proxy VM 5")
+    with pytest.raises(LeaseBusy, match="this catalog.s id"):
+        vmlease.acquire(other, 4, "cat-1", 30.0, agent="proxy VM 6")
+    held.renew()                                         # still the original's
+    again = vmlease.acquire(mine, 4, "cat-1", 30.0, agent="proxy VM 5")   # a restart
+    assert again.token != held.token
