@@ -285,6 +285,9 @@ for key, where in (("repository", "{}"), ("catalog", "dir")):
     if isinstance(value, str) and value.startswith("/"):
         path = os.path.dirname(value) if where == "dir" else value
         if path != "/var/lib/oneback" and not path.startswith("/var/lib/oneback/"):
+            path = path.replace("%", "%%")       # % starts a systemd specifier
+            if any(c.isspace() for c in path):   # the list is split at whitespace
+                path = f'"{path}"'
             out.append(path)
 print(" ".join(dict.fromkeys(out)))
 PY

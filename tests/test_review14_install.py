@@ -62,3 +62,19 @@ def test_roots_mount_and_umount_stay_root_other_commands_drop_to_oneback(
     assert not _through_setpriv(wrapper, tmp_path, "--config", "/etc/x.toml", "mount", "17",
                                 "0", "/mnt/b17")
     assert not _through_setpriv(wrapper, tmp_path, "--json", "umount", "/mnt/b17")
+
+
+def test_a_repository_path_with_a_space_or_percent_is_one_readwritepath(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """ReadWritePaths= is a whitespace-separated list whose words may be
+    quoted, and `%` starts a systemd specifier: a repository at
+    "/srv/back up/repo" written bare made two paths, neither of which
+    exists, and the unit failed to start (226/NAMESPACE)."""
+    root = tmp_path_factory.mktemp("root")
+    run_install(root)
+    cfg = root / "etc" / "oneback" / "oneback.toml"
+    cfg.write_text(cfg.read_text().replace('repository = "/var/lib/oneback/repo"',
+                                           'repository = "/srv/back up/100%/repo"'))
+    run_install(root)
+    dropin = root / "etc" / "systemd" / "system" / "oneback.service.d" / "paths.conf"
+    assert 'ReadWritePaths="/srv/back up/100%%/repo"\n' in dropin.read_text()
