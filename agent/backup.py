@@ -540,6 +540,34 @@ TOUCHERS = 8
 """Touches in flight just before a manifest is written."""
 
 
+RESTORING = "restore-"
+"""A restore's marker in running/ is `restore-<owner>-...`: `oneback cleanup`
+on another proxy (another catalog, the same oned user) spares the objects
+named after `owner` while it is fresh; a restore holds no VM lease."""
+
+
+@contextmanager
+def restoring(store: Repository, owner: str) -> Iterator[None]:
+    """Hold a `running` marker naming `owner` around a restore. Best effort:
+    a repository this process cannot write (a read-only copy) still restores."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(running(store, f"{RESTORING}{owner}"))
+        except OnebackError:
+            pass
+        yield
+
+
+def restoring_owners(store: Repository) -> set[str]:
+    """The owners of the restores running now on any proxy (fresh markers)."""
+    from agent.prune import STALE
+    if not isinstance(store, Maintainable):
+        return set()
+    now = store.now()
+    return {name[len(RESTORING):].split("-", 1)[0] for name, _, beat in store.running()
+            if name.startswith(RESTORING) and beat >= now - STALE}
+
+
 def _touch_all(store: Repository, vm_id: int, maps: Mapping[int, mf.DiskMap]) -> None:
     """Touch every chunk the backup references, just before its manifest: a
     block unchanged since the previous backup was never written, and its

@@ -10,6 +10,7 @@ contextualization. Must not: be read anywhere else — no other module reads
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -373,7 +374,9 @@ class _Section:
 
     def number(self, key: str, default: float, minimum: float = 0.0) -> float:
         v = self._get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= minimum:
+        # TOML has nan and inf: NaN passes every range check (comparisons are false)
+        if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                or v <= minimum):
             raise self._bad(key, f"a number greater than {minimum:g}")
         return float(v)
 

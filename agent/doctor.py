@@ -176,6 +176,15 @@ def _proxy(cfg: Config, cloud: Cloud) -> tuple[Check, int]:
         cid, cname, _, host = where
         place = (f"on host {host or '?'} in cluster {cid} ({cname or '?'}): it attaches images"
                  f" from the datastores of that cluster")
+        # oned checks an image's datastore against the proxy VM's own cluster
+        # (VirtualMachineDisks::set_up_attach): any other listed one is wrong
+        other = sorted(set(cfg.agent.clusters or ()) - {cid})
+        if other:
+            return Check("proxy VM", WARN, f"proxy VM {vm_id} ({vm.name}) runs in cluster {cid}"
+                         f" but agent.clusters also lists {', '.join(map(str, other))}: oned"
+                         f" attaches to it only images of datastores in cluster {cid}, so its"
+                         f" backups of VMs there fail; set agent.clusters = [{cid}] or leave"
+                         f" it out"), vm_id
     return Check("proxy VM", OK, f"proxy VM {vm_id} ({vm.name}) is RUNNING {place}"), vm_id
 
 
@@ -283,8 +292,15 @@ def _repository(cfg: Config) -> tuple[Check, None]:
                          f" backup(s)"), None
         fs = os.statvfs(repo)
         free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+        owner, me = os.stat(repo).st_uid, os.geteuid()
     finally:
         catalog.close()
+    if owner != me:
+        return Check("repository", WARN, f"{repo} is owned by uid {owner} but oneback runs"
+                     f" here as uid {me}: what one writes (umask 077: chunks 0400) the other"
+                     f" cannot read or touch; run oneback as the repository's owner, and give"
+                     f" the oneback user the same uid on every proxy sharing the repository"
+                     f" (useradd --uid)"), None
     gib = free / 1024 ** 3
     if free < LOW_SPACE or (total and free / total < LOW_SHARE):
         return Check("repository", WARN, f"{repo} (id {store.id}) has only {gib:.1f} GiB free"

@@ -9,8 +9,10 @@ cluster the proxy VM runs in ("Image [N] is not part of cluster [C]",
 VirtualMachineDisks::set_up_attach, src/vm/VirtualMachineDisk.cc). So every
 datastore a VM's image disks live in must be in one of the proxy's
 clusters: the cluster of its host (the CID of its last HISTORY record), or
-the operator's explicit `agent.clusters`. Must not: call the cloud (the
-daemon passes the documents in), or decide when to back up (policy).
+the operator's explicit `agent.clusters`. A datastore in no cluster at all
+is attachable from anywhere (oned checks an empty CLUSTER_ID against
+nothing). Must not: call the cloud (the daemon passes the documents in), or
+decide when to back up (policy).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def not_served(vm: VmInfo, clusters: Iterable[int],
         ds = datastores.get(ds_id)
         if ds is None:
             return f"datastore {ds_id} of its disks is not visible to oneback's user"
-        if not set(ds.clusters) & set(mine):
+        # a datastore in no cluster: the disk's CLUSTER_ID is "" and oned
+        # checks nothing (`if (!disk_cluster_ids.empty())`, set_up_attach)
+        if ds.clusters and not set(ds.clusters) & set(mine):
             where = ", ".join(map(str, ds.clusters)) or "none"
             return (f"datastore {ds_id} ({ds.name}) is in cluster(s) {where}, this proxy serves"
                     f" cluster(s) {', '.join(map(str, mine))}")

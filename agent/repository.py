@@ -600,11 +600,10 @@ def sync(catalog: Catalog, store: Repository, *, vm_id: int | None = None,
                   else vm_lock(catalog.path, m.vm_id)):
                 if name in catalog.manifest_names():   # another sync got there first
                     continue
-                record = _import(catalog, m, name)
+                record = _import(catalog, m, name)   # marked imported in its transaction
         except VmBusy:
             report.busy.append(name)
             continue
-        catalog.mark_imported(record, name, m.catalog)
         report.imported.append(Imported(record, m.vm_id, name, m.kind,
                                         renumbered_from=m.backup_id))
     return report
@@ -622,5 +621,6 @@ def _import(catalog: Catalog, m: mf.Manifest, name: str) -> int:
     record = catalog.commit_backup(
         vm_id=m.vm_id, vm_name=m.vm_name, kind=m.kind, started=m.started,
         finished=m.finished, vm_document=m.vm_document, image_documents=m.image_documents,
-        disks=m.disks, blocks=blocks, warnings=m.warnings, manifest=name)
+        disks=m.disks, blocks=blocks, warnings=m.warnings, manifest=name,
+        imported_from=m.catalog)
     return record.id

@@ -17,8 +17,9 @@ A holder renews every `ttl / 3`; a lease is taken over only when it
 expired (or was released), so an agent that is alive and can reach the
 repository keeps its VMs. A record that cannot be read (garbled, forged,
 from a newer oneback) is held for one `ttl` of the reader from its write,
-then taken over; one written in the future (a forged mtime) counts as
-expired; a `ttl` above MAX_TTL is cut to it.
+then taken over; one written less than its `ttl` in the future (the
+repository's clock stepped back) is held as if written now, one further
+ahead (a forged mtime) counts as expired; a `ttl` above MAX_TTL is cut to it.
 
 The storage side is the small `LeaseStore` Protocol a repository
 implements, three calls that map onto S3's conditional writes:
@@ -45,6 +46,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,7 +58,9 @@ from agent.model import StoredLease
 MAX_TTL = 3600.0
 """The longest lease a record may claim (seconds): a forged one cannot block a VM for long."""
 FUTURE = 5.0
-"""A lease written more than this many seconds ahead of the repository's clock is forged."""
+"""A lease written up to this many seconds ahead of the repository's clock is
+taken as it is (file times are coarse); further ahead but within its ttl, as
+written now; further still, as forged."""
 VERSION = 1
 
 
@@ -108,10 +112,17 @@ def parse(vm_id: int, stored: StoredLease, now: float, default_ttl: float) -> Le
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         return LeaseState(vm_id, "?", "", "", stored.written + default_ttl, stored.version,
                           problem=f"unreadable lease record ({e})")
-    if stored.written > now + FUTURE:
+    ttl = min(max(ttl, 0.0), MAX_TTL)
+    if stored.written > now + max(FUTURE, ttl):
         return LeaseState(vm_id, owner, agent, token, now, stored.version,
                           problem="written in the future (forged, or a clock far ahead)")
-    until = stored.written + min(max(ttl, 0.0), MAX_TTL)
+    if stored.written > now + FUTURE:
+        # the repository's clock was stepped back after the write (NTP on
+        # the file server): the lease is live, as if written now; a forged
+        # one within the bound holds for two lease times at most
+        return LeaseState(vm_id, owner, agent, token, now + ttl, stored.version,
+                          process=process)
+    until = stored.written + ttl
     return LeaseState(vm_id, owner, agent, token, until, stored.version, process=process)
 
 
@@ -133,10 +144,14 @@ class Held:
     """A lease this process holds. `renew` and `release` are thread-safe."""
 
     def __init__(self, store: LeaseStore, vm_id: int, owner: str, agent: str, ttl: float,
-                 token: str, version: str, until: float, process: str = "") -> None:
+                 token: str, version: str, until: float, process: str = "",
+                 renewed_at: float | None = None) -> None:
         self.store, self.vm_id, self.owner, self.agent, self.ttl = store, vm_id, owner, agent, ttl
         self.token, self.version, self.until, self.process = token, version, until, process
         self.lost = ""        # who took it, once lost
+        # this host's monotonic clock just before the last confirmed write:
+        # the lease runs at least until renewed_at + ttl (as long as the clocks' rates agree)
+        self.renewed_at = time.monotonic() if renewed_at is None else renewed_at
         self._lock = threading.Lock()
 
     def _mine(self, state: LeaseState | None) -> bool:
@@ -148,6 +163,7 @@ class Held:
         with self._lock:
             if self.lost:
                 raise LeaseLost(self.lost_message())
+            began = time.monotonic()
             state, _ = read(self.store, self.vm_id, self.ttl)
             if not self._mine(state):
                 self.lost = _who(state)
@@ -161,7 +177,14 @@ class Held:
             if written is None or not self._mine(state) or state is None:
                 self.lost = _who(state)
                 raise LeaseLost(self.lost_message())
-            self.version, self.until = state.version, state.until
+            self.version, self.until, self.renewed_at = state.version, state.until, began
+
+    def give_up(self, why: str) -> None:
+        """Count the lease as lost: its renewals failed (`why`) and it may
+        expire before the next one, after which another agent may take it."""
+        with self._lock:
+            if not self.lost:
+                self.lost = f"whoever takes it once it expires (its renewals failed: {why})"
 
     def release(self) -> None:
         """Give the lease up (a released record, so the next taker does not
@@ -198,21 +221,29 @@ def acquire(store: LeaseStore, vm_id: int, owner: str, ttl: float, agent: str = 
     """Take VM `vm_id`'s lease for `ttl` seconds: create it, or replace one
     that expired or was released. LeaseBusy when another agent holds it
     (or won the race for it). `owner` is the agent (its catalog id: a
-    restarted agent takes its own lease back at once; the processes of one
+    restarted agent takes its own lease back at once, unless the lease names
+    another `agent`, i.e. proxy: same catalog id, a clone; the processes of one
     catalog exclude each other with `lease.vm_lock`), `process` the id its
     cloud objects are named with (`oneback cleanup` elsewhere spares them)."""
     token = secrets.token_hex(8)
     data = _record(vm_id, owner, agent, token, ttl, process)
+    began = time.monotonic()
     state, now = read(store, vm_id, ttl)
     if state is not None and state.held_at(now) and state.owner != owner:
         raise LeaseBusy(_busy(vm_id, state, now))
+    if (state is not None and state.held_at(now) and state.agent and agent
+            and state.agent != agent):
+        # the same catalog id on another proxy: a cloned proxy VM or catalog
+        raise LeaseBusy(f"{_busy(vm_id, state, now)}; that agent has this catalog's id"
+                        f" ({owner}: a cloned proxy VM or catalog?): give each proxy its"
+                        f" own catalog (`oneback init` on an empty one)")
     written = store.lease_put(lease_name(vm_id), data, None if state is None else state.version)
     confirmed, now = read(store, vm_id, ttl)
     if written is None or confirmed is None or confirmed.token != token:
         raise LeaseBusy(_busy(vm_id, confirmed, now) if confirmed is not None
                         else f"VM {vm_id}'s lease was taken by another agent at the same time")
     return Held(store, vm_id, owner, agent, ttl, token, confirmed.version, confirmed.until,
-                process)
+                process, renewed_at=began)
 
 
 def _busy(vm_id: int, state: LeaseState | None, now: float) -> str:
@@ -228,7 +259,11 @@ class Heartbeat:
     """Renew `held` every `ttl / 3` on a thread until `stop`; when a
     renewal finds the lease gone, set `cancel` (the job stops and cleans
     up). A renewal that fails for another reason (the repository is
-    unreachable) is retried at the next beat: the lease may still expire."""
+    unreachable) is retried at the next beat, unless the lease may expire
+    before it: then the lease counts as lost and `cancel` is set, so this
+    agent has stopped before another can take the VM over. Entering renews
+    the lease once (LeaseLost, `cancel` set, when it ran out and was taken
+    since it was acquired): the work starts under a fresh lease."""
 
     def __init__(self, held: Held, cancel: threading.Event,
                  also: threading.Event | None = None) -> None:
@@ -239,6 +274,11 @@ class Heartbeat:
                                         daemon=True)
 
     def __enter__(self) -> Heartbeat:
+        try:
+            self.held.renew()
+        except LeaseLost:
+            self.cancel.set()
+            raise
         self._thread.start()
         return self
 
@@ -264,6 +304,10 @@ class Heartbeat:
                 return
             except OnebackError as e:
                 self.errors.append(e.message)
+                if time.monotonic() - self.held.renewed_at + interval >= self.held.ttl:
+                    self.held.give_up(e.message)
+                    self.cancel.set()
+                    return
 
 
 @contextmanager

@@ -241,8 +241,16 @@ print(p["purelib"]); print(p["platlib"]) if p["platlib"] != p["purelib"] else No
     cat >"$tmp/wrapper" <<WRAP
 #!/bin/sh
 # oneback, installed by install/install.sh: as root, run as the $user user
-# (the agent's), with its groups; as anyone else, run as is.
-if [ "\$(id -u)" = 0 ] && [ -z "\${ONEBACK_AS_ROOT:-}" ] && id $user >/dev/null 2>&1; then
+# (the agent's), with its groups; as anyone else, run as is. Root's mount and
+# umount stay root: a FUSE file (no allow_other) is readable by the user who
+# mounted it alone, and root's losetup reads it.
+cmd=; skip=
+for a in "\$@"; do
+    if [ -n "\$skip" ]; then skip=; continue; fi
+    case "\$a" in --config) skip=1 ;; -*) ;; *) cmd=\$a; break ;; esac
+done
+if [ "\$(id -u)" = 0 ] && [ -z "\${ONEBACK_AS_ROOT:-}" ] && [ "\$cmd" != mount ] \\
+        && [ "\$cmd" != umount ] && id $user >/dev/null 2>&1; then
     exec setpriv --reuid=$user --regid=$user --init-groups -- "$venv/bin/oneback" "\$@"
 fi
 exec "$venv/bin/oneback" "\$@"
@@ -277,6 +285,9 @@ for key, where in (("repository", "{}"), ("catalog", "dir")):
     if isinstance(value, str) and value.startswith("/"):
         path = os.path.dirname(value) if where == "dir" else value
         if path != "/var/lib/oneback" and not path.startswith("/var/lib/oneback/"):
+            path = path.replace("%", "%%")       # % starts a systemd specifier
+            if any(c.isspace() for c in path):   # the list is split at whitespace
+                path = f'"{path}"'
             out.append(path)
 print(" ".join(dict.fromkeys(out)))
 PY

@@ -315,6 +315,7 @@ class Catalog(JobQueue, VerifyRecords, SharedRecords):
         backup_id: int | None = None,
         manifest: str | None = None,
         based_on: Mapping[int, int] | None = None,
+        imported_from: str | None = None,
     ) -> BackupRecord:
         """Commit a backup in one transaction; call only when every chunk its
         blocks reference is durable in the store. `blocks[disk_id]` holds the
@@ -331,7 +332,9 @@ class Catalog(JobQueue, VerifyRecords, SharedRecords):
         `manifest`: the name of the backup's manifest in the repository;
         `based_on`: {disk id: the backup whose map the scan diffed against}:
         BaseGone, with nothing written, if one was forgotten meanwhile (its
-        rows are gone, so the changed blocks alone no longer make a map)."""
+        rows are gone, so the changed blocks alone no longer make a map).
+        `imported_from`: the catalog that wrote `manifest` (an import by
+        sync), recorded in the same transaction (`mark_imported`)."""
         if kind not in KINDS:
             raise InternalError(f"backup kind must be one of {KINDS}, not {kind!r}")
         disk_ids = [d.disk_id for d in disks]
@@ -383,6 +386,9 @@ class Catalog(JobQueue, VerifyRecords, SharedRecords):
                      json.dumps(dict(disk.attributes), sort_keys=True)),
                 )
                 _insert_blocks(conn, lineage, backup_id, records, sizes)
+            if imported_from is not None:
+                conn.execute("INSERT OR REPLACE INTO imported (backup_id, manifest, writer) "
+                             "VALUES (?, ?, ?)", (backup_id, manifest, imported_from))
         return BackupRecord(
             id=backup_id, vm_id=vm_id, vm_name=vm_name, kind=kind, started=started,
             finished=finished, disks=tuple(disks), warnings=tuple(warnings), vm_gone=False,

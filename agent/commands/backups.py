@@ -144,9 +144,12 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
     """Remove every leftover oneback- temporary object from the cloud."""
     from agent import vmlease
     from agent.attach import cleanup
+    from agent.backup import restoring_owners
     with runtime(config_file) as rt:
-        # what another agent sharing the repository works on is not a leftover
-        live = vmlease.live_processes(rt.store, rt.cfg.agent.lease_time)
+        # what another agent sharing the repository works on is not a leftover:
+        # its backups (VM leases) and its restores (running/ markers)
+        live = (vmlease.live_processes(rt.store, rt.cfg.agent.lease_time)
+                | restoring_owners(rt.store))
         report = cleanup(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id,
                          also_live=live.__contains__)
     if as_json:
@@ -177,16 +180,20 @@ def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: s
             config_file: str | None, as_json: bool) -> None:
     """Restore BACKUP_ID as a new VM: disks first, then the VM, left RUNNING."""
     from agent.attach import sweep
+    from agent.backup import restoring
     from agent.restore import restore_vm
     cancel = threading.Event()
     bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
     with runtime(config_file) as rt, interruptible(cancel):
         sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
         try:
-            result = restore_vm(backup_id, cloud=rt.cloud, catalog=rt.catalog, store=rt.store,
-                                workspace=rt.workspace(), settings=rt.settings(),
-                                image_ds=image_ds, system_ds=system_ds, name=name,
-                                progress=bar, cancel=cancel)
+            # marked in the repository: cleanup on another proxy spares its objects
+            with restoring(rt.store, rt.lease.owner):
+                result = restore_vm(backup_id, cloud=rt.cloud, catalog=rt.catalog,
+                                    store=rt.store, workspace=rt.workspace(),
+                                    settings=rt.settings(), image_ds=image_ds,
+                                    system_ds=system_ds, name=name, progress=bar,
+                                    cancel=cancel)
         finally:
             bar.finish()
     if as_json:
@@ -213,16 +220,18 @@ def restore_disk_(backup_id: int, disk_id: int, image_ds: int | None, name: str 
                   config_file: str | None, as_json: bool) -> None:
     """Restore one disk of BACKUP_ID as a new image."""
     from agent.attach import sweep
+    from agent.backup import restoring
     from agent.restore import restore_disk
     cancel = threading.Event()
     bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
     with runtime(config_file) as rt, interruptible(cancel):
         sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
         try:
-            result = restore_disk(backup_id, disk_id, cloud=rt.cloud, catalog=rt.catalog,
-                                 store=rt.store, workspace=rt.workspace(),
-                                 settings=rt.settings(), image_ds=image_ds, name=name,
-                                 progress=bar, cancel=cancel)
+            with restoring(rt.store, rt.lease.owner):   # see restore
+                result = restore_disk(backup_id, disk_id, cloud=rt.cloud, catalog=rt.catalog,
+                                      store=rt.store, workspace=rt.workspace(),
+                                      settings=rt.settings(), image_ds=image_ds, name=name,
+                                      progress=bar, cancel=cancel)
         finally:
             bar.finish()
     if as_json:

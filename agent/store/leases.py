@@ -24,7 +24,7 @@ from agent.errors import InternalError, RepositoryError
 from agent.model import StoredLease
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_GEN = re.compile(r"[0-9]{12}")
+_GEN = re.compile(r"[0-9]{12,20}")   # zero-padded to 12; more digits past 10**12 - 1
 
 
 class LocalLeases:
