@@ -143,6 +143,8 @@ class Agent:
         self._placement: tuple[frozenset[int], dict[int, DatastoreInfo]] | None = None
         self._unserved: dict[int, str] = {}
         self.leases = self.store if isinstance(self.store, vmlease.LeaseStore) else None
+        self._leased: set[int] = set()   # VMs whose lease this agent holds now
+        self._leased_lock = threading.Lock()
 
     # -- the main loop ------------------------------------------------------------
 
@@ -168,8 +170,13 @@ class Agent:
         return served
 
     def _held(self) -> list[int]:
-        """The VMs this agent holds now (the per-VM lock of a running job)."""
-        return [job.vm_id for job in list(self._running.values())]
+        """The VMs whose lease in the repository this agent holds now (with
+        a repository that keeps no leases: the VMs it is backing up)."""
+        if self.leases is None:
+            return sorted({job.vm_id for job in list(self._running.values())
+                           if job.kind == "backup"})
+        with self._leased_lock:
+            return sorted(self._leased)
 
     def _run(self, should_exit: threading.Event) -> None:
         self.startup()
@@ -726,38 +733,43 @@ class Agent:
                     return f"skipped: {e.message}"
                 event("lease.acquired", vm_id=vm.id, owner=held.owner, token=held.token,
                       until=held.until)
-                # another agent's backup may have made this job moot: still due?
-                self._sync(vm.id, vm_locked=True)
-                last = self.catalog.last_backup(vm.id)
-                if job is not None and last is not None and not any(
-                        d.kind == "backup" for d in due_work(
-                            vm, vm_policy(vm, self.cfg.agent.min_interval), last.started,
-                            self.clock(), last.finished)):
-                    held.release()
-                    event("lease.released", vm_id=vm.id, token=held.token)
-                    return f"skipped: no longer due (backup {last.id} was made meanwhile)"
-            self._set_status(vm, _noted("running", note))
-            cancel = threading.Event()
-            try:
-                if held is None:
-                    result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud,
-                                       catalog=self.catalog, store=self.store,
-                                       workspace=workspace, settings=settings,
-                                       progress=self.observer.backup(vm.id),
-                                       cancel=self.cancel)
-                else:
-                    with vmlease.Heartbeat(held, cancel, also=self.cancel):
+                with self._leased_lock:
+                    self._leased.add(vm.id)
+            try:   # from here on, every way out releases the lease
+                if held is not None:
+                    # another agent's backup may have made this job moot: still due?
+                    self._sync(vm.id, vm_locked=True)
+                    last = self.catalog.last_backup(vm.id)
+                    if job is not None and last is not None and not any(
+                            d.kind == "backup" for d in due_work(
+                                vm, vm_policy(vm, self.cfg.agent.min_interval), last.started,
+                                self.clock(), last.finished)):
+                        return f"skipped: no longer due (backup {last.id} was made meanwhile)"
+                self._set_status(vm, _noted("running", note))
+                cancel = threading.Event()
+                try:
+                    if held is None:
                         result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud,
                                            catalog=self.catalog, store=self.store,
                                            workspace=workspace, settings=settings,
                                            progress=self.observer.backup(vm.id),
-                                           cancel=cancel)
-            except Interrupted as e:
-                if held is not None and held.lost:
-                    event("lease.lost", vm_id=vm.id, token=held.token, to=held.lost)
-                    return f"stopped: {LeaseLost(held.lost_message()).message} ({e.message})"
-                raise
+                                           cancel=self.cancel)
+                    else:
+                        with vmlease.Heartbeat(held, cancel, also=self.cancel):
+                            result = backup_vm(vm.id, BackupOptions(), cloud=self.cloud,
+                                               catalog=self.catalog, store=self.store,
+                                               workspace=workspace, settings=settings,
+                                               progress=self.observer.backup(vm.id),
+                                               cancel=cancel)
+                except Interrupted as e:
+                    if held is not None and held.lost:
+                        event("lease.lost", vm_id=vm.id, token=held.token, to=held.lost)
+                        return (f"stopped: {LeaseLost(held.lost_message()).message}"
+                                f" ({e.message})")
+                    raise
             finally:
+                with self._leased_lock:
+                    self._leased.discard(vm.id)
                 if held is not None and not held.lost:
                     held.release()
                     event("lease.released", vm_id=vm.id, token=held.token)
