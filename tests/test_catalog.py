@@ -420,3 +420,20 @@ def test_nonces_are_refused_twice_and_forgotten_after_their_window(tmp_path: Pat
         assert cat.nonce_use("a" * 32, 1002.0, 402.0) is False
         assert cat.nonce_use("b" * 32, 2000.0, 1500.0) is True   # "a" is forgotten now
         assert cat.nonce_use("a" * 32, 2001.0, 1501.0) is True
+
+
+def test_last_backup_is_the_latest_started_even_when_imported_later(tmp_path: Path) -> None:
+    """Another agent's older backup, imported (catalog sync) after this
+    catalog's newer one, gets the higher id: the VM's last backup is still
+    the one that started last (the schedule counts from it)."""
+    with Catalog.open(tmp_path / "catalog.sqlite") as cat:
+        newer = cat.commit_backup(
+            vm_id=1, vm_name="vm-1", kind="full", started=2000.0, finished=2001.0,
+            vm_document="<VM/>", image_documents={}, disks=[disk(0, 2)],
+            blocks={0: [rec(0, 1), rec(1, 2)]}, warnings=[])
+        cat.commit_backup(
+            vm_id=1, vm_name="vm-1", kind="full", started=1000.0, finished=1001.0,
+            vm_document="<VM/>", image_documents={}, disks=[disk(0, 2)],
+            blocks={0: [rec(0, 3), rec(1, 4)]}, warnings=[])
+        last = cat.last_backup(1)
+        assert last is not None and last.id == newer.id

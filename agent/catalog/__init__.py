@@ -408,9 +408,11 @@ class Catalog(JobQueue, VerifyRecords, SharedRecords):
         return self._backups("b.vm_id = ?", (vm_id,))
 
     def last_backup(self, vm_id: int) -> BackupRecord | None:
-        """The VM's newest backup, or None."""
+        """The VM's newest backup (the one that started last; an older one
+        imported later from another agent has a higher id), or None."""
         found = self._backups(
-            "b.id = (SELECT max(id) FROM backups WHERE vm_id = ?)", (vm_id,))
+            "b.id = (SELECT id FROM backups WHERE vm_id = ? ORDER BY started DESC, id DESC"
+            " LIMIT 1)", (vm_id,))
         return found[0] if found else None
 
     def _backups(self, where: str, params: tuple[object, ...]) -> list[BackupRecord]:
