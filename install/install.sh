@@ -293,8 +293,10 @@ print(" ".join(dict.fromkeys(out)))
 PY
 )
 if [ -n "$paths" ]; then
-    printf '# written by install/install.sh from %s\n[Service]\nReadWritePaths=%s\n' \
-        /etc/oneback/oneback.toml "$paths" >"$tmp/paths.conf"
+    # RequiresMountsFor: the agent starts after those filesystems are mounted
+    # (an NFS repository), never writing to the empty mountpoint
+    printf '# written by install/install.sh from %s\n[Unit]\nRequiresMountsFor=%s\n[Service]\nReadWritePaths=%s\n' \
+        /etc/oneback/oneback.toml "$paths" "$paths" >"$tmp/paths.conf"
     put "$dropin" 644 "$tmp/paths.conf"
 elif [ -e "$dropin_dir" ]; then
     remove "$dropin_dir"

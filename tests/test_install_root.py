@@ -202,6 +202,7 @@ def test_an_edited_configuration_is_kept_and_a_repository_elsewhere_gets_write_a
         assert cfg.read_text() == edited                      # never overwritten
         assert f"created {dropin}" in out and out.strip().endswith("install.sh: 1 change(s)")
         assert "ReadWritePaths=/srv/backup/oneback\n" in dropin.read_text()
+        assert "RequiresMountsFor=/srv/backup/oneback\n" in dropin.read_text()
         assert run_install(r).stdout.strip().endswith("nothing changed")
     finally:
         cfg.write_text(original)
