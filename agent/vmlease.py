@@ -181,10 +181,10 @@ class Held:
 
     def give_up(self, why: str) -> None:
         """Count the lease as lost: its renewals failed (`why`) and it may
-        expire before the next one, after which another agent may take it."""
-        with self._lock:
-            if not self.lost:
-                self.lost = f"whoever takes it once it expires (its renewals failed: {why})"
+        expire before the next one, after which another agent may take it.
+        Takes no lock: a renewal that hangs holds it."""
+        if not self.lost:
+            self.lost = f"whoever takes it once it expires (its renewals failed: {why})"
 
     def release(self) -> None:
         """Give the lease up (a released record, so the next taker does not
@@ -290,24 +290,48 @@ class Heartbeat:
         interval = max(self.held.ttl / 3, 0.05)
         tick = min(interval, 0.1)
         waited = 0.0
+        # Each renewal runs on its own thread, so one that hangs (a hard NFS
+        # mount, an S3 endpoint that never answers) cannot keep this one from
+        # giving the lease up in time.
+        renewal: threading.Thread | None = None
+        failed: list[BaseException] = []
         while not self._stop.wait(tick):
             if self.also is not None and self.also.is_set():
                 self.cancel.set()   # the agent is shutting down: pass it on
+            late = time.monotonic() - self.held.renewed_at + interval >= self.held.ttl
+            if renewal is not None and renewal.is_alive():
+                if late:
+                    self._give_up("a renewal has not answered")
+                    return
+                continue
+            if renewal is not None:
+                renewal = None
+                error = failed.pop() if failed else None
+                if isinstance(error, LeaseLost):
+                    self.cancel.set()
+                    return
+                if isinstance(error, OnebackError):
+                    self.errors.append(error.message)
+                    if late:
+                        self._give_up(error.message)
+                        return
             waited += tick
             if waited < interval:
                 continue
             waited = 0.0
-            try:
-                self.held.renew()
-            except LeaseLost:
-                self.cancel.set()
-                return
-            except OnebackError as e:
-                self.errors.append(e.message)
-                if time.monotonic() - self.held.renewed_at + interval >= self.held.ttl:
-                    self.held.give_up(e.message)
-                    self.cancel.set()
-                    return
+            renewal = threading.Thread(target=self._renew, args=(failed,), daemon=True,
+                                       name=f"lease-renew-vm-{self.held.vm_id}")
+            renewal.start()
+
+    def _renew(self, failed: list[BaseException]) -> None:
+        try:
+            self.held.renew()
+        except OnebackError as e:
+            failed.append(e)
+
+    def _give_up(self, why: str) -> None:
+        self.held.give_up(why)
+        self.cancel.set()
 
 
 @contextmanager
