@@ -26,7 +26,7 @@ START_TIMEOUT = 60.0   # seconds a --background mount may take to appear
 @click.argument("backup_id", type=BACKUP_ID)
 @click.argument("disk_id", type=ONE_ID)
 @click.argument("mountpoint", type=click.Path())
-@click.option("--cache", "cache_mib", type=click.IntRange(1, 1024 * 1024), default=64,
+@click.option("--cache", "cache_mib", type=click.IntRange(1, 1024 * 1024), default=32,
               show_default=True, help="MiB of the disk's blocks kept in memory.")
 @click.option("--background", is_flag=True,
               help="Return once mounted; serve from a process of its own.")
