@@ -81,7 +81,32 @@ def check_mountpoint(path: Path) -> Path:
                          " another empty directory") from e
     if not empty:
         raise UsageError(f"mountpoint {path} is not empty: choose an empty directory")
-    return target
+    real = Path(os.path.realpath(target))
+    _check_no_one_else_can_swap(path, real)
+    return real
+
+
+def _check_no_one_else_can_swap(path: Path, real: Path) -> None:
+    """The mountpoint is checked, then mounted: in between, whoever may
+    rename entries of one of its directories could put a symlink in its
+    place and have the backup's disk appear elsewhere. So every directory
+    on the way must be owned by root or this user, and be writable by no
+    one else unless sticky (as /tmp: others cannot rename what they do not
+    own). UsageError (one line) otherwise."""
+    me = os.geteuid()
+    for directory in [real, *real.parents]:
+        try:
+            st = os.lstat(directory)
+        except OSError as e:
+            raise UsageError(f"mountpoint {path}: cannot check {directory} ({e.strerror or e})"
+                             ": choose an empty directory of your own") from e
+        others_write = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+        if directory != real and (st.st_uid not in (0, me) or others_write):
+            raise UsageError(
+                f"mountpoint {path}: {directory} can be changed by another user (owner uid"
+                f" {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}), who could swap the"
+                " mountpoint for a link: mount on an empty directory under one only you (or"
+                " root) can change, e.g. /root/restore or /mnt")
 
 
 def serve(image: DiskImage, mountpoint: Path, *, mtime: float | None = None,
