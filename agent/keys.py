@@ -265,6 +265,7 @@ def open_with(store: KeyStore, passphrase: bytes, names: Iterable[str]) -> Unloc
             " make (`key passwd` and `key import` print the name of the key they write), or"
             " open it with its exported key (storage.key_file)")
     damaged: RepositoryError | None = None
+    refused = 0   # whole key blobs the passphrase did not open
     for name in names:
         try:
             master = unwrap(store.get_key(name), passphrase, name)
@@ -278,8 +279,13 @@ def open_with(store: KeyStore, passphrase: bytes, names: Iterable[str]) -> Unloc
                 raise IntegrityError(f"key {name} of repository {where} holds the key of "
                                      f"repository {master.repository}; remove it")
             return Unlocked(master, name)
-    if damaged is not None:
+        refused += 1
+    if damaged is not None and not refused:
         raise damaged
+    if damaged is not None:   # most likely a wrong passphrase: say so (exit 3), and the damage
+        raise ConfigError(
+            f"the passphrase opens none of the {refused} whole key file(s) of repository"
+            f" {where} (check storage.passphrase_file), and {damaged.message.split(';')[0]}")
     return None
 
 
