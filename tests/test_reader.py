@@ -322,6 +322,7 @@ class SlowSource:
         self.lock = threading.Lock()
         self.in_flight = self.peak = self.reads = 0
         self.highest = -1  # the furthest block read so far
+        self.started: set[int] = set()   # every block a read has begun for
         self.held = threading.Event()
         if not hold:
             self.held.set()
@@ -333,6 +334,7 @@ class SlowSource:
             self.reads += 1
             self.peak = max(self.peak, self.in_flight)
             self.highest = max(self.highest, offset // BS)
+            self.started.add(offset // BS)
             if self.in_flight >= self.hold:
                 self.held.set()
         try:
@@ -386,13 +388,21 @@ class SlowCountingStore(MemoryStore):
 
     def __init__(self, source: SlowSource) -> None:
         super().__init__()
-        self.source, self.ahead = source, 0
+        self.source, self.ahead, self.stored = source, 0, 0
+        self.count_lock = threading.Lock()
 
     def put(self, chunk_id: bytes, data: Data) -> int:
-        index = int.from_bytes(bytes(data[:8]), "big")
-        self.ahead = max(self.ahead, self.source.highest - index)
+        # blocks read (or being read) and not yet stored: each holds a buffer.
+        # (Not the distance from the block stored to the furthest read: reads
+        # finish out of order, so a slow block may be stored after later ones
+        # whose buffers were already reused.)
+        with self.source.lock, self.count_lock:
+            self.ahead = max(self.ahead, len(self.source.started) - self.stored)
         time.sleep(0.01)
-        return super().put(chunk_id, data)
+        written = super().put(chunk_id, data)
+        with self.count_lock:
+            self.stored += 1
+        return written
 
 
 def test_reading_ahead_is_bounded_by_the_buffers(tmp_path: Path) -> None:
