@@ -375,6 +375,10 @@ def test_backups_of_two_vms_in_two_processes_beside_a_forget_and_prune_loop(
             else:
                 reports.append(r.json())
 
+    # every detach after a scan (the backup's marker is up, its manifest not
+    # yet written) takes 0.5 s more: on a loaded machine the prune loop still
+    # meets running backups, which is what this test is about
+    c.sim.faults.slow_driver("unplug", 0.5, count=None)
     pruner = threading.Thread(target=prune_loop)
     workers = [threading.Thread(target=backup_loop, args=(vm, cfg)) for vm, cfg in vms.items()]
     t0 = time.monotonic()
