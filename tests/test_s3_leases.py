@@ -55,19 +55,22 @@ def test_racers_for_one_s3_lease_one_wins(s3_store: Backend) -> None:
 
 
 def test_s3_lease_expiry_steal_and_a_renewal_after_being_stolen(s3_store: Backend) -> None:
-    a = vmlease.acquire(s3_store, 7, "agent-a", 1.0)
+    # S3's LastModified has whole seconds: a lease read back may look up to a
+    # second shorter than it is, so the lease here lasts 3 s (300 s in use)
+    ttl = 3.0
+    a = vmlease.acquire(s3_store, 7, "agent-a", ttl)
     with pytest.raises(LeaseBusy, match="VM 7 is being backed up by"):
-        vmlease.acquire(s3_store, 7, "agent-b", 1.0)
+        vmlease.acquire(s3_store, 7, "agent-b", ttl)
     a.renew()
-    time.sleep(1.3)
-    b = vmlease.acquire(s3_store, 7, "agent-b", 1.0)
+    time.sleep(ttl + 1.2)
+    b = vmlease.acquire(s3_store, 7, "agent-b", ttl)
     with pytest.raises(LeaseLost, match="passed to agent"):
         a.renew()
     a.release()
-    state, now = vmlease.read(s3_store, 7, 1.0)
+    state, now = vmlease.read(s3_store, 7, ttl)
     assert state is not None and state.owner == "agent-b" and state.held_at(now)
     b.release()
-    c = vmlease.acquire(s3_store, 7, "agent-c", 1.0)
+    c = vmlease.acquire(s3_store, 7, "agent-c", ttl)
     assert c.owner == "agent-c"
 
 
