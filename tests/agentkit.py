@@ -202,6 +202,20 @@ def repo_view(cfg: Path) -> RepoView:
     return _views[cfg]
 
 
+def run_with(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
+    """`oneback ARGS --config CFG` in this process (a configuration other than
+    a Cloud's own: a copy target, a second catalog)."""
+    capsys.readouterr()
+    try:
+        cli_main([*args, "--config", str(cfg)])
+    except SystemExit as e:
+        code = int(e.code or 0)
+    else:  # pragma: no cover - main always exits
+        code = 0
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
 def init_repository(cfg: Path) -> None:
     """`oneback init` for the configuration (in-process, through the CLI)."""
     out = io.StringIO()

@@ -25,7 +25,8 @@ from agent.export import export_disk
 from agent.prune import prune
 from agent.store import Codec, Data
 from agent.store.local import LocalStore
-from tests.agentkit import BLOCK, REPO, Cloud, Result, init_repository, pattern
+from tests.agentkit import BLOCK, REPO, Cloud, init_repository, pattern
+from tests.agentkit import run_with as run
 from tests.agentproc import AgentProcess, wait_backups
 from tests.onesim.testing import wait_until
 
@@ -49,15 +50,6 @@ def target_config(c: Cloud, name: str = "target") -> Path:
     return cfg
 
 
-def run(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    from agent.cli import main
-    capsys.readouterr()
-    try:
-        main([*args, "--config", str(cfg)])
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 def backup(c: Cloud, capsys: pytest.CaptureFixture[str], vm: int) -> dict[str, Any]:

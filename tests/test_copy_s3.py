@@ -12,19 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.agentkit import BLOCK, Cloud, Result, pattern
+from tests.agentkit import BLOCK, Cloud, pattern
+from tests.agentkit import run_with as _run
 from tests.s3server import S3RepoView, server, storage_lines
-
-
-def _run(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    from agent.cli import main
-    capsys.readouterr()
-    try:
-        main([*args, "--config", str(cfg)])
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 def _s3_target(c: Cloud, kind: str, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Any]:

@@ -11,7 +11,8 @@ import pytest
 
 from agent import config as config_mod
 from tests.agentkit import offline_config
-from tests.test_review_encryption import PASSPHRASE, run
+from tests.agentkit import run_with as run
+from tests.test_review_encryption import PASSPHRASE
 
 
 @pytest.fixture(autouse=True)

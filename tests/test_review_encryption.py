@@ -16,23 +16,12 @@ import pytest
 from agent import config as config_mod
 from agent import keys
 from agent.config import KDF_N
-from tests.agentkit import Result, offline_config
+from tests.agentkit import offline_config
+from tests.agentkit import run_with as run
 
 PASSPHRASE = "tr0ub4dor & 3 hostile reviewers\n"
 
 
-def run(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    """`oneback ARGS --config CFG` in this process."""
-    from agent.cli import main
-    capsys.readouterr()
-    try:
-        main([*args, "--config", str(cfg)])
-    except SystemExit as e:
-        code = int(e.code or 0)
-    else:  # pragma: no cover - main always exits
-        code = 0
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 def _repo(tmp: Path, capsys: pytest.CaptureFixture[str]) -> Path:

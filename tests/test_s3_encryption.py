@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from agent import config
-from tests.agentkit import BLOCK, Cloud, Result, make_cloud, pattern
+from tests.agentkit import BLOCK, Cloud, make_cloud, pattern
+from tests.agentkit import run_with as _run
 from tests.s3server import S3RepoView
 
 MARK = b"wombat-ledger-plaintext-"
@@ -28,15 +29,6 @@ def s3_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cloud]
         yield c
 
 
-def _run(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    from agent.cli import main
-    capsys.readouterr()
-    try:
-        main([*args, "--config", str(cfg)])
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 def _sealed_config(c: Cloud, passphrase: str) -> tuple[Path, S3RepoView]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +30,7 @@ from agent.commands import (
     BACKUP_ID,
     ONE_ID,
     RESTORE_LEFTOVERS_EXIT,
+    Runtime,
     cli,
     config_option,
     interruptible,
@@ -167,6 +170,25 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
         raise SystemExit(4)
 
 
+@contextmanager
+def _restore_session(config_file: str | None, as_json: bool
+                     ) -> Iterator[tuple[Runtime, ProgressBar, threading.Event]]:
+    """What `restore` and `restore-disk` run in: the wiring, signals, the
+    start-up sweep of earlier leftovers, a progress bar, and a running marker
+    in the repository (`oneback cleanup` on another proxy spares its objects)."""
+    from agent.attach import sweep
+    from agent.backup import restoring
+    cancel = threading.Event()
+    bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
+    with runtime(config_file) as rt, interruptible(cancel):
+        sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
+        try:
+            with restoring(rt.store, rt.lease.owner):
+                yield rt, bar, cancel
+        finally:
+            bar.finish()
+
+
 @cli.command()
 @click.argument("backup_id", type=BACKUP_ID)
 @click.option("--image-ds", type=ONE_ID, default=None,
@@ -179,23 +201,12 @@ def cleanup_(config_file: str | None, as_json: bool) -> None:
 def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: str | None,
             config_file: str | None, as_json: bool) -> None:
     """Restore BACKUP_ID as a new VM: disks first, then the VM, left RUNNING."""
-    from agent.attach import sweep
-    from agent.backup import restoring
     from agent.restore import restore_vm
-    cancel = threading.Event()
-    bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
-    with runtime(config_file) as rt, interruptible(cancel):
-        sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
-        try:
-            # marked in the repository: cleanup on another proxy spares its objects
-            with restoring(rt.store, rt.lease.owner):
-                result = restore_vm(backup_id, cloud=rt.cloud, catalog=rt.catalog,
-                                    store=rt.store, workspace=rt.workspace(),
-                                    settings=rt.settings(), image_ds=image_ds,
-                                    system_ds=system_ds, name=name, progress=bar,
-                                    cancel=cancel)
-        finally:
-            bar.finish()
+    with _restore_session(config_file, as_json) as (rt, bar, cancel):
+        result = restore_vm(backup_id, cloud=rt.cloud, catalog=rt.catalog, store=rt.store,
+                            workspace=rt.workspace(), settings=rt.settings(),
+                            image_ds=image_ds, system_ds=system_ds, name=name, progress=bar,
+                            cancel=cancel)
     if as_json:
         emit_json(restore_json(result))
     else:
@@ -219,21 +230,12 @@ def restore(backup_id: int, image_ds: int | None, system_ds: int | None, name: s
 def restore_disk_(backup_id: int, disk_id: int, image_ds: int | None, name: str | None,
                   config_file: str | None, as_json: bool) -> None:
     """Restore one disk of BACKUP_ID as a new image."""
-    from agent.attach import sweep
-    from agent.backup import restoring
     from agent.restore import restore_disk
-    cancel = threading.Event()
-    bar = ProgressBar(enabled=not as_json and sys.stderr.isatty())
-    with runtime(config_file) as rt, interruptible(cancel):
-        sweep(rt.cloud, rt.catalog, rt.cfg.storage.catalog, rt.cfg.proxy.vm_id)
-        try:
-            with restoring(rt.store, rt.lease.owner):   # see restore
-                result = restore_disk(backup_id, disk_id, cloud=rt.cloud, catalog=rt.catalog,
-                                      store=rt.store, workspace=rt.workspace(),
-                                      settings=rt.settings(), image_ds=image_ds, name=name,
-                                      progress=bar, cancel=cancel)
-        finally:
-            bar.finish()
+    with _restore_session(config_file, as_json) as (rt, bar, cancel):
+        result = restore_disk(backup_id, disk_id, cloud=rt.cloud, catalog=rt.catalog,
+                              store=rt.store, workspace=rt.workspace(),
+                              settings=rt.settings(), image_ds=image_ds, name=name,
+                              progress=bar, cancel=cancel)
     if as_json:
         emit_json(disk_restore_json(result))
     else:

@@ -756,15 +756,17 @@ class LocalStore(LocalLeases):
         return self._codec.unseal(self._read(self._manifest_path(name), what), what, name)
 
     def delete_manifest(self, name: str) -> None:
-        path = self._manifest_path(name)
+        self._unlink_durably(self._manifest_path(name), f"manifest {name}")
+
+    def _unlink_durably(self, path: Path, what: str) -> None:
+        """Remove `path` and make that durable; a missing file is no error."""
         try:
             os.unlink(path)
         except FileNotFoundError:
             return
         except OSError as e:
             raise RepositoryError(
-                f"cannot delete manifest {name} from {self.path}: {e.strerror or e}"
-            ) from e
+                f"cannot delete {what} from {self.path}: {e.strerror or e}") from e
         fsync_dir(path.parent)
 
     def manifests(self) -> Iterator[str]:
@@ -816,15 +818,7 @@ class LocalStore(LocalLeases):
 
     def delete_key(self, name: str) -> None:
         """Remove key blob `name`, durably. Idempotent."""
-        path = self._key_path(name)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            raise RepositoryError(
-                f"cannot delete key {name} from {self.path}: {e.strerror or e}") from e
-        fsync_dir(path.parent)
+        self._unlink_durably(self._key_path(name), f"key {name}")
 
     def key_names(self) -> list[str]:
         """Every key blob's name, sorted."""

@@ -334,15 +334,38 @@ class S3Store:
         except botocore.exceptions.BotoCoreError as e:
             raise self._fail(what, e) from e
 
-    def _get(self, key: str, what: str) -> bytes:
+    def _get_object(self, key: str, what: str, **kw: Any) -> dict[str, Any] | None:
+        """GetObject's answer (its Body still to read), or None if `key` is
+        missing; RepositoryError, one line naming `what`, on any failure."""
         try:
-            return self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+            return dict(self._s3.get_object(Bucket=self._bucket, Key=key, **kw))
         except botocore.exceptions.ClientError as e:
             if _code(e) in _MISSING:
-                raise NotFound(f"{what} is not in repository {self.location}") from e
+                return None
             raise self._fail(f"read {what}", e) from e
         except botocore.exceptions.BotoCoreError as e:
             raise self._fail(f"read {what}", e) from e
+
+    def _get(self, key: str, what: str, limit: int | None = None) -> bytes:
+        """The object's bytes: NotFound if it is missing; RepositoryError if
+        it holds more than `limit` bytes (not read: a planted object)."""
+        answer = self._get_object(key, what)
+        if answer is None:
+            raise NotFound(f"{what} is not in repository {self.location}")
+        body = answer["Body"]
+        try:
+            if limit is not None and int(answer.get("ContentLength", 0)) > limit:
+                raise RepositoryError(f"{what} in {self.location} is larger than {limit}"
+                                      " bytes; remove it")
+            data: bytes = body.read() if limit is None else body.read(limit + 1)
+        except (botocore.exceptions.BotoCoreError, OSError) as e:
+            raise RepositoryError(f"cannot read {what} from {self.location}: {e}") from e
+        finally:
+            body.close()
+        if limit is not None and len(data) > limit:
+            raise RepositoryError(f"{what} in {self.location} is larger than {limit} bytes;"
+                                  " remove it")
+        return data
 
     def _delete(self, key: str, what: str) -> float | None:
         """Delete `key` (every version, where the bucket keeps versions: a
@@ -567,24 +590,7 @@ class S3Store:
         """The key blob `name`: NotFound if there is none; RepositoryError if it
         is larger than local.KEY_MAX (a planted object must not exhaust memory)."""
         from agent.store.local import KEY_MAX
-        key, what = self._key_key(name), f"key {name}"
-        try:
-            answer = self._s3.get_object(Bucket=self._bucket, Key=key)
-            if int(answer.get("ContentLength", 0)) > KEY_MAX:
-                answer["Body"].close()
-                raise RepositoryError(f"key {name} in {self.location} is not a key file (more"
-                                      f" than {KEY_MAX} bytes); remove it")
-            data: bytes = answer["Body"].read(KEY_MAX + 1)
-        except botocore.exceptions.ClientError as e:
-            if _code(e) in _MISSING:
-                raise NotFound(f"{what} is not in repository {self.location}") from e
-            raise self._fail(f"read {what}", e) from e
-        except botocore.exceptions.BotoCoreError as e:
-            raise self._fail(f"read {what}", e) from e
-        if len(data) > KEY_MAX:
-            raise RepositoryError(f"key {name} in {self.location} is not a key file (more"
-                                  f" than {KEY_MAX} bytes); remove it")
-        return data
+        return self._get(self._key_key(name), f"key {name}", limit=KEY_MAX)
 
     def delete_key(self, name: str) -> None:
         self._delete(self._key_key(name), f"key {name}")
@@ -666,16 +672,10 @@ class S3Store:
         return sorted(names)
 
     def lease_get(self, name: str) -> StoredLease | None:
-        key = self._lease_key(name)
-        try:
-            got = self._s3.get_object(Bucket=self._bucket, Key=key, Range="bytes=0-65535")
-            data = got["Body"].read()
-        except botocore.exceptions.ClientError as e:
-            if _code(e) in _MISSING:
-                return None
-            raise self._fail(f"read lease {name}", e) from e
-        except botocore.exceptions.BotoCoreError as e:
-            raise self._fail(f"read lease {name}", e) from e
+        got = self._get_object(self._lease_key(name), f"lease {name}", Range="bytes=0-65535")
+        if got is None:
+            return None
+        data = got["Body"].read()
         return StoredLease(str(got["ETag"]), data, got["LastModified"].timestamp())
 
     def lease_put(self, name: str, data: bytes, replaces: str | None) -> StoredLease | None:
