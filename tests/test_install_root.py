@@ -353,6 +353,14 @@ def test_on_the_real_root_it_adds_the_user_owns_the_state_and_root_runs_as_it(
         pytest.skip("the tests do not run in a virtualenv --deps-from could reuse")
     args = ["--python", sys.executable]
     if os.environ.get("ONEBACK_TEST_FULL_INSTALL") != "1":
+        # the installed copy runs as user oneback and imports its dependencies
+        # from this virtualenv: every directory on the way must let others in
+        for d in [Path(sys.prefix).resolve(), *Path(sys.prefix).resolve().parents]:
+            if not d.stat().st_mode & 0o001:
+                pytest.skip(f"{d} (mode {d.stat().st_mode & 0o777:o}) keeps other users out,"
+                            f" so user oneback cannot import the dependencies --deps-from"
+                            f" {sys.prefix} lends it; clone elsewhere, or set"
+                            " ONEBACK_TEST_FULL_INSTALL=1 to install them from the index")
         args += ["--deps-from", sys.prefix]
     p = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c",
                         REAL_ROOT_SCRIPT, "install-test", *args],
